@@ -1,0 +1,29 @@
+"""hrserve: the helpers every service shares (settings, OpenTelemetry, request metadata, errors, logs)."""
+
+from hrserve.errors import ServiceError, bad_request, install_error_handlers, not_ready
+from hrserve.logging import setup_logging
+from hrserve.request import (
+    RequestIdMiddleware,
+    ResponseMetadata,
+    client_job_id,
+    validate_client_job_id,
+)
+from hrserve.settings import ServiceSettings
+from hrserve.spans import OTELContext
+from hrserve.telemetry import setup_otel, shutdown_otel
+
+__all__ = [
+    "OTELContext",
+    "RequestIdMiddleware",
+    "ResponseMetadata",
+    "ServiceError",
+    "ServiceSettings",
+    "bad_request",
+    "client_job_id",
+    "install_error_handlers",
+    "not_ready",
+    "setup_logging",
+    "setup_otel",
+    "shutdown_otel",
+    "validate_client_job_id",
+]

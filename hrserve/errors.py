@@ -1,0 +1,94 @@
+"""ServiceError and the handlers that turn every failure into the OpenAI error envelope."""
+
+import logging
+import os
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from opentelemetry import trace
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("hrserve.errors")
+
+
+@dataclass
+class ServiceError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    headers: dict[str, str] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.type}: {self.message}"
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
+    return ServiceError(400, message, "invalid_request_error", code, param)
+
+
+def not_ready(message: str) -> ServiceError:
+    return ServiceError(503, message, "service_unavailable", "model_not_ready", headers={"Retry-After": "5"})
+
+
+_STATUS_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def _error_type(status: int) -> str:
+    return _STATUS_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def validation_error(exc: RequestValidationError) -> ServiceError:
+    """One 400 for a failed request model: the field path as `param`, the most telling message."""
+    errors = exc.errors() or [{"loc": (), "msg": "Invalid request", "type": "value_error"}]
+    # FastAPI prefixes body fields with "body"; OpenAI's `param` is the field path (messages.0.role).
+    locs = [tuple(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
+    # A value that fits no member of a union yields one error per member, each with the member's
+    # name in its path; what they share is the field the caller got wrong.
+    loc = tuple(os.path.commonprefix(locs)) or locs[0]
+    param = ".".join(loc) or None
+    best = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0])
+    if best.get("type") == "json_invalid":
+        return bad_request(f"Request body is not valid JSON: {best.get('ctx', {}).get('error', best['msg'])}")
+    message = f"Invalid value for '{param}': {best['msg']}" if param else str(best["msg"])
+    return bad_request(message, param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        trace.get_current_span().set_attribute("error.type", exc.code or exc.type)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await on_service_error(request, validation_error(exc))
+
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        err = ServiceError(exc.status_code, str(exc.detail), _error_type(exc.status_code))
+        err.headers = dict(exc.headers) if exc.headers else None
+        return await on_service_error(request, err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the log and the span, never to the client.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        span = trace.get_current_span()
+        span.record_exception(exc)
+        span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+        err = ServiceError(500, "The server had an internal error. It has been logged.", "server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(HTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

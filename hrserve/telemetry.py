@@ -1,0 +1,131 @@
+"""OpenTelemetry setup from the standard OTEL_* environment: setup_otel() and shutdown_otel().
+
+Spans and metrics leave through batching exporters on background threads, so a collector that is
+down costs a request nothing.
+"""
+
+import logging
+import os
+from collections.abc import Mapping
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+log = logging.getLogger("hrserve.telemetry")
+
+_SIGNAL_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+
+
+def _env_true(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() == "true"
+
+
+def _selected(env: Mapping[str, str], signal: str) -> list[str]:
+    names = env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp")
+    return [n.strip().lower() for n in names.split(",") if n.strip() and n.strip().lower() != "none"]
+
+
+def otlp_exporter_args(signal: str, env: Mapping[str, str] | None = None) -> tuple[str, dict]:
+    """Returns (protocol, kwargs) for the OTLP exporter of `signal` ("traces" or "metrics").
+
+    An endpoint given without a scheme (`localhost:4317`, as our systemd units set it) means a
+    plain-text collector: the gRPC exporter would otherwise try TLS, and the HTTP one would fail
+    to parse it. OTEL_EXPORTER_OTLP_INSECURE, when set, still wins.
+    """
+    env = os.environ if env is None else env
+    up = signal.upper()
+    protocol = env.get(f"OTEL_EXPORTER_OTLP_{up}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    specific = env.get(f"OTEL_EXPORTER_OTLP_{up}_ENDPOINT")
+    endpoint = specific or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    kwargs: dict = {}
+    if protocol == "grpc":
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+            insecure_env = env.get(f"OTEL_EXPORTER_OTLP_{up}_INSECURE") or env.get("OTEL_EXPORTER_OTLP_INSECURE")
+            if insecure_env is None and "://" not in endpoint:
+                kwargs["insecure"] = True
+    elif protocol in ("http/protobuf", "http/json"):
+        if endpoint:
+            url = endpoint if "://" in endpoint else f"http://{endpoint}"
+            # Only the generic endpoint gets the per-signal path appended (OTLP exporter spec).
+            kwargs["endpoint"] = url if specific else url.rstrip("/") + _SIGNAL_PATHS[signal]
+    else:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; use grpc or http/protobuf")
+    return protocol, kwargs
+
+
+def _span_exporter(name: str) -> SpanExporter:
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not supported; use otlp, console or none")
+    protocol, kwargs = otlp_exporter_args("traces")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter(**kwargs)
+
+
+def _metric_reader(name: str) -> MetricReader:
+    if name == "console":
+        return PeriodicExportingMetricReader(ConsoleMetricExporter())
+    if name != "otlp":
+        raise ValueError(f"OTEL_METRICS_EXPORTER={name!r} is not supported; use otlp, console or none")
+    protocol, kwargs = otlp_exporter_args("metrics")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return PeriodicExportingMetricReader(OTLPMetricExporter(**kwargs))
+
+
+def setup_otel(
+    service_name: str,
+    version: str,
+    *,
+    span_exporters: list[SpanExporter] | None = None,
+    metric_readers: list[MetricReader] | None = None,
+) -> tuple[trace.Tracer, metrics.Meter]:
+    """Installs the global tracer and meter providers and returns this service's tracer and meter.
+
+    Exporters come from OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER (default otlp) unless passed in
+    (tests pass in-memory ones). With OTEL_SDK_DISABLED=true nothing is installed and the no-op
+    tracer and meter are returned. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are honoured.
+    The global providers can be set once per process; later calls reuse them.
+    """
+    if _env_true(os.environ, "OTEL_SDK_DISABLED"):
+        return trace.NoOpTracer(), metrics.NoOpMeter(service_name, version)
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        resource = Resource.create({"service.name": service_name, "service.version": version})
+        if os.environ.get("OTEL_SERVICE_NAME"):
+            resource = resource.merge(Resource({"service.name": os.environ["OTEL_SERVICE_NAME"]}))
+        tracer_provider = TracerProvider(resource=resource)
+        if span_exporters is None:
+            span_exporters = [_span_exporter(n) for n in _selected(os.environ, "traces")]
+        for exporter in span_exporters:
+            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        if metric_readers is None:
+            metric_readers = [_metric_reader(n) for n in _selected(os.environ, "metrics")]
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=metric_readers))
+        log.info("telemetry: %d span exporter(s), %d metric reader(s)", len(span_exporters), len(metric_readers))
+    return trace.get_tracer(service_name, version), metrics.get_meter(service_name, version)
+
+
+def shutdown_otel(timeout_s: float = 5.0) -> None:
+    """Flushes what is buffered, waiting at most `timeout_s` for a collector that may be down."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(int(timeout_s * 1000))
+    meter_provider = metrics.get_meter_provider()
+    if isinstance(meter_provider, MeterProvider):
+        meter_provider.force_flush(int(timeout_s * 1000))

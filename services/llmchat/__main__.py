@@ -1,0 +1,77 @@
+"""Command line: `llmchat serve` (also `python -m llmchat serve`); the only place Settings() is built."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from hrserve import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmchat: OpenAI-compatible chat service.")
+log = logging.getLogger("llmchat")
+
+# Each flag mirrors a setting; an unset flag leaves the LLMCHAT_* environment (or the default) in charge.
+Opt = typer.Option
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, Opt(help="Hub repo id, model directory, .gguf file, or 'bundled'.")] = None,
+    host: Annotated[str | None, Opt(help="Address to listen on [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, Opt(help="Port to listen on [default: 2020].")] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
+    dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16.")] = None,
+    quantization: Annotated[str | None, Opt(help="auto | none | nf4 | int8.")] = None,
+    max_context: Annotated[int | None, Opt(help="Context limit in tokens [default: the model's].")] = None,
+    served_model_name: Annotated[str | None, Opt(help="Model name clients use.")] = None,
+    cache_dir: Annotated[Path | None, Opt(help="Cache for converted weights.")] = None,
+    log_level: Annotated[str | None, Opt(help="debug | info | warning | error.")] = None,
+    log_json: Annotated[bool | None, Opt("--log-json/--no-log-json", help="JSON log lines.")] = None,
+) -> None:
+    """Serve the OpenAI-compatible API until stopped; exits non-zero if the model fails to load."""
+    flags = {name: value for name, value in locals().items() if value is not None}
+    from pydantic import ValidationError
+
+    from llmchat.server import create_app
+    from llmchat.settings import Settings
+
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        for err in exc.errors():
+            typer.echo(f"llmchat: invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+    setup_logging(settings.log_level, settings.log_json)
+    web = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(web, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level)
+    )
+
+    def stop() -> None:
+        server.should_exit = True
+
+    web.state.runtime.on_load_failure = stop
+    log.info("llmchat listening on http://%s:%d (model %s)", settings.host, settings.port, settings.model)
+    server.run()
+    if web.state.runtime.status == "error":
+        log.error("exiting: %s", web.state.runtime.error)
+        sys.exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from llmchat import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Per-sequence sampling: parameters, next-token choice, and stop strings held back until they resolve."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Picks the next token from one row of logits: greedy at temperature 0, else nucleus sampling."""
+    if params.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p; the top token always stays.
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class StopChecker:
+    """Finds stop strings in streamed text without ever emitting any part of one.
+
+    Text that could still grow into a stop string is held back; it is released as soon as it cannot,
+    or by flush() when generation ends for another reason.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        self.pending += piece
+        if not self.stop:
+            text, self.pending = self.pending, ""
+            return text, False
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[: min(hits)], ""
+            return text, True
+        keep = self._held_back()
+        text = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return text, False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of pending that is a proper prefix of some stop string."""
+        for n in range(min(len(self.pending), max(map(len, self.stop)) - 1), 0, -1):
+            tail = self.pending[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0

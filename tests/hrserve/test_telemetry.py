@@ -1,0 +1,97 @@
+"""setup_otel: exporter arguments from OTEL_* and real OTLP export to a plain-text gRPC receiver."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hrserve.telemetry import otlp_exporter_args, setup_otel
+from tests.hrserve.otlp_receiver import OTLPReceiver
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ("grpc", {})),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317"}, ("grpc", {"endpoint": "localhost:4317", "insecure": True})),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, ("grpc", {"endpoint": "http://collector:4317"})),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://collector:4317"}, ("grpc", {"endpoint": "https://collector:4317"})),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4317", "OTEL_EXPORTER_OTLP_INSECURE": "false"},
+            ("grpc", {"endpoint": "localhost:4317"}),
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "a:1", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "b:2"},
+            ("grpc", {"endpoint": "b:2", "insecure": True}),
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318"},
+            ("http/protobuf", {"endpoint": "http://localhost:4318/v1/traces"}),
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t/x"},
+            ("http/protobuf", {"endpoint": "https://t/x"}),
+        ),
+    ],
+)
+def test_exporter_args(env, expected):
+    assert otlp_exporter_args("traces", env) == expected
+
+
+def test_unknown_protocol_is_a_clear_error():
+    with pytest.raises(ValueError, match="grpc or http/protobuf"):
+        otlp_exporter_args("traces", {"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+
+
+def test_sdk_disabled_is_a_no_op(monkeypatch):
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tracer, meter = setup_otel("svc", "1")
+    with tracer.start_as_current_span("x") as span:
+        assert not span.get_span_context().is_valid
+    meter.create_counter("c").add(1)
+
+
+EMIT = textwrap.dedent(
+    """
+    from hrserve import OTELContext, setup_otel, shutdown_otel
+    tracer, _ = setup_otel("probe-service", "9.9")
+    otel = OTELContext(tracer, "probe-service")
+    with otel.start_span("probe-span", {"k": "v"}):
+        print(otel.get_trace_id())
+    shutdown_otel()
+    """
+)
+
+
+def emit_span(env: dict) -> subprocess.CompletedProcess:
+    # A fresh process: the global tracer provider can be set once per process.
+    full_env = {"PATH": "/usr/bin:/bin", "OTEL_METRICS_EXPORTER": "none", **env}
+    return subprocess.run([sys.executable, "-c", EMIT], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_scheme_less_endpoint_reaches_plain_text_collector():
+    with OTLPReceiver() as receiver:
+        result = emit_span({"OTEL_EXPORTER_OTLP_ENDPOINT": f"localhost:{receiver.port}"})
+        assert result.returncode == 0, result.stderr
+        spans = receiver.spans
+    assert [span.name for _, span in spans] == ["probe-span"]
+    resource, span = spans[0]
+    assert resource["service.name"] == "probe-service"
+    assert resource["service.version"] == "9.9"
+    assert span.trace_id.hex() == result.stdout.strip()
+
+
+def test_service_name_env_wins():
+    with OTLPReceiver() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"localhost:{receiver.port}", "OTEL_SERVICE_NAME": "renamed"}
+        assert emit_span(env).returncode == 0
+        assert receiver.spans[0][0]["service.name"] == "renamed"
+
+
+def test_collector_down_does_not_fail_the_work():
+    with OTLPReceiver() as receiver:
+        port = receiver.port  # a port that nothing listens on once the receiver stops
+    result = emit_span({"OTEL_EXPORTER_OTLP_ENDPOINT": f"localhost:{port}", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) == 32

@@ -1,0 +1,93 @@
+"""The chat span: name, GenAI attributes, ids matching the response headers, and closing on disconnect."""
+
+import time
+
+import httpx
+import openai
+from opentelemetry import trace
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat_spans(exporter):
+    trace.get_tracer_provider().force_flush()
+    return [s for s in exporter.get_finished_spans() if s.name == f"chat {MODEL}"]
+
+
+def wait_for(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            return result
+        time.sleep(0.05)
+    return result
+
+
+def test_chat_span_attributes_match_response(live, spans):
+    client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, *QUESTION],
+        max_tokens=8,
+        temperature=0,
+        seed=7,
+        extra_headers={"X-Client-Job-ID": "job-1"},
+    )
+    response = raw.parse()
+    (span,) = wait_for(lambda: chat_spans(spans))
+    a = span.attributes
+    assert format(span.context.trace_id, "032x") == raw.headers["x-trace-id"]
+    assert format(span.context.span_id, "016x") == raw.headers["x-span-id"]
+    assert a["model"] == MODEL and a["gen_ai.request.model"] == MODEL
+    assert a["streaming"] is False and a["gen_ai.request.stream"] is False
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["llm.request.num_messages"] == 2
+    assert a["llm.request.num_tools"] == 0
+    assert a["hrserve.client_job_id"] == "job-1"
+    assert a["gen_ai.request.max_tokens"] == 8
+    assert a["gen_ai.request.seed"] == 7
+    assert a["gen_ai.response.id"] == response.id
+    assert a["gen_ai.usage.input_tokens"] == response.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == response.usage.completion_tokens
+    assert tuple(a["gen_ai.response.finish_reasons"]) == (response.choices[0].finish_reason,)
+    assert span.status.is_ok
+
+
+def test_streaming_span_covers_the_stream(live, spans):
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        r.read()
+    (span,) = wait_for(lambda: chat_spans(spans))
+    assert span.attributes["streaming"] is True
+    assert span.attributes["gen_ai.usage.output_tokens"] == 6
+    assert tuple(span.attributes["gen_ai.response.finish_reasons"]) == ("length",)
+    assert "first_token" in [e.name for e in span.events]
+
+
+def test_disconnect_ends_span_and_frees_engine(live, spans):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 4000,
+        "temperature": 0.7,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        received = [next(lines) for _ in range(6)]
+    assert any(line.startswith("data: ") for line in received)
+
+    def engine_idle():
+        health = httpx.get(f"{live.base_url}/health").json()
+        return health["num_running"] == 0 and health["num_waiting"] == 0
+
+    # 4000 tokens would take minutes; an aborted sequence stops at the next step.
+    assert wait_for(engine_idle, timeout_s=10)
+    (span,) = wait_for(lambda: chat_spans(spans))
+    assert "client_disconnected" in [e.name for e in span.events]
+    assert span.attributes["error.type"] == "client_disconnected"
+    assert span.end_time is not None
+    # The server is still serving after the hang-up.
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2})
+    assert r.status_code == 200
