@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import uvicorn
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from hrserve import setup_otel
@@ -63,5 +64,7 @@ def live() -> LiveServer:
 
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
+    """The span exporter, emptied of what earlier tests left (flushed first, so nothing trickles in)."""
+    trace.get_tracer_provider().force_flush()
     SPANS.clear()
     return SPANS

@@ -63,6 +63,7 @@ class LoadedModel:
             "model": self.name,
             "source": self.source.path if not self.source.gguf_file else f"{self.source.path}/{self.source.gguf_file}",
             "device": self.device,
+            "gpu": _gpu_name() if self.device == "cuda" else None,
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization,
             "max_context": self.max_context,
@@ -70,6 +71,12 @@ class LoadedModel:
             "load_seconds": round(self.load_seconds, 2),
             "weights_cache_hit": self.cache_hit,
         }
+
+
+def _gpu_name() -> str:
+    # ROCm builds of torch present AMD GPUs through the cuda API; say which one this is.
+    backend = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+    return f"{torch.cuda.get_device_name(0)} ({backend})"
 
 
 def bundled_gguf() -> Path:

@@ -1,0 +1,62 @@
+"""A failure inside a generation step ends only that request, in the protocol's error shape."""
+
+import json
+
+import httpx
+import pytest
+
+from llmchat.engine import Engine
+from llmchat.llm import ModelConfig, load_model
+from llmchat.server import create_app
+from llmchat.settings import Settings
+from tests.conftest import start_server
+
+MODEL = "SmolLM2-135M-Instruct"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 20}
+
+
+class FailAtStep:
+    """Wraps model.forward to raise once, at the given forward call."""
+
+    def __init__(self, forward, step: int) -> None:
+        self.forward, self.step, self.calls = forward, step, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.step:
+            raise RuntimeError("simulated device fault")
+        return self.forward(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def flaky():
+    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+    fault = FailAtStep(loaded.model.forward, step=0)
+    loaded.model.forward = fault
+    live = start_server(create_app(Settings(port=0), engine=Engine(loaded)))
+    yield live, fault
+    live.stop()
+
+
+def test_stream_reports_error_event_then_done(flaky):
+    live, fault = flaky
+    fault.calls, fault.step = 0, 4
+    with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=BODY | {"stream": True}) as r:
+        assert r.status_code == 200
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["type"] == "server_error" and "simulated device fault" in error["message"]
+    assert any("content" in json.loads(d)["choices"][0]["delta"] for d in data[1:-2])
+
+
+def test_non_streaming_failure_is_500_envelope_and_engine_keeps_serving(flaky):
+    live, fault = flaky
+    fault.calls, fault.step = 0, 2
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY)
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "generation_error"
+    assert "Traceback" not in r.text
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY)
+    assert r.status_code == 200
+    assert httpx.get(f"{live.base_url}/health").json()["status"] == "ok"
