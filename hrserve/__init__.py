@@ -3,8 +3,10 @@
 from hrserve.errors import ServiceError, bad_request, install_error_handlers, not_ready
 from hrserve.logging import setup_logging
 from hrserve.request import (
+    ClientDisconnected,
     RequestIdMiddleware,
     ResponseMetadata,
+    cancel_on_disconnect,
     client_job_id,
     validate_client_job_id,
 )
@@ -13,12 +15,14 @@ from hrserve.spans import OTELContext
 from hrserve.telemetry import setup_otel, shutdown_otel
 
 __all__ = [
+    "ClientDisconnected",
     "OTELContext",
     "RequestIdMiddleware",
     "ResponseMetadata",
     "ServiceError",
     "ServiceSettings",
     "bad_request",
+    "cancel_on_disconnect",
     "client_job_id",
     "install_error_handlers",
     "not_ready",

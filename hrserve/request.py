@@ -1,11 +1,14 @@
 """Per-request metadata: request ids and access logs (pure ASGI), client_job_id, response headers."""
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
@@ -14,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hrserve.errors import bad_request
 
 log = logging.getLogger("hrserve.access")
+T = TypeVar("T")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -107,3 +111,31 @@ class RequestIdMiddleware:
                     extra={"status": status, "path": scope["path"]},
                 )
             request_id_var.reset(token)
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it if the client hangs up first (then raises ClientDisconnected).
+
+    Only for handlers that have read their whole body: after that, the next ASGI message can only be
+    the disconnect, so waiting for it costs nothing.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        watcher.cancel()

@@ -9,18 +9,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from openai.types import Model
 from opentelemetry import trace
 from sse_starlette import EventSourceResponse
 
 from hrserve import (
+    ClientDisconnected,
     OTELContext,
     RequestIdMiddleware,
     ResponseMetadata,
     ServiceError,
     bad_request,
+    cancel_on_disconnect,
     client_job_id,
     install_error_handlers,
     not_ready,
@@ -200,7 +202,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
-        body: ChatCompletionRequest, job_id: str | None = Depends(client_job_id)
+        body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | EventSourceResponse:
         engine = runtime.require_engine()
         check_model(body.model)
@@ -236,8 +238,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             sse = _sse(engine, prepared, obs, info, include_usage)
             return EventSourceResponse(sse, headers=meta.headers(), sep="\n", ping=15)
         try:
-            response, finish = await to_response(_observed(events(engine, prepared), obs), info)
+            collect = to_response(_observed(events(engine, prepared), obs), info)
+            response, finish = await cancel_on_disconnect(request, collect)
             obs.finish(finish)
+        except ClientDisconnected:
+            # Cancelling the collection aborted the sequence; nobody is left to read a response.
+            obs.disconnected()
+            return Response(status_code=499)
         except GenerationError as exc:
             obs.fail("generation_error", exc)
             raise ServiceError(500, f"Generation failed: {exc}", "server_error", "generation_error") from None

@@ -4,6 +4,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from opentelemetry import trace
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -91,3 +92,23 @@ def test_disconnect_ends_span_and_frees_engine(live, spans):
     # The server is still serving after the hang-up.
     r = httpx.post(f"{live.base_url}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_non_streaming_disconnect_aborts_generation(live, spans):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 4000,
+        "temperature": 0.7,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.base_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=1.5))
+
+    def engine_idle():
+        health = httpx.get(f"{live.base_url}/health").json()
+        return health["num_running"] == 0 and health["num_waiting"] == 0
+
+    assert wait_for(engine_idle, timeout_s=10)
+    (span,) = wait_for(lambda: chat_spans(spans))
+    assert "client_disconnected" in [e.name for e in span.events]
+    assert span.attributes["streaming"] is False
