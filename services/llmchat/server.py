@@ -209,7 +209,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             chat_request = to_chat_request(body)
         except ChatError as exc:
-            raise bad_request(exc.message, exc.param, exc.code) from None
+            raise _invalid(exc) from None
         obs = ChatObservation(
             otel,
             instruments,
@@ -227,7 +227,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         except ChatError as exc:
             obs.fail("invalid_request")
             obs.end()
-            raise bad_request(exc.message, exc.param, exc.code) from None
+            raise _invalid(exc) from None
         except BaseException as exc:
             obs.fail(type(exc).__name__, exc)
             obs.end()
@@ -247,7 +247,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             return Response(status_code=499)
         except GenerationError as exc:
             obs.fail("generation_error", exc)
-            raise ServiceError(500, f"Generation failed: {exc}", "server_error", "generation_error") from None
+            raise _generation_failed(exc) from None
         except BaseException as exc:
             obs.fail(type(exc).__name__, exc)
             raise
@@ -256,6 +256,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return JSONResponse(response.model_dump(mode="json", exclude_unset=True), headers=meta.headers())
 
     return app
+
+
+def _invalid(exc: ChatError) -> ServiceError:
+    return bad_request(exc.message, exc.param, exc.code)
+
+
+def _generation_failed(exc: GenerationError) -> ServiceError:
+    return ServiceError(500, f"Generation failed: {exc}", "server_error", "generation_error")
 
 
 async def _observed(stream, obs: ChatObservation):
@@ -277,8 +285,7 @@ async def _sse(engine: Engine, prepared, obs: ChatObservation, info: ResponseInf
     except GenerationError as exc:
         # Status and headers are gone already: report in-band, then close cleanly.
         obs.fail("generation_error", exc)
-        err = ServiceError(500, f"Generation failed: {exc}", "server_error", "generation_error")
-        yield {"data": json.dumps(err.body())}
+        yield {"data": json.dumps(_generation_failed(exc).body())}
         yield {"data": "[DONE]"}
     except asyncio.CancelledError:
         obs.disconnected()
