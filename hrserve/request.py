@@ -74,6 +74,8 @@ class ResponseMetadata:
 class RequestIdMiddleware:
     """Gives every HTTP request an id (the caller's X-Request-ID if sane), echoes it, logs one access line.
 
+    Health checks are not logged: a load balancer or systemd probe would drown everything else.
+
     Pure ASGI rather than BaseHTTPMiddleware, which would buffer streaming responses.
     """
 
@@ -101,7 +103,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if scope["path"] not in self.quiet_paths or status >= 400:
+            if scope["path"] not in self.quiet_paths:
                 log.info(
                     "%s %s %d %.1fms",
                     scope["method"],

