@@ -9,6 +9,13 @@ from opentelemetry import trace
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# 4000 tokens would take minutes here; an aborted sequence stops at its next step.
+LONG = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell me a very long story."}],
+    "max_tokens": 4000,
+    "temperature": 0.7,
+}
 
 
 def chat_spans(exporter):
@@ -23,6 +30,11 @@ def wait_for(predicate, timeout_s=10.0):
             return result
         time.sleep(0.05)
     return result
+
+
+def engine_idle(live) -> bool:
+    health = httpx.get(f"{live.base_url}/health").json()
+    return health["num_running"] == 0 and health["num_waiting"] == 0
 
 
 def test_chat_span_attributes_match_response(live, spans):
@@ -67,24 +79,13 @@ def test_streaming_span_covers_the_stream(live, spans):
 
 
 def test_disconnect_ends_span_and_frees_engine(live, spans):
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me a very long story."}],
-        "max_tokens": 4000,
-        "temperature": 0.7,
-        "stream": True,
-    }
+    body = LONG | {"stream": True}
     with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         received = [next(lines) for _ in range(6)]
     assert any(line.startswith("data: ") for line in received)
 
-    def engine_idle():
-        health = httpx.get(f"{live.base_url}/health").json()
-        return health["num_running"] == 0 and health["num_waiting"] == 0
-
-    # 4000 tokens would take minutes; an aborted sequence stops at the next step.
-    assert wait_for(engine_idle, timeout_s=10)
+    assert wait_for(lambda: engine_idle(live), timeout_s=10)
     (span,) = wait_for(lambda: chat_spans(spans))
     assert "client_disconnected" in [e.name for e in span.events]
     assert span.attributes["error.type"] == "client_disconnected"
@@ -95,20 +96,11 @@ def test_disconnect_ends_span_and_frees_engine(live, spans):
 
 
 def test_non_streaming_disconnect_aborts_generation(live, spans):
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me a very long story."}],
-        "max_tokens": 4000,
-        "temperature": 0.7,
-    }
+    body = LONG
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.base_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=1.5))
 
-    def engine_idle():
-        health = httpx.get(f"{live.base_url}/health").json()
-        return health["num_running"] == 0 and health["num_waiting"] == 0
-
-    assert wait_for(engine_idle, timeout_s=10)
+    assert wait_for(lambda: engine_idle(live), timeout_s=10)
     (span,) = wait_for(lambda: chat_spans(spans))
     assert "client_disconnected" in [e.name for e in span.events]
     assert span.attributes["streaming"] is False
