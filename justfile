@@ -18,3 +18,7 @@ test *args: sync
 # lint the tree
 lint: sync
     .venv/bin/ruff check .
+
+# throughput benchmark against transformers serve (and llama.cpp when installed); flags pass through
+bench *args: sync
+    .venv/bin/python -m bench.run {{args}}

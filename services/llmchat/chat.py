@@ -104,10 +104,17 @@ async def prepare(engine: Engine, request: ChatRequest) -> PreparedChat:
     return PreparedChat(prompt_ids, params)
 
 
-async def events(engine: Engine, prepared: PreparedChat) -> AsyncIterator[ChatEvent]:
-    """Generates and yields text deltas, then one Finish; leaving early aborts the generation."""
-    seq = engine.submit(prepared.prompt_ids, prepared.params)
-    prepared.sequence = seq
+def start(engine: Engine, prepared: PreparedChat) -> Sequence:
+    """Queues the generation; raises QueueFull when the engine's waiting queue is at its bound.
+
+    Separate from events() so the caller can refuse the request before a response starts.
+    """
+    prepared.sequence = engine.submit(prepared.prompt_ids, prepared.params)
+    return prepared.sequence
+
+
+async def events(engine: Engine, seq: Sequence) -> AsyncIterator[ChatEvent]:
+    """Yields text deltas, then one Finish; leaving early aborts the generation."""
     async for output in engine.stream(seq):
         if output.error is not None:
             raise GenerationError(output.error)

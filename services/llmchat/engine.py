@@ -1,98 +1,80 @@
-"""The inference thread: owns the model, runs one sequence's prefill and decode steps, streams outputs.
+"""The inference thread: owns the model and runs the continuous-batching loop.
 
-Sequences wait in a FIFO and are generated one at a time; each streams text deltas to its own
-asyncio queue and can be aborted between steps.
+Each step reaps aborted sequences, prefills newcomers as one padded batch, decodes every running
+sequence by one token, samples per sequence, and streams text to each sequence's asyncio queue.
 """
 
 import asyncio
-import itertools
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import torch
 from tokenizers.decoders import DecodeStream
 
 from llmchat.llm import LoadedModel
+from llmchat.runner import BatchRunner
 from llmchat.sampling import SamplingParams, StopChecker, sample_next
+from llmchat.scheduler import Output, QueueFull, Scheduler, SchedulerConfig, Sequence
+
+__all__ = ["Engine", "Output", "QueueFull", "SchedulerConfig", "Sequence"]
 
 log = logging.getLogger("llmchat.engine")
-
-_ids = itertools.count()
-
-
-class EngineError(RuntimeError):
-    """Generation failed inside the engine; the sequence ends with this error."""
-
-
-@dataclass(slots=True)
-class Output:
-    """One step's news for a sequence: new text, the completion's token count so far, and why it ended."""
-
-    text: str
-    num_completion_tokens: int
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    error: str | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    completion_ids: list[int] = field(default_factory=list)
-    is_aborted: bool = False
-    is_finished: bool = False
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    def emit(self, output: Output) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
 
 
 class Engine:
     """Facade the chat layer talks to: start(), submit(), stream(), abort(), shutdown()."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, config: SchedulerConfig | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
-        self.waiting: queue.Queue[Sequence | None] = queue.Queue()
-        self.num_running = 0
-        self._thread: threading.Thread | None = None
+        self.scheduler = Scheduler(config or SchedulerConfig())
         eos = loaded.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+        self.runner = BatchRunner(loaded.model, pad)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmchat-engine", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        self.waiting.put(None)
+        self._stopping = True
+        self.scheduler.has_work.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queues a request; raises QueueFull when the waiting queue is at its bound."""
         seq = Sequence(prompt_ids, params, asyncio.get_running_loop())
-        self.waiting.put(seq)
+        self.scheduler.add(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        # Read by the engine thread before each step; a bool store is atomic under the GIL.
+        """Ends a waiting sequence at once; a running one leaves before the engine's next forward pass."""
+        # Read by the engine thread between passes; a bool store is atomic under the GIL.
         seq.is_aborted = True
+        if self.scheduler.remove_waiting(seq):
+            seq.finish(Output("", 0, "abort"))
+        self.scheduler.has_work.set()
 
     async def stream(self, seq: Sequence) -> AsyncIterator[Output]:
         """Yields the sequence's outputs until it finishes; aborts it if the consumer goes away."""
@@ -107,56 +89,73 @@ class Engine:
                 self.abort(seq)
 
     def _run(self) -> None:
-        while (seq := self.waiting.get()) is not None:
-            if seq.is_aborted:
-                self._finish(seq, Output("", 0, "abort"))
-                continue
-            self.num_running = 1
-            try:
-                with torch.inference_mode():
-                    self._generate(seq)
-            except Exception as exc:  # one bad request must not stop the engine
-                log.exception("generation failed for sequence %d", seq.seq_id)
-                self._finish(seq, Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
-            finally:
-                self.num_running = 0
+        with torch.inference_mode():
+            while not self._stopping:
+                if not self.scheduler.has_work.wait(timeout=1.0):
+                    continue
+                try:
+                    self.step()
+                except Exception as exc:  # a failed step ends the batch it ran, not the engine
+                    log.exception("generation step failed; ending %d running sequences", len(self.runner.rows))
+                    error = f"{type(exc).__name__}: {exc}"
+                    for seq in self.scheduler.running:
+                        if not seq.is_finished:
+                            seq.finish(Output("", len(seq.completion_ids), "error", error))
+                    self.scheduler.postprocess()
+                    self.runner.reset()
 
-    def _finish(self, seq: Sequence, output: Output) -> None:
-        seq.is_finished = True
-        seq.emit(output)
+    def step(self) -> None:
+        """One scheduling step: prefill newcomers (if any), then decode every running sequence by one token.
 
-    def _generate(self, seq: Sequence) -> None:
-        model, params = self.loaded.model, seq.params
-        device = model.device
-        generator = torch.Generator(device=device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
+        Aborts are honoured before each forward pass, so a hung-up client's slot is free within one pass.
+        """
+        self._reap()
+        newcomers = self.scheduler.schedule()
+        if newcomers:
+            for seq in newcomers:
+                self._admit(seq)
+            self._sample(newcomers, self.runner.prefill(newcomers))
+            self._reap()
+        if self.runner.rows:
+            rows = list(self.runner.rows)
+            self._sample(rows, self.runner.decode())
+            self.runner.drop(self.scheduler.postprocess())
+
+    def _reap(self) -> None:
+        for seq in self.scheduler.reap_aborted():
+            seq.finish(Output(seq.stops.flush() if seq.stops else "", len(seq.completion_ids), "abort"))
+        self.runner.drop(self.scheduler.postprocess())
+
+    def _admit(self, seq: Sequence) -> None:
+        generator = torch.Generator(device=self.runner.device)
+        if seq.params.seed is not None:
+            generator.manual_seed(seq.params.seed)
         else:
             generator.seed()
-        decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=True)
-        stops = StopChecker(params.stop)
-        input_ids = torch.tensor([seq.prompt_ids], device=device)
-        cache = None
-        while True:
-            if seq.is_aborted:
-                self._finish(seq, Output(stops.flush(), len(seq.completion_ids), "abort"))
-                return
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            token = sample_next(out.logits[0, -1], params, generator)
-            if token in self.eos_ids:
-                self._finish(seq, Output(stops.flush(), len(seq.completion_ids), "stop"))
-                return
-            seq.completion_ids.append(token)
-            piece = decoder.step(self.tokenizer.backend_tokenizer, token) or ""
-            text, stopped = stops.feed(piece)
-            num = len(seq.completion_ids)
-            if stopped:
-                self._finish(seq, Output(text, num, "stop"))
-                return
-            if num >= params.max_tokens:
-                self._finish(seq, Output(text + stops.flush(), num, "length"))
-                return
-            if text:
-                seq.emit(Output(text, num))
-            input_ids = torch.tensor([[token]], device=device)
+        seq.generator = generator
+        # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
+        seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=True)
+        seq.stops = StopChecker(seq.params.stop)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Picks each sequence's next token with its own processors and sampling, then records it."""
+        for seq, row in zip(seqs, logits, strict=True):
+            for processor in seq.params.logits_processors:
+                row = processor(seq.completion_ids, row)
+            self._postprocess_token(seq, sample_next(row, seq.params, seq.generator))
+
+    def _postprocess_token(self, seq: Sequence, token: int) -> None:
+        if token in self.eos_ids:
+            seq.finish(Output(seq.stops.flush(), len(seq.completion_ids), "stop"))
+            return
+        seq.completion_ids.append(token)
+        seq.pending_token = token
+        piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
+        text, stopped = seq.stops.feed(piece)
+        num = len(seq.completion_ids)
+        if stopped:
+            seq.finish(Output(text, num, "stop"))
+        elif num >= seq.params.max_tokens:
+            seq.finish(Output(text + seq.stops.flush(), num, "length"))
+        elif text:
+            seq.emit(Output(text, num))

@@ -1,8 +1,13 @@
 """Per-sequence sampling: parameters, next-token choice, and stop strings held back until they resolve."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# (completion token ids so far, next-token logits for this sequence) -> adjusted logits. The hook
+# constrained decoding plugs into: one processor list per request, applied to its own row only.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -12,6 +17,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -30,8 +30,8 @@ from hrserve import (
     shutdown_otel,
 )
 from llmchat import __version__
-from llmchat.chat import ChatError, Finish, GenerationError, events, prepare
-from llmchat.engine import Engine
+from llmchat.chat import ChatError, Finish, GenerationError, events, prepare, start
+from llmchat.engine import Engine, QueueFull, SchedulerConfig, Sequence
 from llmchat.llm import ModelConfig, ModelLoadError, load_model, resolve_source
 from llmchat.observe import ChatObservation, Instruments
 from llmchat.openai_chat import ResponseInfo, stream_chunks, to_chat_request, to_response
@@ -89,7 +89,7 @@ def _served_name(settings: Settings) -> str:
         return settings.model
 
 
-async def _load_in_background(runtime: Runtime, config: ModelConfig) -> None:
+async def _load_in_background(runtime: Runtime, config: ModelConfig, scheduler_config: SchedulerConfig) -> None:
     def stage(text: str) -> None:
         runtime.stage = text
         log.info("model: %s", text)
@@ -100,7 +100,7 @@ async def _load_in_background(runtime: Runtime, config: ModelConfig) -> None:
     def work() -> None:
         try:
             loaded = load_model(config, stage)
-            engine = Engine(loaded)
+            engine = Engine(loaded, scheduler_config)
             engine.start()
             loop.call_soon_threadsafe(result.set_result, engine)
         except BaseException as exc:
@@ -138,7 +138,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             engine.start()
             runtime.engine, runtime.status, runtime.stage = engine, "ok", "ready"
         else:
-            loader = asyncio.create_task(_load_in_background(runtime, _model_config(settings)))
+            scheduler_config = SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting)
+            loader = asyncio.create_task(_load_in_background(runtime, _model_config(settings), scheduler_config))
         yield
         if loader is not None:
             loader.cancel()
@@ -166,7 +167,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 "model": runtime.model_name,
                 "ready_seconds": runtime.ready_seconds and round(runtime.ready_seconds, 2),
                 "engine_alive": runtime.engine.is_alive,
-                "num_waiting": runtime.engine.waiting.qsize(),
+                "num_waiting": runtime.engine.num_waiting,
                 "num_running": runtime.engine.num_running,
             }
             if not runtime.engine.is_alive:
@@ -224,10 +225,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             with trace.use_span(obs.span, end_on_exit=False):
                 prepared = await prepare(engine, chat_request)
+                seq = start(engine, prepared)
         except ChatError as exc:
             obs.fail("invalid_request")
             obs.end()
             raise _invalid(exc) from None
+        except QueueFull as exc:
+            obs.fail("queue_full")
+            obs.end()
+            raise _busy(exc) from None
         except BaseException as exc:
             obs.fail(type(exc).__name__, exc)
             obs.end()
@@ -235,10 +241,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         meta = ResponseMetadata(OTELContext.get_trace_id(obs.span), OTELContext.get_span_id(obs.span), job_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            sse = _sse(engine, prepared, obs, info, include_usage)
+            sse = _sse(engine, seq, obs, info, include_usage)
             return EventSourceResponse(sse, headers=meta.headers(), sep="\n", ping=15)
         try:
-            collect = to_response(_observed(events(engine, prepared), obs), info)
+            collect = to_response(_observed(events(engine, seq), obs), info)
             response, finish = await cancel_on_disconnect(request, collect)
             obs.finish(finish)
         except ClientDisconnected:
@@ -262,6 +268,16 @@ def _invalid(exc: ChatError) -> ServiceError:
     return bad_request(exc.message, exc.param, exc.code)
 
 
+def _busy(exc: QueueFull) -> ServiceError:
+    return ServiceError(
+        429,
+        f"The server is at capacity ({exc}); retry after a few seconds.",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        headers={"Retry-After": "2"},
+    )
+
+
 def _generation_failed(exc: GenerationError) -> ServiceError:
     return ServiceError(500, f"Generation failed: {exc}", "server_error", "generation_error")
 
@@ -273,10 +289,10 @@ async def _observed(stream, obs: ChatObservation):
         yield event
 
 
-async def _sse(engine: Engine, prepared, obs: ChatObservation, info: ResponseInfo, include_usage: bool):
+async def _sse(engine: Engine, seq: Sequence, obs: ChatObservation, info: ResponseInfo, include_usage: bool):
     """The SSE body; cancellation (the client hung up) aborts generation via the event stream."""
     try:
-        async for item in stream_chunks(_observed(events(engine, prepared), obs), info, include_usage):
+        async for item in stream_chunks(_observed(events(engine, seq), obs), info, include_usage):
             if isinstance(item, Finish):
                 obs.finish(item)
             else:

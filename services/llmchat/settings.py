@@ -36,6 +36,13 @@ class Settings(ServiceSettings):
     max_context: int | None = Field(
         None, ge=16, description="Context length limit in tokens (prompt + completion); default: the model's."
     )
+    max_running: int = Field(16, ge=1, le=1024, description="Most sequences generated together in one batch.")
+    max_batched_tokens: int = Field(
+        256, ge=16, description="Token budget of one engine step (prompt tokens being prefilled + one per running)."
+    )
+    max_waiting: int = Field(
+        64, ge=0, description="Most requests queued behind a full batch; beyond it clients get 429 with Retry-After."
+    )
     cache_dir: Path = Field(
         Path(platformdirs.user_cache_dir("llmchat")),
         description="Where converted weights (from GGUF) are cached so later starts are fast.",

@@ -41,7 +41,7 @@ def flaky():
 def test_stream_reports_error_event_then_done(flaky):
     live, fault = flaky
     fault.calls, fault.step = 0, 4
-    with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=BODY | {"stream": True}) as r:
+    with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=BODY | {"stream": True}, timeout=120) as r:
         assert r.status_code == 200
         data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
@@ -53,10 +53,10 @@ def test_stream_reports_error_event_then_done(flaky):
 def test_non_streaming_failure_is_500_envelope_and_engine_keeps_serving(flaky):
     live, fault = flaky
     fault.calls, fault.step = 0, 2
-    r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY)
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY, timeout=120)
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "generation_error"
     assert "Traceback" not in r.text
-    r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY)
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY, timeout=120)
     assert r.status_code == 200
     assert httpx.get(f"{live.base_url}/health").json()["status"] == "ok"

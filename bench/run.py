@@ -1,0 +1,250 @@
+"""Throughput benchmark: llmchat against `transformers serve --continuous-batching` (and llama.cpp's
+server when installed) on the same weights, with the same streaming load at several concurrencies.
+
+    just bench                      # all levels, all available servers
+    just bench --concurrency 1,8    # a subset
+
+Writes bench/results/throughput.json and throughput.png and prints one table.
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from bench import servers
+from llmchat.llm import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
+from llmchat.settings import Settings
+
+PROMPTS = [
+    "Explain how a rainbow forms.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the main causes of the French Revolution?",
+    "Describe the water cycle for a ten-year-old.",
+    "Give me a recipe for a simple tomato soup.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet.",
+    "List some tips for learning a new language.",
+    "How do airplanes stay in the air?",
+    "Write a poem about autumn leaves.",
+    "What is machine learning?",
+    "Describe a day in the life of a honeybee.",
+    "How does a refrigerator keep food cold?",
+    "What should I pack for a weekend camping trip?",
+    "Explain the rules of chess briefly.",
+    "Tell me about the history of the bicycle.",
+]
+
+
+@dataclass
+class Result:
+    server: str
+    concurrency: int
+    num_requests: int
+    errors: int
+    output_tokens: int
+    wall_s: float
+    throughput_tok_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    decode_tok_s_p50: float
+    peak_rss_mb: float
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, count) -> dict:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    first = last = None
+    parts: list[str] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(str(chunk["error"]))
+            for choice in chunk.get("choices", []):
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    parts.append(text)
+    if first is None:
+        raise RuntimeError("no content streamed")
+    # Tokens are counted with the model's own tokenizer, the same way for every server.
+    tokens = count("".join(parts))
+    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
+    return {"ttft": first - start, "tokens": tokens, "decode_tok_s": decode}
+
+
+async def run_level(server: servers.Server, concurrency: int, num_requests: int, max_tokens: int, count) -> Result:
+    queue = list(range(num_requests))
+    done: list[dict] = []
+    errors = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while queue:
+            i = queue.pop(0)
+            try:
+                done.append(await one_request(client, server.model, PROMPTS[i % len(PROMPTS)], max_tokens, count))
+            except Exception:  # counted, the run goes on
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(d["ttft"] for d in done) or [float("nan")]
+    tokens = sum(d["tokens"] for d in done)
+    return Result(
+        server=server.name,
+        concurrency=concurrency,
+        num_requests=num_requests,
+        errors=errors,
+        output_tokens=tokens,
+        wall_s=round(wall, 2),
+        throughput_tok_s=round(tokens / wall, 2),
+        ttft_p50_s=round(statistics.median(ttfts), 3),
+        ttft_p95_s=round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3),
+        decode_tok_s_p50=round(statistics.median([d["decode_tok_s"] for d in done] or [0.0]), 2),
+        peak_rss_mb=round(server.peak_rss_bytes() / 2**20, 1),
+    )
+
+
+def render(results: list[Result], console: Console) -> None:
+    table = Table(title="Streaming load, greedy, max_tokens fixed (same prompts and weights for every server)")
+    for col in (
+        "server",
+        "conc",
+        "requests",
+        "errors",
+        "tok/s (all)",
+        "TTFT p50 s",
+        "TTFT p95 s",
+        "decode tok/s p50",
+        "peak RSS MB",
+    ):
+        table.add_column(col, justify="right" if col != "server" else "left")
+    for r in results:
+        table.add_row(
+            r.server,
+            str(r.concurrency),
+            str(r.num_requests),
+            str(r.errors),
+            f"{r.throughput_tok_s:.1f}",
+            f"{r.ttft_p50_s:.2f}",
+            f"{r.ttft_p95_s:.2f}",
+            f"{r.decode_tok_s_p50:.1f}",
+            f"{r.peak_rss_mb:.0f}",
+        )
+    console.print(table)
+    ours = {r.concurrency: r for r in results if r.server == "llmchat"}
+    for peer in sorted({r.server for r in results} - {"llmchat"}):
+        ratios = Table(title=f"llmchat / {peer}")
+        for col in ("conc", "throughput x", "TTFT p50 x (lower is better)", "decode x"):
+            ratios.add_column(col, justify="right")
+        for r in (r for r in results if r.server == peer and r.concurrency in ours):
+            o = ours[r.concurrency]
+            ratios.add_row(
+                str(r.concurrency),
+                _ratio(o.throughput_tok_s, r.throughput_tok_s),
+                _ratio(o.ttft_p50_s, r.ttft_p50_s),
+                _ratio(o.decode_tok_s_p50, r.decode_tok_s_p50),
+            )
+        console.print(ratios)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r.server for r in results):
+        points = [(r.concurrency, r.throughput_tok_s) for r in results if r.server == name]
+        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("aggregate output tokens/s")
+    ax.set_title("Throughput on SmolLM2-135M-Instruct (same weights)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--servers", default="llmchat,transformers,llama.cpp")
+    parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    console = Console()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # The converted cache is a safetensors copy of the bundled GGUF: transformers serve loads it.
+    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+    weights = converted_dir(resolve_source("bundled"), Settings().cache_dir)
+    tokenizer = loaded.tokenizer
+    del loaded
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    wanted = args.servers.split(",")
+    candidates = {
+        "llmchat": lambda: servers.llmchat(args.llmchat_args.split()),
+        "transformers": lambda: servers.transformers_serve(weights),
+        "llama.cpp": lambda: servers.llama_cpp(bundled_gguf()),
+    }
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: list[Result] = []
+    for key in wanted:
+        server = candidates[key]()
+        if server is None:
+            console.print(f"[yellow]{key}: not installed, skipped[/yellow]")
+            continue
+        console.print(f"starting {server.name} ...")
+        try:
+            server.start(args.out)
+            asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
+            for c in levels:
+                result = asyncio.run(run_level(server, c, max(c * args.requests_per_client, 3), args.max_tokens, count))
+                console.print(f"  {server.name} c={c}: {result.throughput_tok_s} tok/s, errors {result.errors}")
+                results.append(result)
+        finally:
+            server.stop()
+    render(results, console)
+    (args.out / "throughput.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    plot(results, args.out / "throughput.png")
+    console.print(f"wrote {args.out / 'throughput.json'} and {args.out / 'throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()

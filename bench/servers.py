@@ -1,0 +1,103 @@
+"""The servers under comparison, each started as its own process on a free loopback port."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    model: str  # what requests send as "model"
+    ready_path: str
+    proc: subprocess.Popen | None = None
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path, timeout_s: float = 900) -> None:
+        log = (log_dir / f"{self.name}.log").open("w")
+        env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+        self.proc = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(self.base_url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} was not ready after {timeout_s:.0f}s; see {log.name}")
+
+    def peak_rss_bytes(self) -> int:
+        """VmHWM: the most resident memory the process has held so far."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llmchat(extra: list[str]) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llmchat", "serve", "--port", str(port), "--log-level", "warning", *extra]
+    return Server("llmchat", cmd, "SmolLM2-135M-Instruct", "/health", port=port)
+
+
+def transformers_serve(weights_dir: Path) -> Server | None:
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
+    if exe is None:
+        return None
+    port = free_port()
+    cmd = [exe, "serve", str(weights_dir), "--continuous-batching", "--port", str(port), "--host", "127.0.0.1"]
+    return Server("transformers-serve-cb", cmd, str(weights_dir), "/health", port=port)
+
+
+def llama_cpp(gguf: Path) -> Server | None:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        return None
+    port = free_port()
+    # Without --interrupt_requests False each new request cancels the one in flight.
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--interrupt_requests",
+        "False",
+        "--n_ctx",
+        "8192",
+    ]
+    return Server("llama.cpp", cmd, gguf.name, "/v1/models", port=port)

@@ -1,0 +1,110 @@
+"""The model runner: one KV cache for the whole running batch, rows added by prefill and dropped on finish.
+
+Rows are left-padded to a common length; the attention mask hides the padding and position ids
+count each row's real tokens, the same layout `generate()` uses for a padded batch. Padding is
+trimmed when the rows that needed it leave.
+"""
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from llmchat.scheduler import Sequence
+
+
+class BatchRunner:
+    def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
+        self.model = model
+        self.device = model.device
+        self.pad_token_id = pad_token_id
+        self.rows: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cached columns], 1 = real token
+        self.positions: torch.Tensor | None = None  # [rows], position of each row's pending token
+
+    @property
+    def num_columns(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Runs the prompts of `seqs` as one left-padded batch, adds them as rows; returns last logits [n, V]."""
+        longest = max(s.num_prompt_tokens for s in seqs)
+        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            n = seq.num_prompt_tokens
+            ids[i, longest - n :] = torch.tensor(seq.prompt_ids)
+            mask[i, longest - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._add_rows(seqs, out.past_key_values, mask)
+        return out.logits[:, -1, :]
+
+    def decode(self) -> torch.Tensor:
+        """Feeds every row its pending token; returns the next-token logits [rows, V]."""
+        ids = torch.tensor([[s.pending_token] for s in self.rows], dtype=torch.long, device=self.device)
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.mask = out.past_key_values, mask
+        self.positions = self.positions + 1
+        return out.logits[:, -1, :]
+
+    def drop(self, seqs: list[Sequence]) -> None:
+        """Frees the rows of `seqs` and the padding columns no remaining row needs."""
+        gone = set(map(id, seqs))
+        keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        first_used = int(self.mask.any(dim=0).int().argmax())
+        self.mask = self.mask[:, first_used:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first_used:, :]
+            layer.values = layer.values[index, :, first_used:, :]
+
+    def reset(self) -> None:
+        self.rows, self.cache, self.mask, self.positions = [], None, None, None
+
+    def _add_rows(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        positions = mask.sum(dim=1)
+        if self.cache is None:
+            self.rows, self.cache, self.mask, self.positions = list(seqs), cache, mask, positions
+            return
+        width = max(self.num_columns, mask.shape[1])
+        old_pad, new_pad = width - self.num_columns, width - mask.shape[1]
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, old_pad), _left_pad(new.keys, new_pad)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, old_pad), _left_pad(new.values, new_pad)], dim=0)
+        self.mask = torch.cat([_left_pad(self.mask, old_pad), _left_pad(mask, new_pad)], dim=0)
+        self.positions = torch.cat([self.positions, positions])
+        self.rows.extend(seqs)
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Pads dimension 2 of a KV tensor [B, H, T, D] (or dimension 1 of a mask [B, T]) with n zeros in front."""
+    if n == 0:
+        return t
+    dim = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,0 +1,229 @@
+"""Continuous batching: same tokens as one at a time, mid-batch admission, aborts, and the queue bound."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from llmchat.engine import Engine, SchedulerConfig
+from llmchat.llm import ModelConfig, load_model
+from llmchat.sampling import SamplingParams
+from llmchat.server import create_app
+from llmchat.settings import Settings
+from tests.conftest import start_server
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "Explain photosynthesis in one long paragraph with many details.",
+    "Hi",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+
+
+def prompt_ids(loaded, text: str) -> list[int]:
+    rendered = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(rendered["input_ids"])
+
+
+async def drain(engine: Engine, seq) -> list[int]:
+    async for _ in engine.stream(seq):
+        pass
+    return seq.completion_ids
+
+
+def run_engine(loaded, config: SchedulerConfig, body):
+    async def main():
+        engine = Engine(loaded, config)
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    return asyncio.run(main())
+
+
+def test_batched_greedy_equals_sequential(loaded):
+    ids = [prompt_ids(loaded, p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+
+    async def together(engine):
+        seqs = [engine.submit(p, params) for p in ids]
+        return await asyncio.gather(*(drain(engine, s) for s in seqs))
+
+    async def one_by_one(engine):
+        return [await drain(engine, engine.submit(p, params)) for p in ids]
+
+    batched = run_engine(loaded, SchedulerConfig(max_running=8), together)
+    sequential = run_engine(loaded, SchedulerConfig(max_running=1), one_by_one)
+    assert batched == sequential
+    assert all(len(tokens) > 0 for tokens in batched)
+
+
+def test_newcomer_joins_running_batch_without_waiting_for_it(loaded):
+    long_params = SamplingParams(max_tokens=200, temperature=0.0)
+    short_params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def body(engine):
+        first = engine.submit(prompt_ids(loaded, "Tell me a very long story about dragons."), long_params)
+        outputs = engine.stream(first)
+        await anext(outputs)  # the long one is decoding now
+        second = engine.submit(prompt_ids(loaded, "Hi"), short_params)
+        await drain(engine, second)
+        # The short request finished while the long one was still generating.
+        assert not first.is_finished
+        assert engine.scheduler.num_admitted_while_running >= 1
+        engine.abort(first)
+        async for _ in outputs:
+            pass
+        return first.completion_ids
+
+    assert len(run_engine(loaded, SchedulerConfig(max_running=4), body)) < 200
+
+
+def test_abort_during_waiting_and_running_frees_slots(loaded):
+    params = SamplingParams(max_tokens=500, temperature=0.7)
+
+    async def body(engine):
+        seqs = [engine.submit(prompt_ids(loaded, p), params) for p in PROMPTS]
+        await anext(engine.stream(seqs[0]))
+        for seq in seqs:
+            engine.abort(seq)
+        for _ in range(100):
+            if engine.num_running == 0 and engine.num_waiting == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (engine.num_running, engine.num_waiting) == (0, 0)
+        assert engine.runner.rows == []
+        assert all(s.is_finished for s in seqs)
+
+    run_engine(loaded, SchedulerConfig(max_running=2), body)
+
+
+@pytest.fixture(scope="module")
+def small_queue(loaded):
+    settings = Settings(port=0, max_running=1, max_waiting=1)
+    engine = Engine(loaded, SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting))
+    live = start_server(create_app(settings, engine=engine))
+    yield live
+    live.stop()
+
+
+def _long(stream: bool) -> dict:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 300,
+        "stream": stream,
+    }
+
+
+async def _wait_health(client: httpx.AsyncClient, key: str, value: int) -> None:
+    for _ in range(200):
+        if (await client.get("/health")).json()[key] == value:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{key} never reached {value}")
+
+
+def test_full_queue_is_429_with_retry_after(small_queue):
+    async def body():
+        async with httpx.AsyncClient(base_url=small_queue.base_url, timeout=60) as client:
+            running = asyncio.create_task(client.post("/v1/chat/completions", json=_long(False)))
+            await _wait_health(client, "num_running", 1)
+            waiting = asyncio.create_task(client.post("/v1/chat/completions", json=_long(False)))
+            await _wait_health(client, "num_waiting", 1)
+            refused = await client.post("/v1/chat/completions", json=_long(True))
+            assert refused.status_code == 429
+            assert int(refused.headers["retry-after"]) > 0
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            running.cancel()
+            waiting.cancel()
+            await asyncio.gather(running, waiting, return_exceptions=True)
+            await _wait_health(client, "num_running", 0)
+            assert (await client.get("/health")).json()["status"] == "ok"
+
+    asyncio.run(body())
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
+    """llmchat as its own process, as in production: the test's clients do not share its interpreter."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "stderr.log").open("w")
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmchat", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(3000):
+            if proc.poll() is not None:
+                raise RuntimeError(f"llmchat exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{base_url}/health").json()["status"] == "ok":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_twenty_streaming_disconnects_free_the_engine_within_a_second(server_process):
+    async def one(client: httpx.AsyncClient, started: asyncio.Event) -> None:
+        async with client.stream("POST", "/v1/chat/completions", json=_long(True)) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if '"content"' in line:
+                    started.set()
+
+    async def body():
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(base_url=server_process, timeout=120, limits=limits) as client:
+            started = asyncio.Event()
+            tasks = [asyncio.create_task(one(client, started)) for _ in range(20)]
+            await started.wait()
+            await asyncio.sleep(1.0)
+            health = (await client.get("/health")).json()
+            assert health["num_running"] > 0  # mid-generation
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 1.0
+            while loop.time() < deadline:
+                health = (await client.get("/health")).json()
+                if health["num_running"] == 0 and health["num_waiting"] == 0:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"engine still busy a second after the hang-ups: {health}")
+
+    asyncio.run(body())
