@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=140)
     args.out.mkdir(parents=True, exist_ok=True)
 
     # The converted cache is a safetensors copy of the bundled GGUF: transformers serve loads it.
