@@ -6,7 +6,7 @@ a response starts), then turn events() into their own wire format.
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmchat.engine import Engine, Sequence
 from llmchat.sampling import SamplingParams
@@ -60,7 +60,6 @@ ChatEvent = TextDelta | Finish
 class PreparedChat:
     prompt_ids: list[int]
     params: SamplingParams
-    sequence: Sequence | None = field(default=None)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -109,8 +108,7 @@ def start(engine: Engine, prepared: PreparedChat) -> Sequence:
 
     Separate from events() so the caller can refuse the request before a response starts.
     """
-    prepared.sequence = engine.submit(prepared.prompt_ids, prepared.params)
-    return prepared.sequence
+    return engine.submit(prepared.prompt_ids, prepared.params)
 
 
 async def events(engine: Engine, seq: Sequence) -> AsyncIterator[ChatEvent]:
