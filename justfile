@@ -22,3 +22,7 @@ lint: sync
 # throughput benchmark against transformers serve (and llama.cpp when installed); flags pass through
 bench *args: sync
     .venv/bin/python -m bench.run {{args}}
+
+# decode-step timings of the engine's speed levers (cache kind, dtype; --compile adds torch.compile)
+levers *args: sync
+    .venv/bin/python -m bench.levers {{args}}

@@ -1,0 +1,80 @@
+"""Decode-step timings for the engine's speed levers, on the bundled model's converted weights.
+
+    .venv/bin/python -m bench.levers                 # cache kind x dtype, rows 1/8/16
+    .venv/bin/python -m bench.levers --compile       # adds torch.compile (minutes of compiling on 2 cores)
+
+Each case prefills `--context` tokens per row, then times `--steps` decode steps of the whole batch.
+"""
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from llmchat.llm import ModelConfig, converted_dir, load_model, resolve_source
+from llmchat.runner import new_cache
+from llmchat.settings import Settings
+
+CACHES = {"dynamic (torch.cat)": lambda m: DynamicCache(config=m.config), "spare columns": new_cache}
+
+
+def time_decode(model, forward, make_cache, rows: int, context: int, steps: int) -> tuple[float, float]:
+    """Returns (first step seconds, steady-state ms per step over the second half)."""
+    ids = torch.randint(100, 1000, (rows, context))
+    mask = torch.ones(rows, context, dtype=torch.long)
+    cache = model(
+        input_ids=ids, attention_mask=mask, past_key_values=make_cache(model), logits_to_keep=1
+    ).past_key_values
+    positions = torch.full((rows, 1), context)
+    token = torch.randint(100, 1000, (rows, 1))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        forward(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        positions = positions + 1
+        times.append(time.perf_counter() - start)
+    steady = times[steps // 2 :]
+    return times[0], 1000 * sum(steady) / len(steady)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="1,8,16")
+    parser.add_argument("--context", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))  # converts once if needed
+    weights = converted_dir(resolve_source("bundled"), Settings().cache_dir)
+    table = Table(title=f"decode step, context {args.context}, {torch.get_num_threads()} threads")
+    for col in ("dtype", "cache", "forward", "rows", "first step s", "ms/step", "tok/s"):
+        table.add_column(col)
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).eval()
+            forwards = {"eager": model}
+            if args.compile:
+                forwards["torch.compile"] = torch.compile(model, dynamic=True)
+            for cache_name, make_cache in CACHES.items():
+                for forward_name, forward in forwards.items():
+                    for rows in map(int, args.rows.split(",")):
+                        first, ms = time_decode(model, forward, make_cache, rows, args.context, args.steps)
+                        table.add_row(
+                            str(dtype).removeprefix("torch."),
+                            cache_name,
+                            forward_name,
+                            str(rows),
+                            f"{first:.2f}",
+                            f"{ms:.0f}",
+                            f"{1000 * rows / ms:.1f}",
+                        )
+    Console(width=140).print(table)
+
+
+if __name__ == "__main__":
+    main()
