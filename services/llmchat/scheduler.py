@@ -82,8 +82,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._lock = threading.Lock()
         self.has_work = threading.Event()
-        # Counters, read by /health and tests.
-        self.num_steps = 0
+        # How many newcomers joined a batch that was already running (continuous batching at work).
         self.num_admitted_while_running = 0
 
     @property
@@ -144,7 +143,6 @@ class Scheduler:
         for seq in admitted:
             seq.status = Status.RUNNING
         self.running.extend(admitted)
-        self.num_steps += 1
         return admitted
 
     def postprocess(self) -> list[Sequence]:
@@ -158,6 +156,3 @@ class Scheduler:
             if not self.running and not self.waiting:
                 self.has_work.clear()
         return done
-
-    def is_idle(self) -> bool:
-        return not self.running and not self.waiting
