@@ -19,7 +19,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import servers
+from bench import constrained, servers
 from llmchat.llm import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
@@ -58,14 +58,17 @@ class Result:
     peak_rss_mb: float
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, count) -> dict:
+async def one_request(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, count, extra: dict | None = None
+) -> dict:
+    """One streamed request; output is content plus tool-call arguments, as the client sees them."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
-    }
+    } | (extra or {})
     start = time.perf_counter()
     first = last = None
     parts: list[str] = []
@@ -80,7 +83,9 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
             if "error" in chunk:
                 raise RuntimeError(str(chunk["error"]))
             for choice in chunk.get("choices", []):
-                text = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                calls = delta.get("tool_calls") or []
+                text = (delta.get("content") or "") + "".join(c["function"].get("arguments") or "" for c in calls)
                 if text:
                     now = time.perf_counter()
                     first = first or now
@@ -94,7 +99,9 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return {"ttft": first - start, "tokens": tokens, "decode_tok_s": decode}
 
 
-async def run_level(server: servers.Server, concurrency: int, num_requests: int, max_tokens: int, count) -> Result:
+async def run_level(
+    server: servers.Server, concurrency: int, num_requests: int, max_tokens: int, count, extra: dict | None = None
+) -> Result:
     queue = list(range(num_requests))
     done: list[dict] = []
     errors = 0
@@ -104,7 +111,8 @@ async def run_level(server: servers.Server, concurrency: int, num_requests: int,
         while queue:
             i = queue.pop(0)
             try:
-                done.append(await one_request(client, server.model, PROMPTS[i % len(PROMPTS)], max_tokens, count))
+                prompt = PROMPTS[i % len(PROMPTS)]
+                done.append(await one_request(client, server.model, prompt, max_tokens, count, extra))
             except Exception:  # counted, the run goes on
                 errors += 1
 
@@ -204,6 +212,7 @@ def main() -> None:
     parser.add_argument("--servers", default="llmchat,transformers,llama.cpp")
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--no-constrained", action="store_true", help="skip the constrained-decoding comparison")
     args = parser.parse_args()
     console = Console(width=140)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +247,8 @@ def main() -> None:
                 result = asyncio.run(run_level(server, c, max(c * args.requests_per_client, 3), args.max_tokens, count))
                 console.print(f"  {server.name} c={c}: {result.throughput_tok_s} tok/s, errors {result.errors}")
                 results.append(result)
+            if key == "llmchat" and not args.no_constrained:
+                constrained.run(server, count, args.max_tokens, console, args.out)
         finally:
             server.stop()
     render(results, console)

@@ -10,7 +10,13 @@ import uvicorn
 
 from hrserve import setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmchat: OpenAI-compatible chat service.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    # Plain help: rich tables cut long flag names at 80 columns.
+    rich_markup_mode=None,
+    help="llmchat: OpenAI-compatible chat service.",
+)
 log = logging.getLogger("llmchat")
 
 # Each flag mirrors a setting; an unset flag leaves the LLMCHAT_* environment (or the default) in charge.
@@ -30,6 +36,12 @@ def serve(
     max_running: Annotated[int | None, Opt(help="Most sequences in one batch [default: 16].")] = None,
     max_batched_tokens: Annotated[int | None, Opt(help="Token budget of one engine step [default: 256].")] = None,
     max_waiting: Annotated[int | None, Opt(help="Queue bound; beyond it 429 [default: 64].")] = None,
+    tool_parser: Annotated[str | None, Opt(help="auto | hermes | llama3 | mistral.")] = None,
+    validate_tool_names: Annotated[
+        bool | None, Opt("--validate-tool-names/--no-validate-tool-names", help="Drop calls to tools not offered.")
+    ] = None,
+    tool_prompt: Annotated[Path | None, Opt(help="Jinja file replacing the built-in tool prompt.")] = None,
+    chat_template: Annotated[Path | None, Opt(help="Jinja chat template replacing the model's.")] = None,
     cache_dir: Annotated[Path | None, Opt(help="Cache for converted weights.")] = None,
     log_level: Annotated[str | None, Opt(help="debug | info | warning | error.")] = None,
     log_json: Annotated[bool | None, Opt("--log-json/--no-log-json", help="JSON log lines.")] = None,

@@ -29,6 +29,7 @@ class Engine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
+        self.vocab_size = loaded.model.config.vocab_size
         self.scheduler = Scheduler(config or SchedulerConfig())
         eos = loaded.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -134,14 +135,19 @@ class Engine:
             generator.seed()
         seq.generator = generator
         # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
-        seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=True)
+        seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=seq.params.skip_special_tokens)
         seq.stops = StopChecker(seq.params.stop)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Picks each sequence's next token with its own processors and sampling, then records it."""
         for seq, row in zip(seqs, logits, strict=True):
-            for processor in seq.params.logits_processors:
-                row = processor(seq.completion_ids, row)
+            try:
+                for processor in seq.params.logits_processors:
+                    row = processor(seq.completion_ids, row)
+            except Exception as exc:  # a processor's failure ends its own sequence, not the batch
+                log.exception("logits processor failed; ending one sequence")
+                seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
+                continue
             self._postprocess_token(seq, sample_next(row, seq.params, seq.generator))
 
     def _postprocess_token(self, seq: Sequence, token: int) -> None:

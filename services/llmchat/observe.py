@@ -1,5 +1,6 @@
 """One chat request's span and metrics: opened before the response, closed when the stream ends."""
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -9,9 +10,10 @@ from opentelemetry.trace import Span, StatusCode
 
 from hrserve import OTELContext
 from hrserve import spans as attr
-from llmchat.chat import ChatRequest, Finish
+from llmchat.chat import ChatRequest, Finish, Notice
 
 PROVIDER = "llmchat"
+log = logging.getLogger("llmchat.observe")
 
 
 @dataclass(slots=True)
@@ -79,6 +81,10 @@ class ChatObservation:
             self.first_token_at = time.perf_counter()
             self.instruments.time_to_first_token.record(self.first_token_at - self.start, self.metric_attrs)
             self.span.add_event("first_token")
+
+    def notice(self, notice: Notice) -> None:
+        log.warning("%s: %s", notice.name, notice.message)
+        self.span.add_event(notice.name, {"message": notice.message})
 
     def finish(self, finish: Finish) -> None:
         self.span.set_attributes(

@@ -18,6 +18,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logits_processors: tuple[LogitsProcessor, ...] = ()
+    skip_special_tokens: bool = True
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

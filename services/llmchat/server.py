@@ -30,8 +30,8 @@ from hrserve import (
     shutdown_otel,
 )
 from llmchat import __version__
-from llmchat.chat import ChatError, Finish, GenerationError, events, prepare, start
-from llmchat.engine import Engine, QueueFull, SchedulerConfig, Sequence
+from llmchat.chat import Chat, ChatError, ChatOptions, Finish, GenerationError, Notice
+from llmchat.engine import Engine, QueueFull, SchedulerConfig
 from llmchat.llm import ModelConfig, ModelLoadError, load_model, resolve_source
 from llmchat.observe import ChatObservation, Instruments
 from llmchat.openai_chat import ResponseInfo, stream_chunks, to_chat_request, to_response
@@ -50,10 +50,16 @@ class Runtime:
     status: str = "loading"  # loading | ok | error
     stage: str = "starting"
     engine: Engine | None = None
+    chat: Chat | None = None
     error: str | None = None
     started_at: float = field(default_factory=time.monotonic)
     ready_seconds: float | None = None
     on_load_failure: Callable[[], None] | None = None
+
+    def require_chat(self) -> Chat:
+        self.require_engine()
+        assert self.chat is not None, "the chat core is set with the engine"
+        return self.chat
 
     def require_engine(self) -> Engine:
         if self.status == "loading":
@@ -89,7 +95,18 @@ def _served_name(settings: Settings) -> str:
         return settings.model
 
 
-async def _load_in_background(runtime: Runtime, config: ModelConfig, scheduler_config: SchedulerConfig) -> None:
+def _chat_options(settings: Settings) -> ChatOptions:
+    return ChatOptions(
+        tool_parser=settings.tool_parser,
+        validate_tool_names=settings.validate_tool_names,
+        tool_prompt=settings.tool_prompt,
+        chat_template=settings.chat_template,
+    )
+
+
+async def _load_in_background(
+    runtime: Runtime, config: ModelConfig, scheduler_config: SchedulerConfig, options: ChatOptions
+) -> None:
     def stage(text: str) -> None:
         runtime.stage = text
         log.info("model: %s", text)
@@ -101,15 +118,19 @@ async def _load_in_background(runtime: Runtime, config: ModelConfig, scheduler_c
         try:
             loaded = load_model(config, stage)
             engine = Engine(loaded, scheduler_config)
+            chat = Chat(engine, options)
+            stage(f"preparing constrained decoding ({chat.family} tool calls)")
+            chat.grammar  # noqa: B018 -- built now so the first tool request does not pay for it
             engine.start()
-            loop.call_soon_threadsafe(result.set_result, engine)
+            loop.call_soon_threadsafe(result.set_result, chat)
         except BaseException as exc:
             loop.call_soon_threadsafe(result.set_exception, exc)
 
     # A daemon thread, so a stop during a long first conversion does not wait for it.
     threading.Thread(target=work, name="llmchat-load", daemon=True).start()
     try:
-        runtime.engine = await result
+        runtime.chat = await result
+        runtime.engine = runtime.chat.engine
     except Exception as exc:
         runtime.status, runtime.error = "error", f"{type(exc).__name__}: {exc}"
         if isinstance(exc, ModelLoadError):
@@ -135,11 +156,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = None
         if engine is not None:
+            runtime.chat = Chat(engine, _chat_options(settings))
             engine.start()
             runtime.engine, runtime.status, runtime.stage = engine, "ok", "ready"
         else:
             scheduler_config = SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting)
-            loader = asyncio.create_task(_load_in_background(runtime, _model_config(settings), scheduler_config))
+            loader = asyncio.create_task(
+                _load_in_background(runtime, _model_config(settings), scheduler_config, _chat_options(settings))
+            )
         yield
         if loader is not None:
             loader.cancel()
@@ -170,6 +194,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 "num_waiting": runtime.engine.num_waiting,
                 "num_running": runtime.engine.num_running,
             }
+            if runtime.chat is not None:
+                body["tool_parser"] = runtime.chat.family
             if not runtime.engine.is_alive:
                 body["status"] = "error"
         if runtime.error:
@@ -205,7 +231,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | EventSourceResponse:
-        engine = runtime.require_engine()
+        chat = runtime.require_chat()
         check_model(body.model)
         try:
             chat_request = to_chat_request(body)
@@ -224,8 +250,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         obs.response_id(info.id, info.model)
         try:
             with trace.use_span(obs.span, end_on_exit=False):
-                prepared = await prepare(engine, chat_request)
-                seq = start(engine, prepared)
+                prepared = await chat.prepare(chat_request)
+                seq = chat.start(prepared)
         except ChatError as exc:
             obs.fail("invalid_request")
             obs.end()
@@ -241,10 +267,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         meta = ResponseMetadata(OTELContext.get_trace_id(obs.span), OTELContext.get_span_id(obs.span), job_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            sse = _sse(engine, seq, obs, info, include_usage)
+            sse = _sse(chat.events(prepared, seq), obs, info, include_usage)
             return EventSourceResponse(sse, headers=meta.headers(), sep="\n", ping=15)
         try:
-            collect = to_response(_observed(events(engine, seq), obs), info)
+            collect = to_response(_observed(chat.events(prepared, seq), obs), info)
             response, finish = await cancel_on_disconnect(request, collect)
             obs.finish(finish)
         except ClientDisconnected:
@@ -283,16 +309,20 @@ def _generation_failed(exc: GenerationError) -> ServiceError:
 
 
 async def _observed(stream, obs: ChatObservation):
+    """Records first token and notices on the span; notices go no further."""
     async for event in stream:
+        if isinstance(event, Notice):
+            obs.notice(event)
+            continue
         if not isinstance(event, Finish):
             obs.token()
         yield event
 
 
-async def _sse(engine: Engine, seq: Sequence, obs: ChatObservation, info: ResponseInfo, include_usage: bool):
+async def _sse(events, obs: ChatObservation, info: ResponseInfo, include_usage: bool):
     """The SSE body; cancellation (the client hung up) aborts generation via the event stream."""
     try:
-        async for item in stream_chunks(_observed(events(engine, seq), obs), info, include_usage):
+        async for item in stream_chunks(_observed(events, obs), info, include_usage):
             if isinstance(item, Finish):
                 obs.finish(item)
             else:

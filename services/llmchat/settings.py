@@ -43,6 +43,18 @@ class Settings(ServiceSettings):
     max_waiting: int = Field(
         64, ge=0, description="Most requests queued behind a full batch; beyond it clients get 429 with Retry-After."
     )
+    tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = Field(
+        "auto",
+        description="Tool-call syntax to parse; auto reads it from the chat template "
+        "(hermes when the template has no tool support and the built-in tool prompt is used).",
+    )
+    validate_tool_names: bool = Field(
+        True, description="Return a parsed call only if it names an offered tool; others become content."
+    )
+    tool_prompt: Path | None = Field(
+        None, description="Jinja file replacing the built-in Hermes tool prompt (for templates without tools)."
+    )
+    chat_template: Path | None = Field(None, description="Jinja chat template file replacing the model's own.")
     cache_dir: Path = Field(
         Path(platformdirs.user_cache_dir("llmchat")),
         description="Where converted weights (from GGUF) are cached so later starts are fast.",

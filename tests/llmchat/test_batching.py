@@ -227,3 +227,22 @@ def test_twenty_streaming_disconnects_free_the_engine_within_a_second(server_pro
             raise AssertionError(f"engine still busy a second after the hang-ups: {health}")
 
     asyncio.run(body())
+
+
+def test_failing_logits_processor_ends_only_its_sequence(loaded):
+    def explode_at_third(completion_ids, logits):
+        if len(completion_ids) == 2:
+            raise ValueError("grammar broke")
+        return logits
+
+    async def body(engine):
+        ids = prompt_ids(loaded, PROMPTS[1])
+        bad = engine.submit(ids, SamplingParams(max_tokens=12, temperature=0, logits_processors=(explode_at_third,)))
+        good = engine.submit(ids, SamplingParams(max_tokens=12, temperature=0))
+        bad_outputs = [o async for o in engine.stream(bad)]
+        good_tokens = await drain(engine, good)
+        return bad_outputs, good_tokens
+
+    bad_outputs, good_tokens = run_engine(loaded, SchedulerConfig(), body)
+    assert bad_outputs[-1].finish_reason == "error" and "grammar broke" in bad_outputs[-1].error
+    assert len(good_tokens) == 12
