@@ -60,10 +60,9 @@ class CallObject:
         self.depth = 0
         self.in_string = False
         self.escaped = False
-        self.expect = "open"  # at depth 1: key | colon | value | comma
+        self.expect = "open"  # then, at depth 1: key | colon | value | nested | scalar | comma
         self.key: str | None = None
-        self.key_start = 0
-        self.value_start = 0
+        self.start = 0  # where the current key or value began
         self.name: str | None = None
         self.args_start: int | None = None
         self.args_end: int | None = None
@@ -108,35 +107,37 @@ class CallObject:
         if self.expect == "scalar" and ch in ",}":
             self._value_ended(i)
         if ch == '"' and self.expect in ("key", "value"):
-            self.in_string = True
-            if self.expect == "value":
-                self.value_start = i
-            self.key_start = i
+            self.in_string, self.start = True, i
         elif ch == ":" and self.expect == "colon":
             self.expect = "value"
         elif ch in "{[" and self.expect == "value":
-            self.value_start, self.depth = i, 2
+            self.start, self.depth = i, 2
             self.expect = "nested"
         elif ch == "," and self.expect == "comma":
             self.expect = "key"
         elif ch == "}" and self.expect in ("key", "comma"):
             self._close()
         elif self.expect == "value" and (ch.isalnum() or ch == "-"):
-            self.value_start, self.expect = i, "scalar"
+            self.start, self.expect = i, "scalar"
         elif self.expect != "scalar":
             self.error = f"unexpected {ch!r} in a call object"
 
     def _string_closed(self, i: int) -> None:
+        try:
+            text = json.loads(self.text[self.start : i + 1])
+        except json.JSONDecodeError:
+            self.error = f"invalid JSON string {self.text[self.start : i + 1]!r}"
+            return
         if self.expect == "key":
-            self.key, self.expect = json.loads(self.text[self.key_start : i + 1]), "colon"
+            self.key, self.expect = text, "colon"
             return
         if self.key == "name":
-            self.name = json.loads(self.text[self.value_start : i + 1])
+            self.name = text
         self._value_ended(i + 1)
 
     def _value_ended(self, end: int) -> None:
         if self.key in ARGUMENT_KEYS and self.args_start is None:
-            self.args_start, self.args_end = self.value_start, end
+            self.args_start, self.args_end = self.start, end
         self.expect = "comma"
 
     def _close(self) -> None:
@@ -155,8 +156,8 @@ class CallObject:
         """The arguments text known so far: all of it once they ended, or a growing object's prefix."""
         if self.args_start is not None:
             return self.text[self.args_start : self.args_end]
-        if self.key in ARGUMENT_KEYS and self.expect == "nested" and self.text[self.value_start] == "{":
-            return self.text[self.value_start :]
+        if self.key in ARGUMENT_KEYS and self.expect == "nested" and self.text[self.start] == "{":
+            return self.text[self.start :]
         return ""
 
     def arguments(self) -> str:
@@ -310,6 +311,7 @@ class ToolParser:
             if call.error is not None or call.is_done:
                 self.buf = self.buf[n + 1 :]
                 if call.error is not None:
+                    self._send_args(call.streaming_args())
                     return self._reject(call.error)
                 self._complete(call)
                 return True
@@ -347,7 +349,8 @@ class ToolParser:
     def _reject(self, reason: str) -> bool:
         self.out.append(Notice("tool_call.rejected", reason))
         # What was already sent as a call stays a call; the rest of the region becomes content.
-        self.raw = self.call.text[-1:] if self.started else self.raw + self.call.text
+        call = self.call
+        self.raw = call.text[call.args_end or len(call.text) - 1 :] if self.started else self.raw + call.text
         self.call, self.started, self.state = CallObject(), False, "rejected"
         return True
 

@@ -141,6 +141,22 @@ CASES = [
         BOTH,
     ),
     ("hermes", "Hello <tool_", "Hello <tool_", [], [], BOTH),
+    (
+        "hermes",
+        '<tool_call>{"name": "now", "arguments": {"a": 1}, "x": ]}</tool_call>',
+        ', "x": ]}</tool_call>',
+        [("now", '{"a": 1}')],
+        ["tool_call.rejected"],
+        EAGER,
+    ),
+    (
+        "hermes",
+        '<tool_call>{"na\\qme": "now"}</tool_call>',
+        '<tool_call>{"na\\qme": "now"}</tool_call>',
+        [],
+        ["tool_call.rejected"],
+        BOTH,
+    ),
     ("hermes", f"<tool_call>{WEATHER}</tool_", "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
     ("llama3", WEATHER.replace("arguments", "parameters"), "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
     (
@@ -209,3 +225,19 @@ def test_name_validation_can_be_off():
     result = collect(parse_all(PARSERS["hermes"](None), '<tool_call>{"name": "x", "arguments": {"a": 1}}</tool_call>'))
     assert result.calls == [("x", '{"a": 1}')]
     assert json.loads(result.calls[0][1]) == {"a": 1}
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+@pytest.mark.parametrize("eager", [False, True])
+def test_random_text_never_raises_and_chunking_never_matters(family, eager):
+    """Seeded noise made of JSON punctuation and marker pieces: no exception, and every chunking agrees."""
+    parser_class = PARSERS[family]
+    pieces = ['{"name": "now"', '"arguments": {', "}", "]", "[", ",", ";", '"', "\\", " ", "x", ":", "\n"]
+    pieces += [parser_class.open, parser_class.close, parser_class.alt_open, "<tool_", "call>"]
+    rng = random.Random(family)
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        expected = collect(parse_all(parser_class(TOOLS, stream_arguments=eager), text))
+        for name, chunks in chunkings(text, ()):
+            parser = parser_class(TOOLS, stream_arguments=eager)
+            assert collect([e for c in chunks for e in parser.feed(c)] + parser.finish()) == expected, (name, text)
