@@ -1,17 +1,19 @@
 # The operator's console: `bin/just --list` shows the recipes (or plain `just` if installed).
+# Services, their modules and ports come from hrserve/registry.toml (see `_port`).
 
+# list the recipes
 default:
     @{{just_executable()}} --list --justfile {{justfile()}}
 
-# create .venv and install llmchat, torch and the bundled model
-sync:
+# create .venv and install the platform (one venv serves every service), torch and the bundled model
+sync service="llmchat": (_port service)
     bin/sync
 
-# serve llmchat on 127.0.0.1:2020 (flags pass through: just serve --port 8000)
-serve *args: sync
-    .venv/bin/llmchat serve {{args}}
+# run a service in the foreground on its registry port (flags pass through: just serve llmchat --port 8000)
+serve service="llmchat" *args: (sync service)
+    .venv/bin/python -m $(python3 hrserve/registry.py module {{service}}) serve {{args}}
 
-# run the test suite
+# run the test suite (pytest flags pass through)
 test *args: sync
     .venv/bin/pytest {{args}}
 
@@ -26,3 +28,39 @@ bench *args: sync
 # decode-step timings of the engine's speed levers (cache kind, dtype; --compile adds torch.compile)
 levers *args: sync
     .venv/bin/python -m bench.levers {{args}}
+
+# regenerate systemd/*.service from the registry and check them
+units:
+    bin/gen-systemd.py && bin/gen-systemd.py --check
+
+# install the units for systemctl --user (and point ~/.local/share/hrserve/current at this checkout)
+install-units: units sync
+    bin/gen-systemd.py --install
+
+# start a service; returns once it is loaded, warmed up and ready
+start service:
+    systemctl --user start {{service}}
+
+# stop a service (it drains in-flight requests first)
+stop service:
+    systemctl --user stop {{service}}
+
+# restart a service
+restart service:
+    systemctl --user restart {{service}}
+
+# systemd's view of a service
+status service:
+    systemctl --user status {{service}}
+
+# follow a service's log (journalctl flags pass through, e.g. --since today)
+logs service *args:
+    journalctl --user -u {{service}} -f {{args}}
+
+# the service's /health
+health service="llmchat":
+    curl -sS http://127.0.0.1:$(python3 hrserve/registry.py port {{service}})/health
+
+# print a service's port from the registry (fails for unknown services)
+_port service:
+    @python3 hrserve/registry.py port {{service}}

@@ -10,22 +10,29 @@ from hrserve.request import (
     client_job_id,
     validate_client_job_id,
 )
+from hrserve.serve import Drain, DrainMiddleware, Server
 from hrserve.settings import ServiceSettings
 from hrserve.spans import OTELContext
+from hrserve.systemd import Watchdog, notify
 from hrserve.telemetry import setup_otel, shutdown_otel
 
 __all__ = [
     "ClientDisconnected",
+    "Drain",
+    "DrainMiddleware",
     "OTELContext",
     "RequestIdMiddleware",
     "ResponseMetadata",
     "ServiceError",
+    "Server",
     "ServiceSettings",
+    "Watchdog",
     "bad_request",
     "cancel_on_disconnect",
     "client_job_id",
     "install_error_handlers",
     "not_ready",
+    "notify",
     "setup_logging",
     "setup_otel",
     "shutdown_otel",

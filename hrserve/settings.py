@@ -15,3 +15,6 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
     log_level: LogLevel = Field("info", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines (for journald and log shippers).")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests may take to finish after SIGTERM before the service exits."
+    )

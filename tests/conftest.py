@@ -1,5 +1,6 @@
 """Shared fixtures: in-memory span capture for the whole session and a live llmchat on a loopback port."""
 
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ from hrserve import setup_otel
 SPANS = InMemorySpanExporter()
 # The global tracer provider can be set once per process: do it before any app is created.
 setup_otel("llmchat-tests", "0", span_exporters=[SPANS], metric_readers=[])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 import uvicorn
 
-from hrserve import setup_logging
+from hrserve import Server, setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -27,7 +27,7 @@ Opt = typer.Option
 def serve(
     model: Annotated[str | None, Opt(help="Hub repo id, model directory, .gguf file, or 'bundled'.")] = None,
     host: Annotated[str | None, Opt(help="Address to listen on [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, Opt(help="Port to listen on [default: 2020].")] = None,
+    port: Annotated[int | None, Opt(help="Port to listen on [default: from hrserve/registry.toml, 2020].")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
     dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16.")] = None,
     quantization: Annotated[str | None, Opt(help="auto | none | nf4 | int8.")] = None,
@@ -45,6 +45,7 @@ def serve(
     cache_dir: Annotated[Path | None, Opt(help="Cache for converted weights.")] = None,
     log_level: Annotated[str | None, Opt(help="debug | info | warning | error.")] = None,
     log_json: Annotated[bool | None, Opt("--log-json/--no-log-json", help="JSON log lines.")] = None,
+    drain_timeout: Annotated[float | None, Opt(help="Seconds to finish requests after SIGTERM [default: 30].")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API until stopped; exits non-zero if the model fails to load."""
     flags = {name: value for name, value in locals().items() if value is not None}
@@ -61,11 +62,16 @@ def serve(
         raise typer.Exit(2) from None
     setup_logging(settings.log_level, settings.log_json)
     web = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            web, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level, access_log=False
-        )
+    config = uvicorn.Config(
+        web,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
+    server = Server(config, web.state.drain)
 
     def stop() -> None:
         server.should_exit = True

@@ -13,7 +13,14 @@ from typing import Any
 
 from llmchat.engine import Engine, Sequence
 from llmchat.events import ChatEvent, Finish, Notice, TextDelta, ToolCallDelta, ToolCallStart
-from llmchat.grammar import GrammarCompiler, GrammarError, GrammarProcessor, json_grammar, tool_call_grammar
+from llmchat.grammar import (
+    MAX_PARALLEL_CALLS,
+    GrammarCompiler,
+    GrammarError,
+    GrammarProcessor,
+    json_grammar,
+    tool_call_grammar,
+)
 from llmchat.prompt import CallRecord, ChatMessage, PromptRenderer
 from llmchat.sampling import SamplingParams
 from llmchat.toolcalls import PARSERS, ToolParser, ToolSpec
@@ -171,7 +178,7 @@ class Chat:
             parser = self.parser_class(
                 names,
                 stream_arguments=processor is not None,
-                max_calls=None if request.parallel_tool_calls else 1,
+                max_calls=MAX_PARALLEL_CALLS if request.parallel_tool_calls else 1,
             )
         return PreparedChat(prompt_ids, params, parser)
 

@@ -7,6 +7,7 @@ sequence by one token, samples per sequence, and streams text to each sequence's
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -40,6 +41,8 @@ class Engine:
         self.runner = BatchRunner(loaded.model, pad)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # When the loop last came round (monotonic); the systemd watchdog reads it.
+        self.last_beat = time.monotonic()
 
     @property
     def is_alive(self) -> bool:
@@ -92,6 +95,7 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
+                self.last_beat = time.monotonic()
                 if not self.scheduler.has_work.wait(timeout=1.0):
                     continue
                 try:

@@ -19,6 +19,9 @@ from llmchat.toolcalls import CallSyntax, ToolSpec
 # Compact JSON: one spelling per value, fewer tokens, and no room for a small model to loop on whitespace.
 _COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# Parallel calls per response. Bounded because a small model asked for calls may otherwise repeat them
+# until max_tokens (which defaults to the rest of the context).
+MAX_PARALLEL_CALLS = 8
 
 
 class GrammarError(Exception):
@@ -74,7 +77,7 @@ def tool_call_grammar(
     and its arguments match that tool's schema."""
     alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
     lines = ["%llguidance {}"]
-    calls = "call" if not parallel else f"call ({_lit(syntax.sep)} call)*"
+    calls = "call" if not parallel else f"call ({_lit(syntax.sep)} call){{0,{MAX_PARALLEL_CALLS - 1}}}"
     token = special_token(syntax.open) if syntax.open else None
     trigger = f"<[{token}]>" if token is not None else _lit(syntax.open)
     block = f"{_lit(syntax.list_open)} {calls} {_lit(syntax.close)}".replace('"" ', "").replace(' ""', "")

@@ -3,11 +3,9 @@
 import asyncio
 import json
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +15,8 @@ from sse_starlette import EventSourceResponse
 
 from hrserve import (
     ClientDisconnected,
+    Drain,
+    DrainMiddleware,
     OTELContext,
     RequestIdMiddleware,
     ResponseMetadata,
@@ -25,124 +25,20 @@ from hrserve import (
     cancel_on_disconnect,
     client_job_id,
     install_error_handlers,
-    not_ready,
     setup_otel,
     shutdown_otel,
 )
 from llmchat import __version__
-from llmchat.chat import Chat, ChatError, ChatOptions, Finish, GenerationError, Notice
-from llmchat.engine import Engine, QueueFull, SchedulerConfig
-from llmchat.llm import ModelConfig, ModelLoadError, load_model, resolve_source
+from llmchat.chat import Chat, ChatError, Finish, GenerationError, Notice
+from llmchat.engine import Engine, QueueFull
 from llmchat.observe import ChatObservation, Instruments
 from llmchat.openai_chat import ResponseInfo, stream_chunks, to_chat_request, to_response
 from llmchat.openai_types import ChatCompletionRequest
+from llmchat.runtime import Runtime, chat_options, load_in_background, served_name
 from llmchat.settings import Settings
 
 log = logging.getLogger("llmchat.server")
 SERVICE = "llmchat"
-
-
-@dataclass(slots=True)
-class Runtime:
-    """What the app knows about its model: loading, ready (with an engine) or failed."""
-
-    model_name: str
-    status: str = "loading"  # loading | ok | error
-    stage: str = "starting"
-    engine: Engine | None = None
-    chat: Chat | None = None
-    error: str | None = None
-    started_at: float = field(default_factory=time.monotonic)
-    ready_seconds: float | None = None
-    on_load_failure: Callable[[], None] | None = None
-
-    def require_chat(self) -> Chat:
-        self.require_engine()
-        assert self.chat is not None, "the chat core is set with the engine"
-        return self.chat
-
-    def require_engine(self) -> Engine:
-        if self.status == "loading":
-            raise not_ready(f"The model is still loading ({self.stage}); retry shortly.")
-        if self.engine is None or not self.engine.is_alive:
-            raise ServiceError(
-                503,
-                "The model is not available: " + (self.error or "the engine stopped."),
-                "service_unavailable",
-                "model_not_ready",
-            )
-        return self.engine
-
-
-def _model_config(settings: Settings) -> ModelConfig:
-    return ModelConfig(
-        model=settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        quantization=settings.quantization,
-        max_context=settings.max_context,
-        cache_dir=settings.cache_dir,
-        served_model_name=settings.served_model_name,
-    )
-
-
-def _served_name(settings: Settings) -> str:
-    if settings.served_model_name:
-        return settings.served_model_name
-    try:
-        return resolve_source(settings.model).name
-    except ModelLoadError:
-        return settings.model
-
-
-def _chat_options(settings: Settings) -> ChatOptions:
-    return ChatOptions(
-        tool_parser=settings.tool_parser,
-        validate_tool_names=settings.validate_tool_names,
-        tool_prompt=settings.tool_prompt,
-        chat_template=settings.chat_template,
-    )
-
-
-async def _load_in_background(
-    runtime: Runtime, config: ModelConfig, scheduler_config: SchedulerConfig, options: ChatOptions
-) -> None:
-    def stage(text: str) -> None:
-        runtime.stage = text
-        log.info("model: %s", text)
-
-    result: asyncio.Future = asyncio.get_running_loop().create_future()
-    loop = asyncio.get_running_loop()
-
-    def work() -> None:
-        try:
-            loaded = load_model(config, stage)
-            engine = Engine(loaded, scheduler_config)
-            chat = Chat(engine, options)
-            stage(f"preparing constrained decoding ({chat.family} tool calls)")
-            chat.grammar  # noqa: B018 -- built now so the first tool request does not pay for it
-            engine.start()
-            loop.call_soon_threadsafe(result.set_result, chat)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(result.set_exception, exc)
-
-    # A daemon thread, so a stop during a long first conversion does not wait for it.
-    threading.Thread(target=work, name="llmchat-load", daemon=True).start()
-    try:
-        runtime.chat = await result
-        runtime.engine = runtime.chat.engine
-    except Exception as exc:
-        runtime.status, runtime.error = "error", f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, ModelLoadError):
-            log.error("model failed to load: %s", exc)
-        else:
-            log.exception("model failed to load")
-        if runtime.on_load_failure is not None:
-            runtime.on_load_failure()
-        return
-    runtime.status, runtime.stage = "ok", "ready"
-    runtime.ready_seconds = time.monotonic() - runtime.started_at
-    log.info("model: ready in %.1fs %s", runtime.ready_seconds, runtime.engine.loaded.describe())
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -150,21 +46,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     tracer, meter = setup_otel(SERVICE, __version__)
     otel = OTELContext(tracer, SERVICE)
     instruments = Instruments.create(meter)
-    runtime = Runtime(model_name=engine.loaded.name if engine else _served_name(settings))
+    runtime = Runtime(model_name=engine.loaded.name if engine else served_name(settings))
+    drain = Drain(settings.drain_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = None
         if engine is not None:
-            runtime.chat = Chat(engine, _chat_options(settings))
+            runtime.chat = Chat(engine, chat_options(settings))
             engine.start()
             runtime.engine, runtime.status, runtime.stage = engine, "ok", "ready"
         else:
-            scheduler_config = SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting)
-            loader = asyncio.create_task(
-                _load_in_background(runtime, _model_config(settings), scheduler_config, _chat_options(settings))
-            )
+            loader = asyncio.create_task(load_in_background(runtime, settings))
+        watchdog = runtime.start_watchdog()
         yield
+        watchdog.stop()
         if loader is not None:
             loader.cancel()
         if runtime.engine is not None:
@@ -173,6 +69,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="llmchat", version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.drain = drain
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
 
@@ -200,6 +98,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 body["status"] = "error"
         if runtime.error:
             body["error"] = runtime.error
+        if drain.is_draining:
+            body["status"], body["num_in_flight"] = "draining", drain.num_in_flight
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     def model_card() -> dict:

@@ -7,7 +7,7 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from hrserve import ServiceSettings
+from hrserve import ServiceSettings, registry
 
 BUNDLED_MODEL = "bundled"
 
@@ -15,7 +15,12 @@ BUNDLED_MODEL = "bundled"
 class Settings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLMCHAT_", extra="ignore", validate_default=True)
 
-    port: int = Field(2020, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    port: int = Field(
+        default_factory=lambda: registry.get("llmchat").port,
+        ge=0,
+        le=65535,
+        description="TCP port to listen on (0 picks a free one); default from hrserve/registry.toml.",
+    )
     model: str = Field(
         BUNDLED_MODEL,
         description="Hugging Face repo id, local model directory, or .gguf file; "

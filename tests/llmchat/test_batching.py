@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from llmchat.llm import ModelConfig, load_model
 from llmchat.sampling import SamplingParams
 from llmchat.server import create_app
 from llmchat.settings import Settings
-from tests.conftest import start_server
+from tests.conftest import free_port, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = [
@@ -189,12 +188,6 @@ def server_process(tmp_path_factory):
         proc.terminate()
         proc.wait(30)
         log.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_twenty_streaming_disconnects_free_the_engine_within_a_second(server_process):

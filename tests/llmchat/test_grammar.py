@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from llmchat.grammar import closed, json_grammar, tool_call_grammar
+from llmchat.grammar import MAX_PARALLEL_CALLS, closed, json_grammar, tool_call_grammar
 from llmchat.prompt import CallRecord, ChatMessage, PromptRenderer
 from llmchat.toolcalls import PARSERS, ToolSpec
 
@@ -38,6 +38,8 @@ def test_required_accepts_only_valid_calls_to_offered_tools(chat, family):
     assert accepts(chat, many, call_text(family, weather))
     assert accepts(chat, many, call_text(family, weather, now))
     assert not accepts(chat, one, call_text(family, weather, now))
+    assert accepts(chat, many, call_text(family, *[now] * MAX_PARALLEL_CALLS))
+    assert not accepts(chat, many, call_text(family, *[now] * (MAX_PARALLEL_CALLS + 1)))
     assert not accepts(chat, many, call_text(family, ("get_weather", '{"town": "Paris"}')))
     assert not accepts(chat, many, call_text(family, ("get_weather", "{}")))
     assert not accepts(chat, many, call_text(family, ("delete_all", "{}")))
