@@ -6,7 +6,8 @@ default:
     @{{just_executable()}} --list --justfile {{justfile()}}
 
 # create .venv and install the platform (one venv serves every service), torch and the bundled model
-sync service="llmchat": (_port service)
+sync service="llmchat":
+    @python3 hrserve/registry.py port {{service}} > /dev/null
     bin/sync
 
 # run a service in the foreground on its registry port (flags pass through: just serve llmchat --port 8000)

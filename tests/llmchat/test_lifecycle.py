@@ -7,6 +7,7 @@ import threading
 import httpx
 import pytest
 
+from llmchat import runtime as runtime_module
 from llmchat import server as server_module
 from llmchat.llm import ModelLoadError
 from llmchat.settings import Settings
@@ -23,10 +24,13 @@ def test_503_while_loading_then_error_after_failed_load(monkeypatch):
         release.wait(30)
         raise ModelLoadError("weights are corrupt")
 
-    monkeypatch.setattr(server_module, "load_model", slow_failing_load)
+    monkeypatch.setattr(runtime_module, "load_model", slow_failing_load)
     live = start_server(server_module.create_app(Settings(port=0)), wait_ready=False)
     try:
-        health = httpx.get(f"{live.base_url}/health")
+        for _ in range(100):
+            if (health := httpx.get(f"{live.base_url}/health")).json()["stage"] != "starting":
+                break
+            threading.Event().wait(0.05)
         assert health.status_code == 503
         assert health.json()["status"] == "loading"
         assert health.json()["stage"] == "pretending to load"
