@@ -14,7 +14,7 @@ from hrserve.serve import Drain, DrainMiddleware, Server
 from hrserve.settings import ServiceSettings
 from hrserve.spans import OTELContext
 from hrserve.systemd import Watchdog, notify
-from hrserve.telemetry import setup_otel, shutdown_otel
+from hrserve.telemetry import instrument_app, setup_otel, shutdown_otel
 
 __all__ = [
     "ClientDisconnected",
@@ -31,6 +31,7 @@ __all__ = [
     "cancel_on_disconnect",
     "client_job_id",
     "install_error_handlers",
+    "instrument_app",
     "not_ready",
     "notify",
     "setup_logging",

@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 from opentelemetry import trace
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
+from opentelemetry.semconv.attributes import error_attributes, server_attributes
 from opentelemetry.trace import Span, SpanKind, Tracer
 from opentelemetry.util.types import AttributeValue
 
@@ -23,12 +24,20 @@ RESPONSE_MODEL = gen_ai.GEN_AI_RESPONSE_MODEL
 RESPONSE_FINISH_REASONS = gen_ai.GEN_AI_RESPONSE_FINISH_REASONS
 USAGE_INPUT_TOKENS = gen_ai.GEN_AI_USAGE_INPUT_TOKENS
 USAGE_OUTPUT_TOKENS = gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS
+TOKEN_TYPE = gen_ai.GEN_AI_TOKEN_TYPE
+INPUT_MESSAGES = gen_ai.GEN_AI_INPUT_MESSAGES
+OUTPUT_MESSAGES = gen_ai.GEN_AI_OUTPUT_MESSAGES
+SERVER_ADDRESS = server_attributes.SERVER_ADDRESS
+SERVER_PORT = server_attributes.SERVER_PORT
+ERROR_TYPE = error_attributes.ERROR_TYPE
 
 # Our own attributes, for what the conventions do not name.
 CLIENT_JOB_ID = "hrserve.client_job_id"
 REQUEST_ID = "hrserve.request_id"
 NUM_MESSAGES = "llm.request.num_messages"
 NUM_TOOLS = "llm.request.num_tools"
+TIME_TO_FIRST_TOKEN = "llm.response.time_to_first_token_s"
+TIME_IN_QUEUE = "llm.request.time_in_queue_s"
 
 
 def format_trace_id(trace_id: int) -> str:

@@ -78,8 +78,13 @@ def _span_exporter(name: str) -> SpanExporter:
 def _metric_reader(name: str) -> MetricReader:
     if name == "console":
         return PeriodicExportingMetricReader(ConsoleMetricExporter())
+    if name == "prometheus":
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        # Served by the app at /metrics (see instrument_app), not on a port of its own.
+        return PrometheusMetricReader()
     if name != "otlp":
-        raise ValueError(f"OTEL_METRICS_EXPORTER={name!r} is not supported; use otlp, console or none")
+        raise ValueError(f"OTEL_METRICS_EXPORTER={name!r} is not supported; use otlp, prometheus, console or none")
     protocol, kwargs = otlp_exporter_args("metrics")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -129,3 +134,32 @@ def shutdown_otel(timeout_s: float = 5.0) -> None:
     meter_provider = metrics.get_meter_provider()
     if isinstance(meter_provider, MeterProvider):
         meter_provider.force_flush(int(timeout_s * 1000))
+
+
+def prometheus_enabled(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return not _env_true(env, "OTEL_SDK_DISABLED") and "prometheus" in _selected(env, "metrics")
+
+
+def instrument_app(app, health_path: str = "/health") -> None:
+    """HTTP server spans for every request but health checks, joining a caller's W3C `traceparent`.
+
+    The ASGI `receive` and `send` spans are left out, or every chunk of a stream would be a span. With
+    OTEL_METRICS_EXPORTER including `prometheus`, the app also serves GET /metrics.
+    """
+    # Stable HTTP conventions (http.response.status_code, http.server.request.duration in seconds)
+    # rather than the instrumentation's pre-1.0 default; read once, when instrumentation first starts.
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls=f"{health_path}$,/metrics$", exclude_spans=["receive", "send"]
+    )
+    if prometheus_enabled():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        async def prometheus_metrics(request) -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        app.add_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)

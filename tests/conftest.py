@@ -1,9 +1,14 @@
 """Shared fixtures: in-memory span capture for the whole session and a live llmchat on a loopback port."""
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -75,3 +80,44 @@ def spans() -> InMemorySpanExporter:
     trace.get_tracer_provider().force_flush()
     SPANS.clear()
     return SPANS
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    base_url: str
+    log: Path
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def spawn_llmchat(log_dir: Path, env: dict[str, str], wait_ready: bool = True) -> ServerProcess:
+    """llmchat as its own process, as in production (its own OpenTelemetry setup, signals, exit code)."""
+    port = free_port()
+    log = log_dir / "llmchat.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmchat", "serve", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 900
+    while wait_ready:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"llmchat did not become ready; see {log}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health").json()["status"] == "ok":
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return server

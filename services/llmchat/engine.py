@@ -56,6 +56,15 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def batch_size(self) -> int:
+        """Rows in the batch's KV cache (running sequences that have been prefilled)."""
+        return len(self.runner.rows)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.runner.kv_cache_bytes()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmchat-engine", daemon=True)
         self._thread.start()
@@ -132,6 +141,7 @@ class Engine:
         self.runner.drop(self.scheduler.postprocess())
 
     def _admit(self, seq: Sequence) -> None:
+        seq.admitted_ns = time.time_ns()
         generator = torch.Generator(device=self.runner.device)
         if seq.params.seed is not None:
             generator.manual_seed(seq.params.seed)

@@ -1,19 +1,34 @@
-"""One chat request's span and metrics: opened before the response, closed when the stream ends."""
+"""One chat request's span and metrics (OpenTelemetry GenAI conventions), plus the engine's gauges.
 
+The span opens before the response and closes when the stream ends. Message content is recorded
+only with OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true.
+"""
+
+import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from opentelemetry.metrics import Histogram, Meter
-from opentelemetry.semconv._incubating.metrics import gen_ai_metrics
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as names
 from opentelemetry.trace import Span, StatusCode
 
 from hrserve import OTELContext
 from hrserve import spans as attr
-from llmchat.chat import ChatRequest, Finish, Notice
+from llmchat.chat import ChatEvent, ChatRequest, Finish, Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.engine import Engine, Sequence
 
 PROVIDER = "llmchat"
+CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 log = logging.getLogger("llmchat.observe")
+
+# Bucket boundaries the GenAI metric conventions recommend.
+DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+TOKEN_BUCKETS = [4**n for n in range(14)]  # 1, 4, 16, ... 67108864
 
 
 @dataclass(slots=True)
@@ -21,18 +36,64 @@ class Instruments:
     duration: Histogram
     time_to_first_token: Histogram
     time_per_output_token: Histogram
+    token_usage: Histogram
+    requests: Counter
+    aborts: Counter
 
     @classmethod
     def create(cls, meter: Meter) -> "Instruments":
+        def histogram(name: str, unit: str, description: str, buckets: list[float]) -> Histogram:
+            return meter.create_histogram(
+                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+            )
+
         return cls(
-            gen_ai_metrics.create_gen_ai_server_request_duration(meter),
-            gen_ai_metrics.create_gen_ai_server_time_to_first_token(meter),
-            gen_ai_metrics.create_gen_ai_server_time_per_output_token(meter),
+            histogram(names.GEN_AI_SERVER_REQUEST_DURATION, "s", "Time to last output token.", DURATION_BUCKETS),
+            histogram(names.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, "s", "Time to first output token.", TTFT_BUCKETS),
+            histogram(
+                names.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, "s", "Time per output token after the first.", TPOT_BUCKETS
+            ),
+            histogram(names.GEN_AI_CLIENT_TOKEN_USAGE, "{token}", "Input and output tokens used.", TOKEN_BUCKETS),
+            meter.create_counter("llmchat.requests", "{request}", "Generation requests by outcome."),
+            meter.create_counter("llmchat.aborts", "{request}", "Generations aborted because the client left."),
         )
 
 
+def register_engine_gauges(meter: Meter, get_engine: Callable[[], Engine | None]) -> None:
+    """Observable gauges read at each export: queue, batch and KV cache of the engine, once it exists."""
+
+    def gauge(name: str, unit: str, description: str, read: Callable[[Engine], int]) -> None:
+        def callback(_: CallbackOptions) -> list[Observation]:
+            engine = get_engine()
+            return [Observation(read(engine))] if engine is not None else []
+
+        meter.create_observable_gauge(name, [callback], unit=unit, description=description)
+
+    gauge("llmchat.engine.waiting", "{request}", "Requests queued for the batch.", lambda e: e.num_waiting)
+    gauge("llmchat.engine.running", "{request}", "Requests in the running batch.", lambda e: e.num_running)
+    gauge("llmchat.engine.batch_size", "{sequence}", "Rows in the batch's KV cache.", lambda e: e.batch_size)
+    gauge("llmchat.engine.kv_cache.usage", "By", "Memory allocated to the KV cache.", lambda e: e.kv_cache_bytes)
+
+
+def capture_content_enabled() -> bool:
+    return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
+
+
+def _input_messages(request: ChatRequest) -> str:
+    """The conversation in the GenAI conventions' message shape, as JSON."""
+    messages = []
+    for m in request.messages:
+        parts: list[dict] = [{"type": "text", "content": m.content}] if m.content else []
+        if m.role == "tool":
+            parts = [{"type": "tool_call_response", "id": m.tool_call_id, "response": m.content}]
+        for call in m.tool_calls:
+            parts.append({"type": "tool_call", "id": call.id, "name": call.name, "arguments": call.arguments})
+        messages.append({"role": m.role, "parts": parts})
+    return json.dumps(messages)
+
+
 class ChatObservation:
-    """Records a request's GenAI attributes, time to first token and outcome; end() is idempotent."""
+    """Records a request's GenAI attributes, timings, events and outcome; end() is idempotent."""
 
     def __init__(
         self,
@@ -44,6 +105,7 @@ class ChatObservation:
         stream: bool,
         num_messages: int,
         client_job_id: str | None,
+        server: tuple[str, int] | None = None,
         operation: str = "chat",
     ) -> None:
         self.instruments = instruments
@@ -59,6 +121,9 @@ class ChatObservation:
             "model": model,
             "streaming": stream,
         }
+        if server is not None:
+            attributes[attr.SERVER_ADDRESS], attributes[attr.SERVER_PORT] = server
+            self.metric_attrs[attr.SERVER_ADDRESS], self.metric_attrs[attr.SERVER_PORT] = server
         if request.max_tokens is not None:
             attributes[attr.REQUEST_MAX_TOKENS] = request.max_tokens
         if request.seed is not None:
@@ -67,24 +132,49 @@ class ChatObservation:
             attributes[attr.REQUEST_STOP_SEQUENCES] = list(request.stop)
         if client_job_id:
             attributes[attr.CLIENT_JOB_ID] = client_job_id
+        self.capture = capture_content_enabled()
+        if self.capture:
+            attributes[attr.INPUT_MESSAGES] = _input_messages(request)
         self.span: Span = otel.start_detached_span(f"{operation} {model}", attributes)
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
+        self.seq: Sequence | None = None
+        self.has_prefill_event = False
         self.is_ended = False
         self.error_type: str | None = None
+        self.text: list[str] = []
+        self.calls: list[dict] = []
 
     def response_id(self, response_id: str, model: str) -> None:
         self.span.set_attributes({attr.RESPONSE_ID: response_id, attr.RESPONSE_MODEL: model})
 
-    def token(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-            self.instruments.time_to_first_token.record(self.first_token_at - self.start, self.metric_attrs)
-            self.span.add_event("first_token")
+    def started(self, seq: Sequence) -> None:
+        self.seq = seq
+        self.span.add_event("queued", timestamp=seq.submitted_ns)
 
-    def notice(self, notice: Notice) -> None:
-        log.warning("%s: %s", notice.name, notice.message)
-        self.span.add_event(notice.name, {"message": notice.message})
+    def event(self, event: ChatEvent) -> None:
+        """Sees every chat event on its way to the client."""
+        if isinstance(event, Notice):
+            log.warning("%s: %s", event.name, event.message)
+            self.span.add_event(event.name, {"message": event.message})
+            return
+        if isinstance(event, Finish):
+            self.finish(event)
+            return
+        if self.first_token_at is None:
+            self._prefill_started()
+            self.first_token_at = time.perf_counter()
+            ttft = self.first_token_at - self.start
+            self.instruments.time_to_first_token.record(ttft, self.metric_attrs)
+            self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN, round(ttft, 6))
+            self.span.add_event("first_token")
+        if self.capture:
+            if isinstance(event, TextDelta):
+                self.text.append(event.text)
+            elif isinstance(event, ToolCallStart):
+                self.calls.append({"type": "tool_call", "id": event.id, "name": event.name, "arguments": ""})
+            elif isinstance(event, ToolCallDelta):
+                self.calls[event.index]["arguments"] += event.arguments
 
     def finish(self, finish: Finish) -> None:
         self.span.set_attributes(
@@ -94,12 +184,19 @@ class ChatObservation:
                 attr.USAGE_OUTPUT_TOKENS: finish.completion_tokens,
             }
         )
+        usage = self.instruments.token_usage
+        usage.record(finish.prompt_tokens, self.metric_attrs | {attr.TOKEN_TYPE: "input"})
+        usage.record(finish.completion_tokens, self.metric_attrs | {attr.TOKEN_TYPE: "output"})
         if self.first_token_at is not None and finish.completion_tokens > 1:
             per_token = (time.perf_counter() - self.first_token_at) / (finish.completion_tokens - 1)
             self.instruments.time_per_output_token.record(per_token, self.metric_attrs)
+        if self.capture:
+            parts = [{"type": "text", "content": "".join(self.text)}] if self.text else []
+            output = [{"role": "assistant", "parts": parts + self.calls, "finish_reason": finish.reason}]
+            self.span.set_attribute(attr.OUTPUT_MESSAGES, json.dumps(output))
 
     def fail(self, error_type: str, exc: BaseException | None = None) -> None:
-        self.span.set_attribute("error.type", error_type)
+        self.span.set_attribute(attr.ERROR_TYPE, error_type)
         self.error_type = error_type
         if exc is not None:
             self.span.record_exception(exc)
@@ -107,14 +204,26 @@ class ChatObservation:
 
     def disconnected(self) -> None:
         self.span.add_event("client_disconnected")
+        self.instruments.aborts.add(1, self.metric_attrs)
         self.fail("client_disconnected")
 
     def end(self) -> None:
         if self.is_ended:
             return
         self.is_ended = True
+        self._prefill_started()
         attributes = dict(self.metric_attrs)
         if self.error_type:
-            attributes["error.type"] = self.error_type
+            attributes[attr.ERROR_TYPE] = self.error_type
         self.instruments.duration.record(time.perf_counter() - self.start, attributes)
+        self.instruments.requests.add(1, attributes | {"llmchat.outcome": "error" if self.error_type else "ok"})
         self.span.end()
+
+    def _prefill_started(self) -> None:
+        """The event and time in queue, stamped with the time the engine admitted the sequence."""
+        seq = self.seq
+        if seq is None or seq.admitted_ns is None or self.has_prefill_event:
+            return
+        self.has_prefill_event = True
+        self.span.add_event("prefill_started", timestamp=seq.admitted_ns)
+        self.span.set_attribute(attr.TIME_IN_QUEUE, round((seq.admitted_ns - seq.submitted_ns) / 1e9, 6))

@@ -132,6 +132,14 @@ class BatchRunner:
         for layer in self.cache.layers:
             layer.replace(layer.keys[index, :, first_used:, :], layer.values[index, :, first_used:, :])
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes allocated for the batch's keys and values, spare columns included (read by metrics)."""
+        cache = self.cache
+        if cache is None:
+            return 0
+        layers = [layer for layer in cache.layers if getattr(layer, "_keys", None) is not None]
+        return sum(layer._keys.nbytes + layer._values.nbytes for layer in layers)
+
     def reset(self) -> None:
         self.rows, self.cache, self.mask, self.positions = [], None, None, None
 

@@ -7,6 +7,7 @@ queue is bounded so memory cannot grow without limit. No torch here: the runner 
 import asyncio
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -47,6 +48,8 @@ class Sequence:
     completion_ids: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled but not yet in the KV cache
     is_aborted: bool = False
+    submitted_ns: int = field(default_factory=time.time_ns)  # wall clock, for span events
+    admitted_ns: int | None = None  # when its prefill started
     # Per-sequence decoding state, made by the engine thread when the sequence is admitted.
     generator: object = None
     decoder: object = None

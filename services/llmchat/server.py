@@ -25,13 +25,14 @@ from hrserve import (
     cancel_on_disconnect,
     client_job_id,
     install_error_handlers,
+    instrument_app,
     setup_otel,
     shutdown_otel,
 )
 from llmchat import __version__
 from llmchat.chat import Chat, ChatError, Finish, GenerationError, Notice
 from llmchat.engine import Engine, QueueFull
-from llmchat.observe import ChatObservation, Instruments
+from llmchat.observe import ChatObservation, Instruments, register_engine_gauges
 from llmchat.openai_chat import ResponseInfo, stream_chunks, to_chat_request, to_response
 from llmchat.openai_types import ChatCompletionRequest
 from llmchat.runtime import Runtime, chat_options, load_in_background, served_name
@@ -46,6 +47,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     tracer, meter = setup_otel(SERVICE, __version__)
     otel = OTELContext(tracer, SERVICE)
     instruments = Instruments.create(meter)
+    register_engine_gauges(meter, lambda: runtime.engine)
     runtime = Runtime(model_name=engine.loaded.name if engine else served_name(settings))
     drain = Drain(settings.drain_timeout)
 
@@ -68,6 +70,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         shutdown_otel()
 
     app = FastAPI(title="llmchat", version=__version__, lifespan=lifespan)
+    instrument_app(app)
     app.state.runtime = runtime
     app.state.drain = drain
     app.add_middleware(DrainMiddleware, drain=drain)
@@ -145,6 +148,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             stream=body.stream,
             num_messages=len(body.messages),
             client_job_id=job_id,
+            server=(request.url.hostname or settings.host, request.url.port or settings.port),
         )
         info = ResponseInfo(model=runtime.model_name)
         obs.response_id(info.id, info.model)
@@ -152,6 +156,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             with trace.use_span(obs.span, end_on_exit=False):
                 prepared = await chat.prepare(chat_request)
                 seq = chat.start(prepared)
+                obs.started(seq)
         except ChatError as exc:
             obs.fail("invalid_request")
             obs.end()
@@ -171,8 +176,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             return EventSourceResponse(sse, headers=meta.headers(), sep="\n", ping=15)
         try:
             collect = to_response(_observed(chat.events(prepared, seq), obs), info)
-            response, finish = await cancel_on_disconnect(request, collect)
-            obs.finish(finish)
+            response, _ = await cancel_on_disconnect(request, collect)
         except ClientDisconnected:
             # Cancelling the collection aborted the sequence; nobody is left to read a response.
             obs.disconnected()
@@ -209,23 +213,18 @@ def _generation_failed(exc: GenerationError) -> ServiceError:
 
 
 async def _observed(stream, obs: ChatObservation):
-    """Records first token and notices on the span; notices go no further."""
+    """Shows every event to the observation; notices go no further."""
     async for event in stream:
-        if isinstance(event, Notice):
-            obs.notice(event)
-            continue
-        if not isinstance(event, Finish):
-            obs.token()
-        yield event
+        obs.event(event)
+        if not isinstance(event, Notice):
+            yield event
 
 
 async def _sse(events, obs: ChatObservation, info: ResponseInfo, include_usage: bool):
     """The SSE body; cancellation (the client hung up) aborts generation via the event stream."""
     try:
         async for item in stream_chunks(_observed(events, obs), info, include_usage):
-            if isinstance(item, Finish):
-                obs.finish(item)
-            else:
+            if not isinstance(item, Finish):
                 yield {"data": item}
         yield {"data": "[DONE]"}
     except GenerationError as exc:

@@ -1,10 +1,6 @@
 """Continuous batching: same tokens as one at a time, mid-batch admission, aborts, and the queue bound."""
 
 import asyncio
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -14,7 +10,7 @@ from llmchat.llm import ModelConfig, load_model
 from llmchat.sampling import SamplingParams
 from llmchat.server import create_app
 from llmchat.settings import Settings
-from tests.conftest import free_port, start_server
+from tests.conftest import spawn_llmchat, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = [
@@ -162,32 +158,9 @@ def test_full_queue_is_429_with_retry_after(small_queue):
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
     """llmchat as its own process, as in production: the test's clients do not share its interpreter."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "stderr.log").open("w")
-    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmchat", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(3000):
-            if proc.poll() is not None:
-                raise RuntimeError(f"llmchat exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{base_url}/health").json()["status"] == "ok":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    server = spawn_llmchat(tmp_path_factory.mktemp("server"), {"OTEL_SDK_DISABLED": "true"})
+    yield server.base_url
+    server.stop()
 
 
 def test_twenty_streaming_disconnects_free_the_engine_within_a_second(server_process):

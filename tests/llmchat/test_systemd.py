@@ -2,11 +2,8 @@
 keep-alives, and SIGTERM draining in-flight streams before a clean exit 0."""
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import spawn_llmchat
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -64,28 +61,22 @@ class NotifySocket:
 def managed(tmp_path):
     """llmchat started as systemd would: its own process, NOTIFY_SOCKET and WATCHDOG_USEC set."""
     notify = NotifySocket(tmp_path / "notify.sock")
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    health_at_ready: list[dict] = []
-    notify.on_ready.append(lambda: health_at_ready.append(httpx.get(f"{base_url}/health").json()))
     env = {
-        **os.environ,
         "OTEL_SDK_DISABLED": "true",
         "NOTIFY_SOCKET": notify.path,
         "WATCHDOG_USEC": "3000000",
         "LLMCHAT_DRAIN_TIMEOUT": "60",
     }
-    log = tmp_path / "llmchat.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llmchat", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
-        )
+    health_at_ready: list[dict] = []
+    server = None
+    notify.on_ready.append(lambda: health_at_ready.append(httpx.get(f"{server.base_url}/health").json()))
+    server = spawn_llmchat(tmp_path, env, wait_ready=False)
     try:
-        yield proc, notify, base_url, health_at_ready
+        yield server.proc, notify, server.base_url, health_at_ready
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
         notify.close()
 
 
