@@ -62,6 +62,10 @@ logs service *args:
 health service="llmchat":
     curl -sS http://127.0.0.1:$(python3 hrserve/registry.py port {{service}})/health
 
+# a local Jaeger for looking at traces: UI on http://localhost:16686, OTLP on 4317/4318 (needs Docker)
+traces:
+    docker run --rm --name hrserve-jaeger -p 16686:16686 -p 4317:4317 -p 4318:4318 jaegertracing/jaeger
+
 # print a service's port from the registry (fails for unknown services)
 _port service:
     @python3 hrserve/registry.py port {{service}}
