@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from llmchat.chat import detect_family
 from llmchat.events import Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.prompt import template_knows_tools
 from llmchat.toolcalls import PARSERS, parse_all
 
 TOOLS = frozenset({"get_weather", "now", "search"})
@@ -241,3 +243,17 @@ def test_random_text_never_raises_and_chunking_never_matters(family, eager):
         for name, chunks in chunkings(text, ()):
             parser = parser_class(TOOLS, stream_arguments=eager)
             assert collect([e for c in chunks for e in parser.feed(c)] + parser.finish()) == expected, (name, text)
+
+
+@pytest.mark.parametrize(
+    ("template", "family"),
+    [
+        (None, "hermes"),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes"),  # no tools: our Hermes prompt
+        ("{% if tools %}<tools>{{ tools }}</tools>{% endif %}<tool_call>", "hermes"),  # Qwen 2.5 / Hermes
+        ("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]", "mistral"),
+        ('{% if tools %}{{ tools }}{% endif %}{"name": ..., "parameters": ...}<|python_tag|>', "llama3"),
+    ],
+)
+def test_family_is_detected_from_the_chat_template(template, family):
+    assert detect_family(template, template_knows_tools(template)) == family
