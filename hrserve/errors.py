@@ -41,7 +41,6 @@ _STATUS_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    413: "request_too_large",
     429: "rate_limit_error",
 }
 
@@ -75,7 +74,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return await on_service_error(request, validation_error(exc))
 
     async def on_http(request: Request, exc: HTTPException) -> JSONResponse:
-        err = ServiceError(exc.status_code, str(exc.detail), _error_type(exc.status_code))
+        code = getattr(exc, "code", None)  # set by our own HTTPException subclasses
+        err = ServiceError(exc.status_code, str(exc.detail), _error_type(exc.status_code), code)
         err.headers = dict(exc.headers) if exc.headers else None
         return await on_service_error(request, err)
 

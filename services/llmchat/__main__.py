@@ -45,6 +45,15 @@ def serve(
     cache_dir: Annotated[Path | None, Opt(help="Cache for converted weights.")] = None,
     log_level: Annotated[str | None, Opt(help="debug | info | warning | error.")] = None,
     log_json: Annotated[bool | None, Opt("--log-json/--no-log-json", help="JSON log lines.")] = None,
+    api_key_file: Annotated[Path | None, Opt(help="File of API keys, one per line (keys: LLMCHAT_API_KEYS).")] = None,
+    health_requires_key: Annotated[
+        bool | None, Opt("--health-requires-key/--no-health-requires-key", help="Keys for /health too.")
+    ] = None,
+    cors_origins: Annotated[str | None, Opt(help="Comma-separated CORS origins [default: CORS off].")] = None,
+    max_body_bytes: Annotated[int | None, Opt(help="Largest request body in bytes [default: 8 MiB].")] = None,
+    trust_remote_code: Annotated[
+        bool | None, Opt("--trust-remote-code/--no-trust-remote-code", help="Run a hub model's own code.")
+    ] = None,
     drain_timeout: Annotated[float | None, Opt(help="Seconds to finish requests after SIGTERM [default: 30].")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API until stopped; exits non-zero if the model fails to load."""

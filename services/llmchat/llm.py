@@ -34,6 +34,7 @@ class ModelConfig:
     max_context: int | None = None
     cache_dir: Path = Path(".cache")
     served_model_name: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass(slots=True)
@@ -217,9 +218,10 @@ def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: 
         f"loading weights from {path} ({device}, {str(dtype).removeprefix('torch.')}, quantization={quantization})"
     )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path,
+            trust_remote_code=config.trust_remote_code,
             dtype=torch.float16 if quantization == "int8" else dtype,
             device_map=device,
             quantization_config=_quantization_config(quantization),

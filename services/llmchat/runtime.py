@@ -81,6 +81,7 @@ def model_config(settings: Settings) -> ModelConfig:
         max_context=settings.max_context,
         cache_dir=settings.cache_dir,
         served_model_name=settings.served_model_name,
+        trust_remote_code=settings.trust_remote_code,
     )
 
 

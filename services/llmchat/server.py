@@ -24,6 +24,7 @@ from hrserve import (
     bad_request,
     cancel_on_disconnect,
     client_job_id,
+    install_access_controls,
     install_error_handlers,
     instrument_app,
     setup_otel,
@@ -74,6 +75,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.drain = drain
     app.add_middleware(DrainMiddleware, drain=drain)
+    install_access_controls(app, settings)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
 

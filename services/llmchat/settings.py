@@ -48,6 +48,9 @@ class Settings(ServiceSettings):
     max_waiting: int = Field(
         64, ge=0, description="Most requests queued behind a full batch; beyond it clients get 429 with Retry-After."
     )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a hub model; only for models whose code you trust."
+    )
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = Field(
         "auto",
         description="Tool-call syntax to parse; auto reads it from the chat template "
