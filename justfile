@@ -18,6 +18,10 @@ serve service="llmchat" *args: (sync service)
 test *args: sync
     .venv/bin/pytest {{args}}
 
+# a longer schemathesis run against the service's own /openapi.json (the suite runs 30 cases per operation)
+fuzz examples="300" *args: sync
+    LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv/bin/pytest -s tests/llmchat/test_fuzz.py {{args}}
+
 # lint the tree
 lint: sync
     .venv/bin/ruff check .

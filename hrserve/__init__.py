@@ -1,7 +1,7 @@
 """hrserve: the helpers every service shares (settings, OpenTelemetry, request metadata, errors, logs)."""
 
 from hrserve.auth import install_access_controls
-from hrserve.errors import ServiceError, bad_request, install_error_handlers, not_ready
+from hrserve.errors import ServiceError, bad_request, document_errors, install_error_handlers, not_ready
 from hrserve.logging import setup_logging
 from hrserve.request import (
     ClientDisconnected,
@@ -31,6 +31,7 @@ __all__ = [
     "bad_request",
     "cancel_on_disconnect",
     "client_job_id",
+    "document_errors",
     "install_access_controls",
     "install_error_handlers",
     "instrument_app",

@@ -92,3 +92,58 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+_NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+ERROR_ENVELOPE_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": _NULLABLE_STRING,
+                "code": _NULLABLE_STRING,
+            },
+        }
+    },
+}
+ERROR_STATUSES = {
+    "400": "The request is invalid; `param` names the field.",
+    "401": "An API key is required and was missing or wrong.",
+    "404": "No such model or route.",
+    "413": "The request body is over the size limit.",
+    "429": "The server is at capacity; retry after `Retry-After` seconds.",
+    "500": "An internal error (logged, never detailed here).",
+    "503": "The model is not ready, or the server is shutting down; see `Retry-After`.",
+}
+
+
+def document_errors(app: FastAPI, prefix: str = "/v1/") -> None:
+    """Makes /openapi.json tell the truth about errors: the envelope and statuses routes under `prefix`
+    really answer, and no FastAPI-default 422 (validation failures are 400 here)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("schemas", {})["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if path.startswith(prefix):
+                    for status, description in ERROR_STATUSES.items():
+                        responses.setdefault(status, {"description": description, "content": body})
+        schemas = schema["components"]["schemas"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

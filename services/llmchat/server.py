@@ -24,6 +24,7 @@ from hrserve import (
     bad_request,
     cancel_on_disconnect,
     client_job_id,
+    document_errors,
     install_access_controls,
     install_error_handlers,
     instrument_app,
@@ -78,8 +79,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_access_controls(app, settings)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
+    document_errors(app)
 
-    @app.get("/health")
+    @app.get(
+        "/health", responses={503: {"description": "Loading, draining or failed: the same body, with the reason."}}
+    )
     async def health() -> JSONResponse:
         body = {
             "status": runtime.status,

@@ -88,7 +88,7 @@ class CallObject:
             return
         if self.depth == 0:
             if ch != "{":
-                self.error = f"a call must be a JSON object, not text starting {ch!r}"
+                self.error = "a call must be a JSON object"
                 return
             self.depth, self.expect = 1, "key"
             return
@@ -120,13 +120,13 @@ class CallObject:
         elif self.expect == "value" and (ch.isalnum() or ch == "-"):
             self.start, self.expect = i, "scalar"
         elif self.expect != "scalar":
-            self.error = f"unexpected {ch!r} in a call object"
+            self.error = "a call object is not well-formed JSON"
 
     def _string_closed(self, i: int) -> None:
         try:
             text = json.loads(self.text[self.start : i + 1])
         except json.JSONDecodeError:
-            self.error = f"invalid JSON string {self.text[self.start : i + 1]!r}"
+            self.error = "a call object holds an invalid JSON string"
             return
         if self.expect == "key":
             self.key, self.expect = text, "colon"
@@ -240,7 +240,7 @@ class ToolParser:
             return self._expect(self.list_open, "item", final)
         if state == "item":
             if not self.buf.startswith("{"):
-                return self._reject(f"expected a JSON object, got {self.buf[0]!r}")
+                return self._reject("expected a JSON object for the call")
             self.call, self.started, self.sent, self.state = CallObject(), False, 0, "call"
             return True
         if state == "call":
@@ -291,7 +291,7 @@ class ToolParser:
             return True
         if literal.startswith(self.buf) and not final:
             return False
-        return self._reject(f"expected {literal!r} after {self.raw!r}")
+        return self._reject(f"expected {literal!r} in the call block")
 
     def _skip_ws(self) -> bool:
         body = self.buf.lstrip()
