@@ -30,6 +30,10 @@ lint: sync
 bench *args: sync
     .venv/bin/python -m bench.run {{args}}
 
+# mixed load (streams, tools, JSON, disconnects) for a while; reports errors, latency and memory over time
+soak *args: sync
+    .venv/bin/python -m bench.soak {{args}}
+
 # decode-step timings of the engine's speed levers (cache kind, dtype; --compile adds torch.compile)
 levers *args: sync
     .venv/bin/python -m bench.levers {{args}}

@@ -43,8 +43,15 @@ class Server:
 
     def peak_rss_bytes(self) -> int:
         """VmHWM: the most resident memory the process has held so far."""
+        return self._status_bytes("VmHWM:")
+
+    def rss_bytes(self) -> int:
+        """VmRSS: resident memory now."""
+        return self._status_bytes("VmRSS:")
+
+    def _status_bytes(self, key: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
         return 0
 

@@ -79,6 +79,8 @@ class Engine:
         """Queues a request; raises QueueFull when the waiting queue is at its bound."""
         seq = Sequence(prompt_ids, params, asyncio.get_running_loop())
         self.scheduler.add(seq)
+        if not self.is_alive:  # it died since the caller checked: answer now rather than never
+            self._fail_all("the inference engine is not running")
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -102,6 +104,20 @@ class Engine:
                 self.abort(seq)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # However the loop ended (shutdown, or an error that escaped it), nobody may wait forever.
+            self._fail_all("the inference engine stopped" if self._stopping else "the inference engine died")
+
+    def _fail_all(self, reason: str) -> None:
+        if not self._stopping:
+            log.critical("%s; failing %d requests", reason, self.num_running + self.num_waiting)
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if not seq.is_finished:
+                seq.finish(Output("", len(seq.completion_ids), "error", reason))
+
+    def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
                 self.last_beat = time.monotonic()
@@ -158,11 +174,12 @@ class Engine:
             try:
                 for processor in seq.params.logits_processors:
                     row = processor(seq.completion_ids, row)
-            except Exception as exc:  # a processor's failure ends its own sequence, not the batch
-                log.exception("logits processor failed; ending one sequence")
+                token = sample_next(row, seq.params, seq.generator)
+            except Exception as exc:  # a processor's or sampler's failure ends its own sequence, not the batch
+                log.exception("sampling failed; ending one sequence")
                 seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
                 continue
-            self._postprocess_token(seq, sample_next(row, seq.params, seq.generator))
+            self._postprocess_token(seq, token)
 
     def _postprocess_token(self, seq: Sequence, token: int) -> None:
         if token in self.eos_ids:

@@ -28,8 +28,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p; the top token always stays.
+        # Keep the smallest prefix whose mass reaches top_p; the top token always stays (a top_p that
+        # underflows to 0 in float32 would otherwise leave nothing to sample from).
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside[0] = False
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,6 +1,7 @@
 """Continuous batching: same tokens as one at a time, mid-batch admission, aborts, and the queue bound."""
 
 import asyncio
+from pathlib import Path
 
 import httpx
 import pytest
@@ -159,11 +160,20 @@ def test_full_queue_is_429_with_retry_after(small_queue):
 def server_process(tmp_path_factory):
     """llmchat as its own process, as in production: the test's clients do not share its interpreter."""
     server = spawn_llmchat(tmp_path_factory.mktemp("server"), {"OTEL_SDK_DISABLED": "true"})
-    yield server.base_url
+    yield server
     server.stop()
 
 
-def test_twenty_streaming_disconnects_free_the_engine_within_a_second(server_process):
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def disconnect_storm(base_url: str, clients: int) -> None:
+    """`clients` streams hang up mid-generation; returns once the engine has nothing running (or raises)."""
+
     async def one(client: httpx.AsyncClient, started: asyncio.Event) -> None:
         async with client.stream("POST", "/v1/chat/completions", json=_long(True)) as r:
             assert r.status_code == 200
@@ -171,28 +181,33 @@ def test_twenty_streaming_disconnects_free_the_engine_within_a_second(server_pro
                 if '"content"' in line:
                     started.set()
 
-    async def body():
-        limits = httpx.Limits(max_connections=40)
-        async with httpx.AsyncClient(base_url=server_process, timeout=120, limits=limits) as client:
-            started = asyncio.Event()
-            tasks = [asyncio.create_task(one(client, started)) for _ in range(20)]
-            await started.wait()
-            await asyncio.sleep(1.0)
+    limits = httpx.Limits(max_connections=clients + 10)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+        started = asyncio.Event()
+        tasks = [asyncio.create_task(one(client, started)) for _ in range(clients)]
+        await started.wait()
+        await asyncio.sleep(1.0)
+        health = (await client.get("/health")).json()
+        assert health["num_running"] + health["num_waiting"] > 0  # mid-generation
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while loop.time() < deadline:
             health = (await client.get("/health")).json()
-            assert health["num_running"] > 0  # mid-generation
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 1.0
-            while loop.time() < deadline:
-                health = (await client.get("/health")).json()
-                if health["num_running"] == 0 and health["num_waiting"] == 0:
-                    return
-                await asyncio.sleep(0.02)
-            raise AssertionError(f"engine still busy a second after the hang-ups: {health}")
+            if health["num_running"] == 0 and health["num_waiting"] == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"engine still busy a second after the hang-ups: {health}")
 
-    asyncio.run(body())
+
+def test_disconnect_storms_free_the_engine_within_a_second_and_return_memory(server_process):
+    asyncio.run(disconnect_storm(server_process.base_url, 20))  # also warms up allocator pools
+    before = rss_bytes(server_process.proc.pid)
+    asyncio.run(disconnect_storm(server_process.base_url, 50))
+    after = rss_bytes(server_process.proc.pid)
+    assert after < before * 1.05, f"RSS {before / 2**20:.0f} MiB before the storm, {after / 2**20:.0f} MiB after"
 
 
 def test_failing_logits_processor_ends_only_its_sequence(loaded):

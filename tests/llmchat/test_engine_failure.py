@@ -60,3 +60,29 @@ def test_non_streaming_failure_is_500_envelope_and_engine_keeps_serving(flaky):
     r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY, timeout=120)
     assert r.status_code == 200
     assert httpx.get(f"{live.base_url}/health").json()["status"] == "ok"
+
+
+class EngineDeath(BaseException):
+    """Escapes the engine loop's `except Exception`, as a fatal fault would."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_engine_thread_fails_in_flight_requests_and_answers_503():
+    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+    engine = Engine(loaded)
+    live = start_server(create_app(Settings(port=0), engine=engine))
+    try:
+
+        def die() -> None:
+            raise EngineDeath
+
+        engine.step = die
+        r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY, timeout=60)
+        assert r.status_code == 500 and "engine died" in r.json()["error"]["message"]
+        health = httpx.get(f"{live.base_url}/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "error" and health.json()["engine_alive"] is False
+        r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY | {"stream": True}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+    finally:
+        live.stop()

@@ -58,3 +58,10 @@ def test_greedy_and_top_p():
     assert picks == {1}
     picks = {sample_next(logits, SamplingParams(max_tokens=1, temperature=1.0), gen) for _ in range(300)}
     assert {1, 2} <= picks
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-9])
+def test_tiny_top_p_keeps_the_top_token(top_p):
+    logits = torch.tensor([0.5, 3.0, 1.0])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+    assert all(sample_next(logits, params, torch.Generator().manual_seed(n)) == 1 for n in range(5))
