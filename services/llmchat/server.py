@@ -41,6 +41,12 @@ from llmchat.runtime import Runtime, chat_options, load_in_background, served_na
 from llmchat.settings import Settings
 
 log = logging.getLogger("llmchat.server")
+# One server-sent event; its data is the JSON of a chat.completion.chunk, an error envelope, or [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+CHAT_200 = {
+    "description": "A chat.completion object, or with `stream: true` server-sent chat.completion.chunk events.",
+    "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}},
+}
 SERVICE = "llmchat"
 
 
@@ -136,7 +142,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 "model",
             )
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses={200: CHAT_200})
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | EventSourceResponse:
