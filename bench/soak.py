@@ -92,14 +92,28 @@ async def soak(server: servers.Server, minutes: float, concurrency: int, seed: i
             console.print(f"  t={memory[-1][0]:6.0f}s  rss={memory[-1][1] / 2**20:7.1f} MiB  requests={len(results)}")
             await asyncio.sleep(min(15.0, max(1.0, deadline - time.monotonic())))
 
+    async def probe_health(client: httpx.AsyncClient) -> None:
+        # Its own connection, as a load balancer's checks would be.
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            status = (await client.get("/health")).status_code
+            health.append((time.perf_counter() - began, status))
+            await asyncio.sleep(0.5)
+
+    health: list[tuple[float, int]] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=300, limits=limits) as client:
-        await asyncio.gather(sample(), *(worker(n, client) for n in range(concurrency)))
+    async with (
+        httpx.AsyncClient(base_url=server.base_url, timeout=300, limits=limits) as client,
+        httpx.AsyncClient(base_url=server.base_url, timeout=30) as prober,
+    ):
+        await asyncio.gather(sample(), probe_health(prober), *(worker(n, client) for n in range(concurrency)))
     memory.append((round(time.monotonic() - start, 1), server.rss_bytes()))
-    return summarize(results, memory, minutes)
+    return summarize(results, memory, minutes, health)
 
 
-def summarize(results: list[dict], memory: list[tuple[float, int]], minutes: float) -> dict:
+def summarize(
+    results: list[dict], memory: list[tuple[float, int]], minutes: float, health: list[tuple[float, int]]
+) -> dict:
     done = [r for r in results if r["kind"] != "disconnect" and r["status"] == 200 and not r["error"]]
     latencies = sorted(r["seconds"] for r in done) or [float("nan")]
     warm = next((rss for t, rss in memory if t >= minutes * 60 / 5), memory[0][1])
@@ -114,6 +128,10 @@ def summarize(results: list[dict], memory: list[tuple[float, int]], minutes: flo
         "latency_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
         "rss_mib": [(t, round(rss / 2**20, 1)) for t, rss in memory],
         "rss_growth_after_warmup_pct": round(100 * (memory[-1][1] - warm) / warm, 2),
+        "health_checks": len(health),
+        "health_not_200": sum(status != 200 for _, status in health),
+        "health_p99_ms": round(1000 * sorted(s for s, _ in health)[int(0.99 * (len(health) - 1))], 1),
+        "health_max_ms": round(1000 * max(s for s, _ in health), 1),
     }
 
 
@@ -137,6 +155,8 @@ def main() -> None:
         table.add_row(key, str(report[key]))
     table.add_row("rss MiB (t s)", " ".join(f"{rss}@{t:.0f}" for t, rss in report["rss_mib"]))
     table.add_row("rss growth after warm-up", f"{report['rss_growth_after_warmup_pct']}%")
+    for key in ("health_checks", "health_not_200", "health_p99_ms", "health_max_ms"):
+        table.add_row(key, str(report[key]))
     console.print(table)
     for error in report["errors"]:
         console.print(f"[red]{error}[/red]")

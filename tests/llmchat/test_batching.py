@@ -156,6 +156,26 @@ def test_full_queue_is_429_with_retry_after(small_queue):
     asyncio.run(body())
 
 
+def test_overload_beyond_the_bound_is_429_while_health_keeps_answering(small_queue):
+    async def body():
+        async with httpx.AsyncClient(base_url=small_queue.base_url, timeout=120) as client:
+            short = _long(False) | {"max_tokens": 40}
+            burst = [asyncio.create_task(client.post("/v1/chat/completions", json=short)) for _ in range(8)]
+            await _wait_health(client, "num_running", 1)
+            health = await client.get("/health")
+            assert health.status_code == 200
+            assert health.json()["num_running"] + health.json()["num_waiting"] <= 2  # the bounds hold
+            responses = await asyncio.gather(*burst)
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) == {200, 429}, statuses
+        assert 1 <= statuses.count(200) <= 2 + 1  # the running one, the waiting one, maybe one admitted later
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) > 0 and r.json()["error"]["type"] == "rate_limit_error"
+
+    asyncio.run(body())
+
+
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
     """llmchat as its own process, as in production: the test's clients do not share its interpreter."""
