@@ -4,12 +4,13 @@ Keys are compared in constant time and never logged. With no keys configured eve
 """
 
 import hmac
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import SecretStr
+
+from hrserve.errors import ServiceError, send_json
 
 log = logging.getLogger("hrserve.auth")
 
@@ -61,13 +62,8 @@ class APIKeyMiddleware:
         if is_anthropic:
             body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
         else:
-            body = {
-                "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
-            }
-        data = json.dumps(body).encode()
-        response_headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
-        await send({"type": "http.response.start", "status": 401, "headers": response_headers})
-        await send({"type": "http.response.body", "body": data})
+            body = ServiceError(401, message, "invalid_request_error", "invalid_api_key").body()
+        await send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -1,5 +1,6 @@
 """ServiceError and the handlers that turn every failure into the OpenAI error envelope."""
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -63,6 +64,19 @@ def validation_error(exc: RequestValidationError) -> ServiceError:
         return bad_request(f"Request body is not valid JSON: {best.get('ctx', {}).get('error', best['msg'])}")
     message = f"Invalid value for '{param}': {best['msg']}" if param else str(best["msg"])
     return bad_request(message, param)
+
+
+async def send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    """A whole JSON response from pure ASGI middleware (which runs outside FastAPI's handlers)."""
+    raw = [(b"content-type", b"application/json")] + [
+        (k.lower().encode(), v.encode()) for k, v in (headers or {}).items()
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+async def send_error(send, error: ServiceError) -> None:
+    await send_json(send, error.status, error.body(), error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

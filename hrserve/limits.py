@@ -1,8 +1,8 @@
 """A request body size limit: larger bodies get 413 before the app reads them into memory."""
 
-import json
-
 from starlette.exceptions import HTTPException
+
+from hrserve.errors import ServiceError, send_error
 
 
 class BodyTooLarge(HTTPException):
@@ -45,11 +45,4 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
     async def _refuse(self, send) -> None:
-        error = {
-            "message": _message(self.max_bytes),
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "request_too_large",
-        }
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": json.dumps({"error": error}).encode()})
+        await send_error(send, ServiceError(413, _message(self.max_bytes), code=BodyTooLarge.code))

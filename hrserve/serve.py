@@ -5,14 +5,13 @@ Retry-After, lets in-flight ones (streams included) finish for up to `drain_time
 shuts down and exits 0. A second signal stops at once.
 """
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 
 import uvicorn
 
-from hrserve.errors import ServiceError
+from hrserve.errors import ServiceError, send_error
 from hrserve.systemd import notify
 
 log = logging.getLogger("hrserve.serve")
@@ -46,7 +45,7 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
             return
         if self.drain.is_draining:
-            await _refuse(send)
+            await send_error(send, SHUTTING_DOWN)
             return
         self.drain.num_in_flight += 1
         try:
@@ -55,14 +54,13 @@ class DrainMiddleware:
             self.drain.num_in_flight -= 1
 
 
-async def _refuse(send) -> None:
-    error = ServiceError(
-        503, "The server is shutting down; retry shortly or on another replica.", "service_unavailable", "shutting_down"
-    )
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"retry-after", b"5"), (b"connection", b"close")]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+SHUTTING_DOWN = ServiceError(
+    503,
+    "The server is shutting down; retry shortly or on another replica.",
+    "service_unavailable",
+    "shutting_down",
+    headers={"Retry-After": "5", "Connection": "close"},
+)
 
 
 class Server(uvicorn.Server):

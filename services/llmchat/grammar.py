@@ -73,8 +73,8 @@ def tool_call_grammar(
     parallel: bool,
     special_token: Callable[[str], int | None] = lambda _: None,
 ) -> str:
-    """A Lark grammar: free text or calls (required=False), or calls only; each call names an offered tool
-    and its arguments match that tool's schema."""
+    """An llguidance grammar, written in Lark: free text or calls (required=False), or calls only; each
+    call names an offered tool and its arguments match that tool's schema."""
     alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
     lines = ["%llguidance {}"]
     calls = "call" if not parallel else f"call ({_lit(syntax.sep)} call){{0,{MAX_PARALLEL_CALLS - 1}}}"
@@ -97,7 +97,7 @@ def tool_call_grammar(
     for n, tool in enumerate(tools):
         head = _lit(f'{tool.name}", "{syntax.args_key}": ')
         lines.append(f"tool_{n}: {head} %json {_schema(tool.parameters)}")
-    return "\n".join(lines)
+    return llguidance.grammar_from("lark", "\n".join(lines))
 
 
 def json_grammar(schema: dict[str, Any] | None) -> str:
@@ -119,8 +119,6 @@ class GrammarCompiler:
 
     def processor(self, grammar: str) -> "GrammarProcessor":
         """Raises GrammarError with llguidance's explanation when the grammar cannot be built."""
-        if grammar.lstrip().startswith(("%llguidance", "start:")):
-            grammar = llguidance.grammar_from("lark", grammar)
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
