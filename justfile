@@ -1,5 +1,6 @@
 # The operator's console: `bin/just --list` shows the recipes (or plain `just` if installed).
-# Services, their modules and ports come from hrserve/registry.toml (see `_port`).
+# Services, their modules and ports come from hrserve/registry.toml (see `_port`). A service may name a
+# replica, `llmchat@1`: systemd unit llmchat@1, port 2021, GPU 1 (README "Replicas on one host").
 
 # list the recipes
 default:
@@ -10,9 +11,9 @@ sync service="llmchat":
     @python3 hrserve/registry.py port {{service}} > /dev/null
     bin/sync
 
-# run a service in the foreground on its registry port (flags pass through: just serve llmchat --port 8000)
+# run a service in the foreground on its registry port, llmchat@1 on port + 1 (flags pass through: --port 8000)
 serve service="llmchat" *args: (sync service)
-    .venv/bin/python -m $(python3 hrserve/registry.py module {{service}}) serve {{args}}
+    .venv/bin/python $(python3 hrserve/registry.py serve-args {{service}}) {{args}}
 
 # run the test suite (pytest flags pass through)
 test *args: sync
@@ -46,7 +47,11 @@ units:
 install-units: units sync
     bin/gen-systemd.py --install
 
-# start a service; returns once it is loaded, warmed up and ready
+# a LiteLLM Router/Proxy config over replicas: HOST, HOST:PORT or HOST@N-M (see README "Scaling out")
+litellm-config *args:
+    @bin/gen-litellm.py {{args}}
+
+# start a service, or a replica (llmchat@1); returns once it is loaded, warmed up and ready
 start service:
     systemctl --user start {{service}}
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Generates systemd --user units, one per service in hrserve/registry.toml, into systemd/.
+"""Generates systemd --user units for each service in hrserve/registry.toml into systemd/: the plain
+<service>.service and the template <service>@.service, whose instance N is replica N (port + N, GPU N).
 
-    bin/gen-systemd.py            write systemd/<service>.service
+    bin/gen-systemd.py            write systemd/<service>.service and systemd/<service>@.service
     bin/gen-systemd.py --check    exit 1 if the committed units differ from what would be generated
     bin/gen-systemd.py --install  copy them to ~/.config/systemd/user/, point ~/.local/share/hrserve/current
                                   at this checkout and run `systemctl --user daemon-reload`
@@ -27,13 +28,33 @@ PROJECT = "%h/.local/share/hrserve/current"
 LINK = Path.home() / ".local/share/hrserve/current"
 
 
-def unit(service: registry.Service) -> str:
+def unit(service: registry.Service, template: bool = False) -> str:
+    """The plain unit runs on the registry port with every GPU; the template's instance %i on port + %i, GPU %i."""
     watchdog = f"WatchdogSec={service.watchdog_s}\n" if service.watchdog_s else ""
+    name = service.name
+    description, conflicts, instance_flag, instance_env = service.description, "", "", ""
+    env_files = f"""# Per-host overrides and secrets (KEY=value lines); optional.
+EnvironmentFile=-%h/.config/hrserve/{name}.env
+"""
+    if template:
+        description += " (replica %i)"
+        conflicts = f"""# A host runs either the one all-GPU {name} or replicas, one per GPU (@0 would take its port).
+Conflicts={name}.service
+"""
+        instance_flag = " --instance %i"
+        instance_env = f"""Environment=OTEL_RESOURCE_ATTRIBUTES=service.instance.id={name}@%i
+Environment=CUDA_VISIBLE_DEVICES=%i
+Environment=HIP_VISIBLE_DEVICES=%i
+"""
+        env_files = f"""# Per-host overrides and secrets, then this replica's own (e.g. two GPUs); optional.
+EnvironmentFile=-%h/.config/hrserve/{name}.env
+EnvironmentFile=-%h/.config/hrserve/{name}@%i.env
+"""
     return f"""{HEADER}
 [Unit]
-Description={service.description}
+Description={description}
 Documentation=file://{PROJECT}/README.md
-StartLimitIntervalSec=600
+{conflicts}StartLimitIntervalSec=600
 StartLimitBurst=5
 
 [Service]
@@ -41,14 +62,12 @@ StartLimitBurst=5
 Type=notify
 NotifyAccess=main
 WorkingDirectory={PROJECT}
-ExecStart={PROJECT}/.venv/bin/python -m {service.module} serve
+ExecStart={PROJECT}/.venv/bin/python -m {service.module} serve{instance_flag}
 Environment=PYTHONUNBUFFERED=1
 Environment=OTEL_EXPORTER_OTLP_ENDPOINT=localhost:4317
-Environment=OTEL_SERVICE_NAME={service.name}
-Environment=TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1
-# Per-host overrides and secrets (KEY=value lines); optional.
-EnvironmentFile=-%h/.config/hrserve/{service.name}.env
-Restart=on-failure
+Environment=OTEL_SERVICE_NAME={name}
+{instance_env}Environment=TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL=1
+{env_files}Restart=on-failure
 RestartSec=10
 TimeoutStartSec={service.start_timeout_s}
 # SIGTERM drains in-flight requests, then the service exits 0.
@@ -63,7 +82,11 @@ WantedBy=default.target
 
 
 def generate(registry_file: Path) -> dict[str, str]:
-    return {f"{name}.service": unit(service) for name, service in registry.load(registry_file).items()}
+    units = {}
+    for name, service in registry.load(registry_file).items():
+        units[f"{name}.service"] = unit(service)
+        units[f"{name}@.service"] = unit(service, template=True)
+    return units
 
 
 def generated_files(directory: Path) -> list[Path]:

@@ -97,6 +97,18 @@ class ServerProcess:
             self.proc.kill()
             raise
 
+    def wait_ready(self, timeout_s: float = 900) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"llmchat did not become ready; see {self.log}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health").json()["status"] == "ok":
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
 
 def spawn_llmchat(log_dir: Path, env: dict[str, str], wait_ready: bool = True) -> ServerProcess:
     """llmchat as its own process, as in production (its own OpenTelemetry setup, signals, exit code)."""
@@ -110,14 +122,6 @@ def spawn_llmchat(log_dir: Path, env: dict[str, str], wait_ready: bool = True) -
             stderr=subprocess.STDOUT,
         )
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 900
-    while wait_ready:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"llmchat did not become ready; see {log}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.base_url}/health").json()["status"] == "ok":
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    if wait_ready:
+        server.wait_ready()
     return server

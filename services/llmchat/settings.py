@@ -4,10 +4,11 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from hrserve import ServiceSettings, registry
+from llmchat.llm import MAX_MEMORY_EXAMPLE, parse_max_memory
 
 BUNDLED_MODEL = "bundled"
 
@@ -19,7 +20,8 @@ class Settings(ServiceSettings):
         default_factory=lambda: registry.get("llmchat").port,
         ge=0,
         le=65535,
-        description="TCP port to listen on (0 picks a free one); default from hrserve/registry.toml.",
+        description="TCP port to listen on (0 picks a free one); default from hrserve/registry.toml, "
+        "plus the instance number of a replica.",
     )
     model: str = Field(
         BUNDLED_MODEL,
@@ -37,6 +39,22 @@ class Settings(ServiceSettings):
     )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
         "auto", description="bitsandbytes quantization; auto is nf4 on a GPU and none on the CPU."
+    )
+    device_map: Literal["single", "auto", "balanced", "balanced_low_0", "sequential"] = Field(
+        "single",
+        description="single puts the whole model on `device`; the others are accelerate's device maps, which "
+        "split it over every GPU, then the CPU, then disk (auto = balanced: even over the GPUs; balanced_low_0: "
+        "less on GPU 0; sequential: fill GPU 0 first). With device=cpu a map uses the CPU, then disk.",
+    )
+    max_memory: str | None = Field(
+        None,
+        description=f"Per-device caps for a device map, e.g. '{MAX_MEMORY_EXAMPLE}' (GPU index or cpu = size in "
+        "KiB/MiB/GiB/TiB or KB/MB/GB/TB); devices left out get their free memory, and what fits nowhere goes to disk.",
+    )
+    offload_dir: Path | None = Field(
+        None,
+        description="Where a device map writes layers placed on disk that cannot be read from the checkpoint "
+        "in place (default: <cache_dir>/offload/<model>).",
     )
     max_context: int | None = Field(
         None, ge=16, description="Context length limit in tokens (prompt + completion); default: the model's."
@@ -67,3 +85,13 @@ class Settings(ServiceSettings):
         Path(platformdirs.user_cache_dir("llmchat")),
         description="Where converted weights (from GGUF) are cached so later starts are fast.",
     )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _check_max_memory(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None  # an empty LLMCHAT_MAX_MEMORY= line means unset
+        parse_max_memory(value)  # its ValueError says which entry is wrong
+        if info.data.get("device_map") == "single":
+            raise ValueError("max_memory caps a device map; set device_map=auto (or balanced, sequential) to use it")
+        return value.strip()
