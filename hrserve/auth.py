@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from hrserve.errors import ServiceError, send_json
+from hrserve.errors import ANTHROPIC_PATHS, ServiceError, send_json
 
 log = logging.getLogger("hrserve.auth")
 
@@ -36,7 +36,7 @@ class APIKeyMiddleware:
         app,
         keys: tuple[bytes, ...],
         protected: tuple[str, ...] = ("/v1/",),
-        anthropic: tuple[str, ...] = ("/v1/messages",),
+        anthropic: tuple[str, ...] = ANTHROPIC_PATHS,
     ) -> None:
         self.app, self.keys, self.protected, self.anthropic = app, keys, protected, anthropic
 
@@ -59,10 +59,7 @@ class APIKeyMiddleware:
         reason = "No API key was sent" if candidate is None else "The API key is not valid"
         how = "an x-api-key header or " if is_anthropic else ""
         message = f"{reason}: send {how}an 'Authorization: Bearer <key>' header."
-        if is_anthropic:
-            body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
-        else:
-            body = ServiceError(401, message, "invalid_request_error", "invalid_api_key").body()
+        body = ServiceError(401, message, "invalid_request_error", "invalid_api_key").body(path)
         await send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})
 
 

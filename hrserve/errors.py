@@ -1,4 +1,5 @@
-"""ServiceError and the handlers that turn every failure into the OpenAI error envelope."""
+"""ServiceError and the handlers that turn every failure into the error envelope of the route's protocol:
+OpenAI's everywhere, Anthropic's under /v1/messages (where Anthropic SDKs parse it)."""
 
 import json
 import logging
@@ -26,8 +27,27 @@ class ServiceError(Exception):
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"
 
-    def body(self) -> dict:
+    def body(self, path: str = "") -> dict:
+        """The envelope for a request to `path`."""
+        if path.startswith(ANTHROPIC_PATHS):
+            return {"type": "error", "error": {"type": _anthropic_type(self.status), "message": self.message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Routes that speak Anthropic's Messages API, and its error types by status.
+ANTHROPIC_PATHS = ("/v1/messages",)
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def _anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
@@ -75,14 +95,14 @@ async def send_json(send, status: int, body: dict, headers: dict[str, str] | Non
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-async def send_error(send, error: ServiceError) -> None:
-    await send_json(send, error.status, error.body(), error.headers)
+async def send_error(send, error: ServiceError, path: str = "") -> None:
+    await send_json(send, error.status, error.body(path), error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
         trace.get_current_span().set_attribute("error.type", exc.code or exc.type)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(exc.body(request.url.path), status_code=exc.status, headers=exc.headers)
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return await on_service_error(request, validation_error(exc))
@@ -100,7 +120,7 @@ def install_error_handlers(app: FastAPI) -> None:
         span.record_exception(exc)
         span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
         err = ServiceError(500, "The server had an internal error. It has been logged.", "server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return JSONResponse(err.body(request.url.path), status_code=500)
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -125,6 +145,18 @@ ERROR_ENVELOPE_SCHEMA = {
         }
     },
 }
+ANTHROPIC_ENVELOPE_SCHEMA = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
 ERROR_STATUSES = {
     "400": "The request is invalid; `param` names the field.",
     "401": "An API key is required and was missing or wrong.",
@@ -145,16 +177,18 @@ def document_errors(app: FastAPI, prefix: str = "/v1/") -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = build()
-        schema.setdefault("components", {}).setdefault("schemas", {})["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
-        body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
+        schemas["AnthropicErrorEnvelope"] = ANTHROPIC_ENVELOPE_SCHEMA
         for path, operations in schema.get("paths", {}).items():
+            envelope = "AnthropicErrorEnvelope" if path.startswith(ANTHROPIC_PATHS) else "ErrorEnvelope"
+            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{envelope}"}}}
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
                 if path.startswith(prefix):
                     for status, description in ERROR_STATUSES.items():
                         responses.setdefault(status, {"description": description, "content": body})
-        schemas = schema["components"]["schemas"]
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
         app.openapi_schema = schema

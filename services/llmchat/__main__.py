@@ -46,6 +46,7 @@ def serve(
     ] = None,
     tool_prompt: Annotated[Path | None, Opt(help="Jinja file replacing the built-in tool prompt.")] = None,
     chat_template: Annotated[Path | None, Opt(help="Jinja chat template replacing the model's.")] = None,
+    reasoning_parser: Annotated[str | None, Opt(help="<think> reasoning: auto | think | none.")] = None,
     cache_dir: Annotated[Path | None, Opt(help="Cache for converted weights.")] = None,
     log_level: Annotated[str | None, Opt(help="debug | info | warning | error.")] = None,
     log_json: Annotated[bool | None, Opt("--log-json/--no-log-json", help="JSON log lines.")] = None,

@@ -1,18 +1,30 @@
-"""Protocol-neutral chat: ChatRequest in, a stream of ChatEvents (text, tool calls, finish) out.
+"""Protocol-neutral chat: ChatRequest in, a stream of ChatEvents (text, reasoning, tool calls, finish) out.
 
 Protocol adapters build a ChatRequest, call Chat.prepare() (which checks everything that can fail
 before a response starts), Chat.start(), then turn Chat.events() into their own wire format.
 """
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from llmchat.engine import Engine, Sequence
-from llmchat.events import ChatEvent, Finish, Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.events import (
+    ChatEvent,
+    Finish,
+    Logprobs,
+    Notice,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
 from llmchat.grammar import (
     MAX_PARALLEL_CALLS,
     GrammarCompiler,
@@ -21,7 +33,8 @@ from llmchat.grammar import (
     json_grammar,
     tool_call_grammar,
 )
-from llmchat.prompt import CallRecord, ChatMessage, PromptRenderer
+from llmchat.prompt import RESERVED_TEMPLATE_KEYS, CallRecord, ChatMessage, PromptRenderer
+from llmchat.reasoning import ReasoningSplitter, starts_in_reasoning, template_reasons
 from llmchat.sampling import SamplingParams
 from llmchat.toolcalls import PARSERS, ToolParser, ToolSpec
 
@@ -35,7 +48,9 @@ __all__ = [
     "ChatRequest",
     "Finish",
     "GenerationError",
+    "Logprobs",
     "Notice",
+    "ReasoningDelta",
     "TextDelta",
     "ToolCallDelta",
     "ToolCallStart",
@@ -55,12 +70,20 @@ class GenerationError(Exception):
     """The engine failed while generating; the response is already under way."""
 
 
+# No tokenizer averages anywhere near 8 characters a token, so longer text cannot fit the context: it
+# is refused without tokenizing it (a few MiB of text would hold a worker thread for seconds).
+MAX_CHARS_PER_TOKEN = 8
+
+
 @dataclass(slots=True)
 class ChatRequest:
+    """What to generate; `messages` go through the chat template, unless `prompt` (raw text) is set."""
+
     messages: list[ChatMessage]
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     tools: tuple[ToolSpec, ...] = ()
@@ -69,6 +92,12 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     json_schema: dict[str, Any] | None = None  # with json_output: the schema the output must match
     json_output: bool = False
+    # Chat template variables: reasoning_effort (none | minimal | low | medium | high) is passed as one,
+    # and "none" also sets enable_thinking=False; template_kwargs are passed as given and win over both.
+    reasoning_effort: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None  # raw text, tokenized as is (legacy completions): no template, tools or JSON
+    logprobs: int | None = None  # None: off; N: each token's log-probability and the N likeliest alternatives
 
     @property
     def num_tools(self) -> int:
@@ -77,6 +106,23 @@ class ChatRequest:
     @property
     def uses_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def template_variables(self) -> dict[str, Any]:
+        variables: dict[str, Any] = {}
+        if self.reasoning_effort is not None:
+            variables["reasoning_effort"] = self.reasoning_effort
+            if self.reasoning_effort == "none":
+                variables["enable_thinking"] = False
+        return variables | self.template_kwargs
+
+    def num_chars(self) -> int:
+        """The characters of everything that goes into the prompt: messages, past calls and tools."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        num = sum(len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls) for m in self.messages)
+        for tool in self.tools:
+            num += len(tool.name) + len(tool.description or "") + len(json.dumps(tool.parameters or {}))
+        return num
 
 
 @dataclass(slots=True)
@@ -87,6 +133,7 @@ class ChatOptions:
     validate_tool_names: bool = True
     tool_prompt: Path | None = None
     chat_template: Path | None = None
+    reasoning_parser: str = "auto"  # auto (when the template knows <think>) | think | none
 
 
 @dataclass(slots=True)
@@ -94,10 +141,29 @@ class PreparedChat:
     prompt_ids: list[int]
     params: SamplingParams
     parser: ToolParser | None = None
+    reasoning: ReasoningSplitter | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    def parse(self, text: str) -> list[ChatEvent]:
+        """Model text -> events. Reasoning is split off first, so only answer text can hold tool calls."""
+        parts = self.reasoning.feed(text) if self.reasoning else [TextDelta(text)]
+        return self._answer(parts)
+
+    def parse_end(self) -> list[ChatEvent]:
+        """Generation stopped: what the splitter and the tool parser held back."""
+        events = self._answer(self.reasoning.finish()) if self.reasoning else []
+        return events + (self.parser.finish() if self.parser else [])
+
+    def _answer(self, parts: list[ReasoningDelta | TextDelta]) -> list[ChatEvent]:
+        if self.parser is None:
+            return list(parts)
+        events: list[ChatEvent] = []
+        for part in parts:
+            events.extend(self.parser.feed(part.text) if isinstance(part, TextDelta) else [part])
+        return events
 
 
 def detect_family(template: str | None, knows_tools: bool) -> str:
@@ -128,6 +194,8 @@ class Chat:
             family = detect_family(tokenizer.chat_template, self.renderer.knows_tools)
         self.parser_class = PARSERS[family]
         self.validate_tool_names = options.validate_tool_names
+        reasoning = options.reasoning_parser
+        self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(tokenizer.chat_template))
         self._grammar: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
 
@@ -145,20 +213,24 @@ class Chat:
 
     async def prepare(self, request: ChatRequest) -> PreparedChat:
         """Renders and tokenizes the conversation and builds its grammar (off the event loop); checks it fits."""
-        prompt_ids, processor = await asyncio.to_thread(self._render, request)
+        self._check(request)
+        prompt_ids, prompt_text, processor = await asyncio.to_thread(self._render, request)
+        source = "prompt" if request.prompt is not None else "messages"
+        if not prompt_ids:
+            raise ChatError("The prompt is empty; send some text.", source)
         room = self.engine.max_context - len(prompt_ids)
         if room <= 0:
             raise ChatError(
                 f"The prompt is {len(prompt_ids)} tokens, which leaves no room in this model's context of "
-                f"{self.engine.max_context} tokens. Shorten the messages.",
-                "messages",
+                f"{self.engine.max_context} tokens. Shorten the {source}.",
+                source,
                 "context_length_exceeded",
             )
         if request.max_tokens is not None and request.max_tokens > room:
             raise ChatError(
                 f"max_tokens is {request.max_tokens}, but the prompt is {len(prompt_ids)} tokens and the context "
                 f"is {self.engine.max_context}, so at most {room} tokens can be generated. "
-                "Lower max_tokens or shorten the messages.",
+                f"Lower max_tokens or shorten the {source}.",
                 "max_tokens",
                 "context_length_exceeded",
             )
@@ -166,11 +238,13 @@ class Chat:
             max_tokens=request.max_tokens or room,
             temperature=request.temperature,
             top_p=request.top_p,
+            top_k=request.top_k,
             seed=request.seed,
             stop=request.stop,
             logits_processors=(processor,) if processor else (),
             # A family whose call marker is a special token must see it in the decoded text.
             skip_special_tokens=not request.uses_tools or self._marker_token() is None,
+            logprobs=request.logprobs,
         )
         parser = None
         if request.uses_tools:
@@ -180,16 +254,54 @@ class Chat:
                 stream_arguments=processor is not None,
                 max_calls=MAX_PARALLEL_CALLS if request.parallel_tool_calls else 1,
             )
-        return PreparedChat(prompt_ids, params, parser)
+        reasoning = None
+        # Output constrained from its first token (a required call, JSON) leaves the model no room to think;
+        # after a prompt ending in <think> it would all count as reasoning and the call would be lost.
+        forced = request.json_output or request.tool_choice in ("required", "function")
+        if self.reasons and prompt_text is not None and not forced:
+            reasoning = ReasoningSplitter(in_reasoning=starts_in_reasoning(prompt_text))
+        return PreparedChat(prompt_ids, params, parser, reasoning)
 
-    def _render(self, request: ChatRequest) -> tuple[list[int], GrammarProcessor | None]:
+    def _check(self, request: ChatRequest) -> None:
+        """What is refused before rendering: the request's shape, and text too long to fit however it tokenizes."""
+        if request.prompt is not None:
+            if request.tools or request.json_output:
+                raise ChatError(
+                    "A raw text prompt cannot be combined with tools or JSON output; send messages instead.", "prompt"
+                )
+        elif not request.messages:
+            raise ChatError("messages is empty; send at least one message.", "messages")
+        if reserved := sorted(RESERVED_TEMPLATE_KEYS & request.template_kwargs.keys()):
+            raise ChatError(
+                f"chat_template_kwargs cannot set {', '.join(reserved)}: the server sets it from the request.",
+                f"chat_template_kwargs.{reserved[0]}",
+            )
+        limit = MAX_CHARS_PER_TOKEN * self.engine.max_context
+        if (num_chars := request.num_chars()) > limit:
+            source = "prompt" if request.prompt is not None else "messages"
+            raise ChatError(
+                f"The {source} hold {num_chars} characters, more than the {limit} ({MAX_CHARS_PER_TOKEN} a token) "
+                f"that could fit this model's context of {self.engine.max_context} tokens. Shorten the {source}.",
+                source,
+                "context_length_exceeded",
+            )
+
+    def _render(self, request: ChatRequest) -> tuple[list[int], str | None, GrammarProcessor | None]:
+        """The prompt's tokens, its text (None for a raw prompt: it is never parsed for reasoning), the grammar."""
+        if request.prompt is not None:
+            return self.renderer.encode(request.prompt), None, None
         tools = request.tools if request.uses_tools else ()
-        prompt_ids = self.renderer.render(request.messages, tools)
+        try:
+            prompt_text = self.renderer.render_text(request.messages, tools, request.template_variables())
+        except jinja2.TemplateError as exc:
+            # Templates reject conversations they cannot express (raise_exception), e.g. roles out of order.
+            raise ChatError(f"The chat template cannot render these messages: {exc}", "messages") from None
+        prompt_ids = self.renderer.tokenize(prompt_text)
         grammar = self._grammar_text(request)
         if grammar is None:
-            return prompt_ids, None
+            return prompt_ids, prompt_text, None
         try:
-            return prompt_ids, self.grammar.processor(grammar)
+            return prompt_ids, prompt_text, self.grammar.processor(grammar)
         except GrammarError as exc:
             param = "tools" if request.uses_tools else "response_format"
             raise ChatError(f"The {param} cannot be enforced by constrained decoding: {exc}", param) from None
@@ -214,6 +326,12 @@ class Chat:
         marker = self.parser_class.open
         return self.grammar.special_token(marker) if marker else None
 
+    async def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """The prompt's length in tokens, checked and rendered exactly as prepare() does (off the event loop)."""
+        self._check(request)
+        prompt_ids, _, _ = await asyncio.to_thread(self._render, request)
+        return len(prompt_ids)
+
     def start(self, prepared: PreparedChat) -> Sequence:
         """Queues the generation; raises QueueFull when the engine's waiting queue is at its bound.
 
@@ -222,19 +340,20 @@ class Chat:
         return self.engine.submit(prepared.prompt_ids, prepared.params)
 
     async def events(self, prepared: PreparedChat, seq: Sequence) -> AsyncIterator[ChatEvent]:
-        """Yields content, tool-call events and notices, then one Finish; leaving early aborts the generation."""
+        """Yields content, reasoning, tool-call events and notices, then one Finish; leaving early aborts."""
         parser = prepared.parser
         async for output in self.engine.stream(seq):
             if output.error is not None:
                 raise GenerationError(output.error)
+            if output.logprobs:
+                yield Logprobs(output.logprobs)
             if output.text:
-                for event in parser.feed(output.text) if parser else [TextDelta(output.text)]:
+                for event in prepared.parse(output.text):
                     yield event
             if output.finish_reason is not None:
                 reason = output.finish_reason
-                if parser:
-                    for event in parser.finish():
-                        yield event
-                    if parser.num_calls and reason == "stop":
-                        reason = "tool_calls"
-                yield Finish(reason, seq.num_prompt_tokens, output.num_completion_tokens)
+                for event in prepared.parse_end():
+                    yield event
+                if parser and parser.num_calls and reason == "stop":
+                    reason = "tool_calls"
+                yield Finish(reason, seq.num_prompt_tokens, output.num_completion_tokens, output.stop_sequence)

@@ -15,7 +15,7 @@ from tokenizers.decoders import DecodeStream
 
 from llmchat.llm import LoadedModel
 from llmchat.runner import BatchRunner
-from llmchat.sampling import SamplingParams, StopChecker, sample_next
+from llmchat.sampling import SamplingParams, StopChecker, sample_next, token_logprob
 from llmchat.scheduler import Output, QueueFull, Scheduler, SchedulerConfig, Sequence
 
 __all__ = ["Engine", "Output", "QueueFull", "SchedulerConfig", "Sequence"]
@@ -170,29 +170,40 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Picks each sequence's next token with its own processors and sampling, then records it."""
-        for seq, row in zip(seqs, logits, strict=True):
+        for seq, raw in zip(seqs, logits, strict=True):
             try:
+                row = raw
                 for processor in seq.params.logits_processors:
                     row = processor(seq.completion_ids, row)
                 token = sample_next(row, seq.params, seq.generator)
+                if seq.params.logprobs is not None and token not in self.eos_ids:
+                    seq.logprobs.append(token_logprob(raw, token, seq.params.logprobs, self._decode_one))
             except Exception as exc:  # a processor's or sampler's failure ends its own sequence, not the batch
                 log.exception("sampling failed; ending one sequence")
                 seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
                 continue
             self._postprocess_token(seq, token)
 
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
     def _postprocess_token(self, seq: Sequence, token: int) -> None:
         if token in self.eos_ids:
-            seq.finish(Output(seq.stops.flush(), len(seq.completion_ids), "stop"))
+            seq.finish(self._output(seq, seq.stops.flush(), "stop"))
             return
         seq.completion_ids.append(token)
         seq.pending_token = token
         piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
         text, stopped = seq.stops.feed(piece)
-        num = len(seq.completion_ids)
         if stopped:
-            seq.finish(Output(text, num, "stop"))
-        elif num >= seq.params.max_tokens:
-            seq.finish(Output(text + seq.stops.flush(), num, "length"))
+            seq.finish(self._output(seq, text, "stop", seq.stops.matched))
+        elif len(seq.completion_ids) >= seq.params.max_tokens:
+            seq.finish(self._output(seq, text + seq.stops.flush(), "length"))
         elif text:
-            seq.emit(Output(text, num))
+            seq.emit(self._output(seq, text))
+
+    @staticmethod
+    def _output(seq: Sequence, text: str, finish_reason: str | None = None, stop: str | None = None) -> Output:
+        """An output with the log-probabilities of the tokens sampled since the last one (held-back text's too)."""
+        logprobs, seq.logprobs = (seq.logprobs or None), []
+        return Output(text, len(seq.completion_ids), finish_reason, stop_sequence=stop, logprobs=logprobs)

@@ -1,10 +1,19 @@
-"""The events of one generation, shared by every protocol adapter: text, tool calls, notices, finish."""
+"""The events of one generation, shared by every protocol adapter: text, reasoning, tool calls, notices, finish."""
 
 from dataclasses import dataclass
+
+from llmchat.sampling import TokenLogprob
 
 
 @dataclass(slots=True)
 class TextDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class ReasoningDelta:
+    """A fragment of the model's reasoning (its <think> block), kept apart from the answer."""
+
     text: str
 
 
@@ -34,10 +43,18 @@ class Notice:
 
 
 @dataclass(slots=True)
+class Logprobs:
+    """Log-probabilities of the tokens behind the text events that follow (only when a request asks)."""
+
+    tokens: list[TokenLogprob]
+
+
+@dataclass(slots=True)
 class Finish:
     reason: str  # stop | length | tool_calls
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None  # the request's stop string that ended generation
 
 
-ChatEvent = TextDelta | ToolCallStart | ToolCallDelta | Notice | Finish
+ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Notice | Logprobs | Finish

@@ -17,7 +17,17 @@ from opentelemetry.trace import Span, StatusCode
 
 from hrserve import OTELContext
 from hrserve import spans as attr
-from llmchat.chat import ChatEvent, ChatRequest, Finish, Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.chat import (
+    ChatEvent,
+    ChatRequest,
+    Finish,
+    Logprobs,
+    Notice,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
 from llmchat.engine import Engine, Sequence
 
 PROVIDER = "llmchat"
@@ -128,6 +138,8 @@ class ChatObservation:
             attributes[attr.REQUEST_MAX_TOKENS] = request.max_tokens
         if request.seed is not None:
             attributes[attr.REQUEST_SEED] = request.seed
+        if request.top_k:
+            attributes[attr.REQUEST_TOP_K] = request.top_k
         if request.stop:
             attributes[attr.REQUEST_STOP_SEQUENCES] = list(request.stop)
         if client_job_id:
@@ -143,6 +155,7 @@ class ChatObservation:
         self.is_ended = False
         self.error_type: str | None = None
         self.text: list[str] = []
+        self.reasoning: list[str] = []
         self.calls: list[dict] = []
 
     def response_id(self, response_id: str, model: str) -> None:
@@ -161,6 +174,8 @@ class ChatObservation:
         if isinstance(event, Finish):
             self.finish(event)
             return
+        if isinstance(event, Logprobs):
+            return
         if self.first_token_at is None:
             self._prefill_started()
             self.first_token_at = time.perf_counter()
@@ -171,6 +186,8 @@ class ChatObservation:
         if self.capture:
             if isinstance(event, TextDelta):
                 self.text.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                self.reasoning.append(event.text)
             elif isinstance(event, ToolCallStart):
                 self.calls.append({"type": "tool_call", "id": event.id, "name": event.name, "arguments": ""})
             elif isinstance(event, ToolCallDelta):
@@ -191,7 +208,8 @@ class ChatObservation:
             per_token = (time.perf_counter() - self.first_token_at) / (finish.completion_tokens - 1)
             self.instruments.time_per_output_token.record(per_token, self.metric_attrs)
         if self.capture:
-            parts = [{"type": "text", "content": "".join(self.text)}] if self.text else []
+            parts = [{"type": "reasoning", "content": "".join(self.reasoning)}] if self.reasoning else []
+            parts += [{"type": "text", "content": "".join(self.text)}] if self.text else []
             output = [{"role": "assistant", "parts": parts + self.calls, "finish_reason": finish.reason}]
             self.span.set_attribute(attr.OUTPUT_MESSAGES, json.dumps(output))
 

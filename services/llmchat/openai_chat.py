@@ -11,17 +11,21 @@ from openai.types.chat import (
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionMessageToolCall,
+    ChatCompletionTokenLogprob,
 )
-from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import (
     ChoiceDelta,
     ChoiceDeltaToolCall,
     ChoiceDeltaToolCallFunction,
 )
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_message_tool_call import Function
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_usage import CompletionUsage
 
+from llmchat.adapt import ToolSet, json_output, tool_choice
 from llmchat.chat import (
     CallRecord,
     ChatError,
@@ -29,12 +33,13 @@ from llmchat.chat import (
     ChatMessage,
     ChatRequest,
     Finish,
+    Logprobs,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
     ToolCallStart,
     ToolSpec,
 )
-from llmchat.grammar import schema_problem
 from llmchat.openai_types import ChatCompletionRequest, Message, NamedToolChoice
 
 # OpenAI's "developer" role is the newer name for "system"; chat templates only know the latter.
@@ -43,8 +48,10 @@ _ROLES = {"developer": "system"}
 
 def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     """The protocol-neutral request; raises ChatError (a 400) for anything that cannot be honoured."""
-    if body.logprobs:
-        raise ChatError("logprobs are not supported by this server.", "logprobs")
+    if body.n != 1:
+        raise ChatError(f"n is {body.n}, but this server returns one choice per request; send n=1.", "n")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ChatError("top_logprobs needs logprobs: true.", "top_logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(body, name):
             raise ChatError(f"{name} is not supported by this server; leave it at 0.", name)
@@ -61,12 +68,21 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         tool_choice=choice,
         tool_name=tool_name,
         parallel_tool_calls=body.parallel_tool_calls,
+        reasoning_effort=body.reasoning_effort,
+        template_kwargs=dict(body.chat_template_kwargs or {}),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     _response_format(body, request)
     return request
 
 
 def _message(m: Message, i: int) -> ChatMessage:
+    for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+        if part.type != "text":
+            raise ChatError(
+                f"This server serves a text-only model; {part.type} parts are not supported. Send text parts only.",
+                f"messages.{i}.content.{j}",
+            )
     calls = []
     for j, call in enumerate(m.tool_calls or ()):
         try:
@@ -83,61 +99,31 @@ def _message(m: Message, i: int) -> ChatMessage:
 
 
 def _tools(body: ChatCompletionRequest) -> tuple[ToolSpec, ...]:
-    seen: set[str] = set()
-    tools = []
+    tools = ToolSet()
     for i, tool in enumerate(body.tools or ()):
-        function = tool.function
-        if function.name in seen:
-            raise ChatError(
-                f"Two tools are named '{function.name}'; tool names must be unique.", f"tools.{i}.function.name"
-            )
-        seen.add(function.name)
-        if function.parameters is not None and (problem := schema_problem(function.parameters, must_be_object=True)):
-            raise ChatError(
-                f"The parameters of tool '{function.name}' are unusable: {problem}", f"tools.{i}.function.parameters"
-            )
-        tools.append(ToolSpec(function.name, function.description, function.parameters))
-    return tuple(tools)
+        f = tool.function
+        tools.add(f.name, f.description, f.parameters, f"tools.{i}.function", "parameters")
+    return tools.done()
 
 
 def _tool_choice(body: ChatCompletionRequest, tools: tuple[ToolSpec, ...]) -> tuple[str, str | None]:
     choice = body.tool_choice
-    if choice is None:
-        return ("auto" if tools else "none"), None
-    if choice == "none":
-        return "none", None
-    if not tools:
-        raise ChatError(f"tool_choice is {choice!r}, but the request offers no tools.", "tool_choice")
     if isinstance(choice, NamedToolChoice):
-        if choice.function.name not in {t.name for t in tools}:
-            raise ChatError(
-                f"tool_choice names '{choice.function.name}', which is not one of the offered tools.",
-                "tool_choice",
-            )
-        return "function", choice.function.name
-    return choice, None
+        return tool_choice("function", choice.function.name, tools)
+    return tool_choice(choice, None, tools)
 
 
 def _response_format(body: ChatCompletionRequest, request: ChatRequest) -> None:
     fmt = body.response_format
-    if fmt is None or fmt.type == "text":
-        return
-    if request.uses_tools:
-        raise ChatError(
-            "response_format cannot be combined with tools; send tool_choice 'none' or drop response_format.",
-            "response_format",
-        )
-    request.json_output = True
-    if fmt.type == "json_schema":
-        schema = fmt.json_schema.schema_
-        if schema is not None and (problem := schema_problem(schema, must_be_object=False)):
-            raise ChatError(f"The response_format schema is unusable: {problem}", "response_format.json_schema.schema")
-        request.json_schema = schema
+    if fmt is not None and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        json_output(request, schema, "response_format", "response_format.json_schema.schema")
 
 
 @dataclass(slots=True)
 class ResponseInfo:
     model: str
+    logprobs: bool = False  # the request asked for them
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -152,11 +138,17 @@ def _usage(finish: Finish) -> CompletionUsage:
 
 async def to_response(events: AsyncIterator[ChatEvent], info: ResponseInfo) -> tuple[ChatCompletion, Finish]:
     parts: list[str] = []
+    reasoning: list[str] = []
     calls: list[ChatCompletionMessageToolCall] = []
+    logprobs: list[ChatCompletionTokenLogprob] = []
     finish = None
     async for event in events:
         if isinstance(event, TextDelta):
             parts.append(event.text)
+        elif isinstance(event, Logprobs):
+            logprobs += _token_logprobs(event)
+        elif isinstance(event, ReasoningDelta):
+            reasoning.append(event.text)
         elif isinstance(event, ToolCallStart):
             function = Function(name=event.name, arguments="")
             calls.append(ChatCompletionMessageToolCall(id=event.id, type="function", function=function))
@@ -165,9 +157,12 @@ async def to_response(events: AsyncIterator[ChatEvent], info: ResponseInfo) -> t
         elif isinstance(event, Finish):
             finish = event
     assert finish is not None, "chat events always end with Finish"
-    # OpenAI sends content null, not "", when the reply is only tool calls.
-    content = "".join(parts) if parts or not calls else None
-    message = ChatCompletionMessage(role="assistant", content=content, refusal=None)
+    # OpenAI sends content null, not "", when the reply is only tool calls (vLLM too when it is only reasoning).
+    content = "".join(parts) if parts or not (calls or reasoning) else None
+    # Not in OpenAI's schema (the SDK keeps extra fields): DeepSeek's API and older vLLM name it
+    # reasoning_content, newer vLLM and OpenRouter reasoning; clients read one or the other.
+    extra = dict.fromkeys(("reasoning_content", "reasoning"), "".join(reasoning)) if reasoning else {}
+    message = ChatCompletionMessage(role="assistant", content=content, refusal=None, **extra)
     if calls:
         message.tool_calls = calls
     response = ChatCompletion(
@@ -175,13 +170,40 @@ async def to_response(events: AsyncIterator[ChatEvent], info: ResponseInfo) -> t
         object="chat.completion",
         created=info.created,
         model=info.model,
-        choices=[Choice(index=0, message=message, finish_reason=finish.reason, logprobs=None)],
+        choices=[
+            Choice(
+                index=0,
+                message=message,
+                finish_reason=finish.reason,
+                logprobs=ChoiceLogprobs(content=logprobs, refusal=None) if info.logprobs else None,
+            )
+        ],
         usage=_usage(finish),
     )
     return response, finish
 
 
-def _chunk(info: ResponseInfo, delta: ChoiceDelta | None, finish_reason=None, usage=None, include_usage=False) -> str:
+def _token_logprobs(event: Logprobs) -> list[ChatCompletionTokenLogprob]:
+    return [
+        ChatCompletionTokenLogprob(
+            token=t.token,
+            logprob=t.logprob,
+            bytes=list(t.token.encode()),
+            top_logprobs=[TopLogprob(token=token, logprob=lp, bytes=list(token.encode())) for token, lp in t.top],
+        )
+        for t in event.tokens
+    ]
+
+
+def _chunk(
+    info: ResponseInfo,
+    delta: ChoiceDelta | None,
+    finish_reason=None,
+    usage=None,
+    include_usage=False,
+    logprobs: list[ChatCompletionTokenLogprob] | None = None,
+) -> str:
+    choice_logprobs = ChunkLogprobs(content=logprobs, refusal=None) if logprobs else None
     chunk = ChatCompletionChunk(
         id=info.id,
         object="chat.completion.chunk",
@@ -189,7 +211,7 @@ def _chunk(info: ResponseInfo, delta: ChoiceDelta | None, finish_reason=None, us
         model=info.model,
         choices=[]
         if delta is None
-        else [ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)],
+        else [ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)],
     )
     if include_usage:
         # With include_usage, OpenAI sends "usage": null on every chunk but the last.
@@ -205,16 +227,24 @@ async def stream_chunks(
     The Finish event is passed through too (after the finish chunk) so the caller can record it.
     """
     yield _chunk(info, ChoiceDelta(role="assistant"), include_usage=include_usage)
+    # Log-probabilities ride on the next chunk that carries output (text may be held back a while).
+    pending: list[ChatCompletionTokenLogprob] = []
     async for event in events:
-        if isinstance(event, TextDelta):
-            yield _chunk(info, ChoiceDelta(content=event.text), include_usage=include_usage)
-            continue
-        if isinstance(event, ToolCallStart | ToolCallDelta):
-            yield _chunk(info, ChoiceDelta(tool_calls=[_call_delta(event)]), include_usage=include_usage)
-            continue
+        delta = None
+        if isinstance(event, Logprobs):
+            pending += _token_logprobs(event)
+        elif isinstance(event, TextDelta):
+            delta = ChoiceDelta(content=event.text)
+        elif isinstance(event, ReasoningDelta):
+            delta = ChoiceDelta(reasoning_content=event.text, reasoning=event.text)
+        elif isinstance(event, ToolCallStart | ToolCallDelta):
+            delta = ChoiceDelta(tool_calls=[_call_delta(event)])
+        if delta is not None:
+            yield _chunk(info, delta, include_usage=include_usage, logprobs=pending)
+            pending = []
         if not isinstance(event, Finish):
             continue
-        yield _chunk(info, ChoiceDelta(), finish_reason=event.reason, include_usage=include_usage)
+        yield _chunk(info, ChoiceDelta(), event.reason, include_usage=include_usage, logprobs=pending)
         if include_usage:
             yield _chunk(info, None, usage=_usage(event), include_usage=True)
         yield event

@@ -30,6 +30,18 @@ class TextPart(WireModel):
     text: str
 
 
+class MediaPart(WireModel):
+    """An image, audio or file part: known here only so the refusal can name it (the model reads text only)."""
+
+    type: Literal["image_url", "input_audio", "file"]
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+
+
+ContentPart = Annotated[TextPart | MediaPart, Field(discriminator="type")]
+
+
 class FunctionCall(WireModel):
     name: str
     arguments: str
@@ -43,7 +55,7 @@ class ToolCall(WireModel):
 
 class Message(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(None, min_length=1)
@@ -58,7 +70,7 @@ class Message(WireModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
 
 
@@ -112,7 +124,7 @@ class ChatCompletionRequest(WireModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, description="Only 1 is supported: one choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
@@ -124,7 +136,12 @@ class ChatCompletionRequest(WireModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Variables for the model's chat template, such as enable_thinking."
+    )
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

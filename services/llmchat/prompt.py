@@ -3,18 +3,42 @@
 Templates that know tools get them as `tools=`. For templates that do not (SmolLM2's), tools are
 described in the system message by a Hermes-style prompt (tool_prompt.jinja, replaceable), past calls
 are written back as <tool_call> text and tool results go in a user turn as <tool_response> text.
+Template variables (enable_thinking, reasoning_effort, ...) pass through; raw prompts skip the template.
 """
 
 import json
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from llmchat.toolcalls import ToolSpec
 
 BUILTIN_TOOL_PROMPT = files("llmchat").joinpath("tool_prompt.jinja").read_text()
+# Names apply_chat_template takes as arguments or gives the template itself: a template variable of
+# the same name would fail the call or change how the prompt is built.
+RESERVED_TEMPLATE_KEYS = frozenset(
+    {
+        "messages",
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,16 +74,31 @@ class PromptRenderer:
         source = tool_prompt.read_text() if tool_prompt else BUILTIN_TOOL_PROMPT
         self.tool_prompt = jinja2.Environment(autoescape=False).from_string(source)
 
-    def render(self, messages: list[ChatMessage], tools: tuple[ToolSpec, ...]) -> list[int]:
+    def render(
+        self, messages: list[ChatMessage], tools: tuple[ToolSpec, ...], variables: dict[str, Any] | None = None
+    ) -> list[int]:
+        return self.tokenize(self.render_text(messages, tools, variables))
+
+    def render_text(
+        self, messages: list[ChatMessage], tools: tuple[ToolSpec, ...], variables: dict[str, Any] | None = None
+    ) -> str:
+        """The prompt text; `variables` reach the template as is (none of RESERVED_TEMPLATE_KEYS)."""
+        extra = dict(variables or {})
         if self.knows_tools:
             conversation = [self._native(m, messages) for m in messages]
-            extra = {"tools": [tool_dict(t) for t in tools]} if tools else {}
+            if tools:
+                extra["tools"] = [tool_dict(t) for t in tools]
         else:
-            conversation, extra = self._builtin(messages, tools), {}
-        rendered = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
-        )
-        return list(rendered["input_ids"])
+            conversation = self._builtin(messages, tools)
+        return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False, **extra)
+
+    def tokenize(self, prompt_text: str) -> list[int]:
+        # As apply_chat_template(tokenize=True) does: the template already wrote any BOS.
+        return list(self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, raw_prompt: str) -> list[int]:
+        """A raw prompt with the tokenizer's own special tokens: a BOS where the model expects one (Llama)."""
+        return list(self.tokenizer(raw_prompt)["input_ids"])
 
     @staticmethod
     def _native(message: ChatMessage, messages: list[ChatMessage]) -> dict:

@@ -103,6 +103,7 @@ def chat_options(settings: Settings) -> ChatOptions:
         validate_tool_names=settings.validate_tool_names,
         tool_prompt=settings.tool_prompt,
         chat_template=settings.chat_template,
+        reasoning_parser=settings.reasoning_parser,
     )
 
 

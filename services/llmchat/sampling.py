@@ -10,22 +10,53 @@ import torch
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logits_processors: tuple[LogitsProcessor, ...] = ()
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # None: off; N: the chosen token's log-probability and the N likeliest
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, masks or truncation),
+    with the likeliest alternatives at that step."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def token_logprob(logits: torch.Tensor, token_id: int, num_top: int, decode: Callable[[int], str]) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if num_top:
+        values, ids = torch.topk(logprobs, num_top)
+        top = [(decode(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
+    return TokenLogprob(decode(token_id), float(logprobs[token_id]), top)
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Picks the next token from one row of logits: greedy at temperature 0, else nucleus sampling."""
-    if params.temperature <= 0.0:
+    # Below this, dividing by the temperature overflows float32 logits to inf (a subnormal 2e-308 did), and
+    # the distribution is greedy in all but name anyway.
+    if params.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    if 0 < params.top_k < logits.numel():
+        # Everything below the k-th largest logit is out (ties at the threshold stay).
+        threshold = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the top token always stays (a top_p that
@@ -47,6 +78,7 @@ class StopChecker:
     def __init__(self, stop: tuple[str, ...]) -> None:
         self.stop = tuple(s for s in stop if s)
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended generation
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was reached)."""
@@ -54,9 +86,10 @@ class StopChecker:
         if not self.stop:
             text, self.pending = self.pending, ""
             return text, False
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
         if hits:
-            text, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits)
+            text, self.pending = self.pending[:at], ""
             return text, True
         keep = self._held_back()
         text = self.pending[: len(self.pending) - keep]

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from llmchat.sampling import SamplingParams, StopChecker
+from llmchat.sampling import SamplingParams, StopChecker, TokenLogprob
 
 _ids = itertools.count()
 
@@ -35,6 +35,8 @@ class Output:
     num_completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it
+    logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the last output, when asked for
 
 
 @dataclass(slots=True, eq=False)
@@ -47,6 +49,7 @@ class Sequence:
     status: Status = Status.WAITING
     completion_ids: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled but not yet in the KV cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent with an output
     is_aborted: bool = False
     submitted_ns: int = field(default_factory=time.time_ns)  # wall clock, for span events
     admitted_ns: int | None = None  # when its prefill started

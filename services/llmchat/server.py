@@ -1,7 +1,6 @@
 """The llmchat app: create_app(), the lifespan that loads the model, and thin routes."""
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,19 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from openai.types import Model
-from opentelemetry import trace
-from sse_starlette import EventSourceResponse
 
 from hrserve import (
-    ClientDisconnected,
     Drain,
     DrainMiddleware,
     OTELContext,
     RequestIdMiddleware,
-    ResponseMetadata,
-    ServiceError,
-    bad_request,
-    cancel_on_disconnect,
     client_job_id,
     document_errors,
     install_access_controls,
@@ -31,13 +23,14 @@ from hrserve import (
     setup_otel,
     shutdown_otel,
 )
-from llmchat import __version__
-from llmchat.chat import Chat, ChatError, Finish, GenerationError, Notice
-from llmchat.engine import Engine, QueueFull
-from llmchat.observe import ChatObservation, Instruments, register_engine_gauges
+from llmchat import __version__, anthropic_messages, openai_completions, openai_responses
+from llmchat.chat import Chat, ChatError, Finish
+from llmchat.engine import Engine
+from llmchat.observe import Instruments, register_engine_gauges
 from llmchat.openai_chat import ResponseInfo, stream_chunks, to_chat_request, to_response
 from llmchat.openai_types import ChatCompletionRequest
 from llmchat.runtime import Runtime, chat_options, load_in_background, served_name
+from llmchat.serving import Serving, invalid, openai_sse_error
 from llmchat.settings import Settings
 
 log = logging.getLogger("llmchat.server")
@@ -58,6 +51,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     register_engine_gauges(meter, lambda: runtime.engine)
     runtime = Runtime(model_name=engine.loaded.name if engine else served_name(settings))
     drain = Drain(settings.drain_timeout)
+    serving = Serving(runtime, otel, instruments, settings.host, settings.port)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,123 +123,44 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
         runtime.require_engine()
-        check_model(model_id)
+        serving.check_model(model_id)
         return model_card()
-
-    def check_model(name: str) -> None:
-        if name != runtime.model_name:
-            raise ServiceError(
-                404,
-                f"The model '{name}' does not exist. This server serves '{runtime.model_name}'.",
-                "invalid_request_error",
-                "model_not_found",
-                "model",
-            )
 
     @app.post("/v1/chat/completions", response_model=None, responses={200: CHAT_200})
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
-    ) -> JSONResponse | EventSourceResponse:
-        chat = runtime.require_chat()
-        check_model(body.model)
+    ) -> JSONResponse | Response:
+        serving.check_model(body.model)
         try:
             chat_request = to_chat_request(body)
         except ChatError as exc:
-            raise _invalid(exc) from None
-        obs = ChatObservation(
-            otel,
-            instruments,
-            runtime.model_name,
+            raise invalid(exc) from None
+        info = ResponseInfo(model=runtime.model_name, logprobs=body.logprobs)
+        run = await serving.start(
+            request,
             chat_request,
+            response_id=info.id,
             stream=body.stream,
             num_messages=len(body.messages),
-            client_job_id=job_id,
-            server=(request.url.hostname or settings.host, request.url.port or settings.port),
+            job_id=job_id,
         )
-        info = ResponseInfo(model=runtime.model_name)
-        obs.response_id(info.id, info.model)
-        try:
-            with trace.use_span(obs.span, end_on_exit=False):
-                prepared = await chat.prepare(chat_request)
-                seq = chat.start(prepared)
-                obs.started(seq)
-        except ChatError as exc:
-            obs.fail("invalid_request")
-            obs.end()
-            raise _invalid(exc) from None
-        except QueueFull as exc:
-            obs.fail("queue_full")
-            obs.end()
-            raise _busy(exc) from None
-        except BaseException as exc:
-            obs.fail(type(exc).__name__, exc)
-            obs.end()
-            raise
-        meta = ResponseMetadata(OTELContext.get_trace_id(obs.span), OTELContext.get_span_id(obs.span), job_id)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            sse = _sse(chat.events(prepared, seq), obs, info, include_usage)
-            return EventSourceResponse(sse, headers=meta.headers(), sep="\n", ping=15)
-        try:
-            collect = to_response(_observed(chat.events(prepared, seq), obs), info)
-            response, _ = await cancel_on_disconnect(request, collect)
-        except ClientDisconnected:
-            # Cancelling the collection aborted the sequence; nobody is left to read a response.
-            obs.disconnected()
-            return Response(status_code=499)
-        except GenerationError as exc:
-            obs.fail("generation_error", exc)
-            raise _generation_failed(exc) from None
-        except BaseException as exc:
-            obs.fail(type(exc).__name__, exc)
-            raise
-        finally:
-            obs.end()
-        return JSONResponse(response.model_dump(mode="json", exclude_unset=True), headers=meta.headers())
+            return run.stream(lambda events: _chat_sse(events, info, include_usage), openai_sse_error)
+        response = await run.collect(request, lambda events: to_response(events, info))
+        if isinstance(response, Response):
+            return response
+        chat_completion, _ = response
+        return JSONResponse(chat_completion.model_dump(mode="json", exclude_unset=True), headers=run.headers)
 
+    app.include_router(openai_responses.router(serving))
+    app.include_router(openai_completions.router(serving))
+    app.include_router(anthropic_messages.router(serving))
     return app
 
 
-def _invalid(exc: ChatError) -> ServiceError:
-    return bad_request(exc.message, exc.param, exc.code)
-
-
-def _busy(exc: QueueFull) -> ServiceError:
-    return ServiceError(
-        429,
-        f"The server is at capacity ({exc}); retry after a few seconds.",
-        "rate_limit_error",
-        "rate_limit_exceeded",
-        headers={"Retry-After": "2"},
-    )
-
-
-def _generation_failed(exc: GenerationError) -> ServiceError:
-    return ServiceError(500, f"Generation failed: {exc}", "server_error", "generation_error")
-
-
-async def _observed(stream, obs: ChatObservation):
-    """Shows every event to the observation; notices go no further."""
-    async for event in stream:
-        obs.event(event)
-        if not isinstance(event, Notice):
-            yield event
-
-
-async def _sse(events, obs: ChatObservation, info: ResponseInfo, include_usage: bool):
-    """The SSE body; cancellation (the client hung up) aborts generation via the event stream."""
-    try:
-        async for item in stream_chunks(_observed(events, obs), info, include_usage):
-            if not isinstance(item, Finish):
-                yield {"data": item}
-        yield {"data": "[DONE]"}
-    except GenerationError as exc:
-        # Status and headers are gone already: report in-band, then close cleanly.
-        obs.fail("generation_error", exc)
-        yield {"data": json.dumps(_generation_failed(exc).body())}
-        yield {"data": "[DONE]"}
-    except asyncio.CancelledError:
-        obs.disconnected()
-        raise
-    finally:
-        obs.end()
+async def _chat_sse(events, info: ResponseInfo, include_usage: bool):
+    async for item in stream_chunks(events, info, include_usage):
+        if not isinstance(item, Finish):
+            yield {"data": item}
+    yield {"data": "[DONE]"}

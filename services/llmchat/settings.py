@@ -81,6 +81,11 @@ class Settings(ServiceSettings):
         None, description="Jinja file replacing the built-in Hermes tool prompt (for templates without tools)."
     )
     chat_template: Path | None = Field(None, description="Jinja chat template file replacing the model's own.")
+    reasoning_parser: Literal["auto", "think", "none"] = Field(
+        "auto",
+        description="Split <think>...</think> reasoning from the answer; auto does when the chat template "
+        "mentions <think> (Qwen3, DeepSeek-R1), none leaves it in the content.",
+    )
     cache_dir: Path = Field(
         Path(platformdirs.user_cache_dir("llmchat")),
         description="Where converted weights (from GGUF) are cached so later starts are fast.",

@@ -40,7 +40,7 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `marker`."""
     for n in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-n:]):
@@ -211,10 +211,14 @@ class ToolParser:
             self._content(self.buf)
         elif self.state in ("list", "item", "call") and self.started:
             self.out.append(Notice("tool_call.unterminated", "the output ended inside a tool call's arguments"))
-        elif self.state in ("list", "item", "call", "rejected"):
+        elif self.state == "rejected" or (self.state in ("list", "item", "call") and not self.stream_arguments):
             if self.state != "rejected":
                 self.out.append(Notice("tool_call.unterminated", "the output ended before the tool call was complete"))
             self._content(self.raw + self.call.text + self.buf)
+        elif self.state in ("list", "item", "call"):
+            # Under a grammar (the streaming mode) this text could only become a call; cut short before its name
+            # was read it is dropped, never passed off as content.
+            self.out.append(Notice("tool_call.unterminated", "the output ended before the tool call's name"))
         self.buf = ""
         if not self.num_calls:
             self._content(self.ws, keep_ws=False)
@@ -275,7 +279,7 @@ class ToolParser:
     def _find_open(self, final: bool) -> bool:
         at = self.buf.find(self.open)
         if at < 0:
-            keep = 0 if final else _partial_suffix(self.buf, self.open)
+            keep = 0 if final else partial_suffix(self.buf, self.open)
             self._content(self.buf[: len(self.buf) - keep])
             self.buf = self.buf[len(self.buf) - keep :]
             return False

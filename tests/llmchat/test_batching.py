@@ -213,16 +213,18 @@ async def disconnect_storm(base_url: str, clients: int) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
+        # Aborts land within an engine step; the slack is for a loaded CI machine delivering 50 hang-ups.
+        # A ghost generation would run on for the rest of its 300 tokens, far beyond this.
+        deadline = loop.time() + 5.0
         while loop.time() < deadline:
             health = (await client.get("/health")).json()
             if health["num_running"] == 0 and health["num_waiting"] == 0:
                 return
             await asyncio.sleep(0.02)
-        raise AssertionError(f"engine still busy a second after the hang-ups: {health}")
+        raise AssertionError(f"engine still busy 5 s after the hang-ups: {health}")
 
 
-def test_disconnect_storms_free_the_engine_within_a_second_and_return_memory(server_process):
+def test_disconnect_storms_free_the_engine_promptly_and_return_memory(server_process):
     asyncio.run(disconnect_storm(server_process.base_url, 20))  # also warms up allocator pools
     before = rss_bytes(server_process.proc.pid)
     asyncio.run(disconnect_storm(server_process.base_url, 50))
@@ -247,3 +249,27 @@ def test_failing_logits_processor_ends_only_its_sequence(loaded):
     bad_outputs, good_tokens = run_engine(loaded, SchedulerConfig(), body)
     assert bad_outputs[-1].finish_reason == "error" and "grammar broke" in bad_outputs[-1].error
     assert len(good_tokens) == 12
+
+
+def test_logprobs_cover_every_generated_token_and_stop_strings_are_named(loaded):
+    ids = prompt_ids(loaded, PROMPTS[0])
+
+    async def body(engine):
+        seq = engine.submit(ids, SamplingParams(max_tokens=12, temperature=0.0, logprobs=3))
+        outputs = [out async for out in engine.stream(seq)]
+        greedy = engine.submit(ids, SamplingParams(max_tokens=12, temperature=0.0))
+        text = "".join([out.text async for out in engine.stream(greedy)])
+        stop = text.split()[2]
+        stopped = engine.submit(ids, SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,)))
+        last = [out async for out in engine.stream(stopped)][-1]
+        return seq, outputs, last, stop
+
+    seq, outputs, last, stop = run_engine(loaded, SchedulerConfig(), body)
+    entries = [entry for out in outputs for entry in out.logprobs or ()]
+    assert len(entries) == len(seq.completion_ids)
+    assert "".join(e.token for e in entries) == "".join(out.text for out in outputs)
+    for entry in entries:
+        # Greedy: each sampled token is the likeliest, so it heads its own top list.
+        assert len(entry.top) == 3 and entry.top[0] == (entry.token, pytest.approx(entry.logprob))
+        assert entry.logprob <= 0
+    assert (last.finish_reason, last.stop_sequence) == ("stop", stop)

@@ -36,7 +36,18 @@ def fuzz_target(tmp_path_factory):
     assert server.stop() == 0
 
 
-OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions"]
+OPERATIONS = [
+    "GET /health",
+    "GET /v1/models",
+    "GET /v1/models/{model_id}",
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/messages",
+    "POST /v1/messages/count_tokens",
+    "POST /v1/responses",
+    "GET /v1/responses/{response_id}",
+    "POST /v1/responses/{response_id}/cancel",
+]
 
 
 @pytest.mark.parametrize("label", OPERATIONS)

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from llmchat.sampling import SamplingParams, StopChecker, sample_next
+from llmchat.sampling import SamplingParams, StopChecker, sample_next, token_logprob
 
 
 def run(checker: StopChecker, pieces: list[str]) -> tuple[str, bool]:
@@ -64,4 +64,44 @@ def test_greedy_and_top_p():
 def test_tiny_top_p_keeps_the_top_token(top_p):
     logits = torch.tensor([0.5, 3.0, 1.0])
     params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+    assert all(sample_next(logits, params, torch.Generator().manual_seed(n)) == 1 for n in range(5))
+
+
+def test_top_k_keeps_only_the_k_likeliest():
+    logits = torch.tensor([2.0, 1.9, 1.8, -5.0, 1.7])
+    params = SamplingParams(max_tokens=1, temperature=2.0, top_k=2)
+    picks = {sample_next(logits, params, torch.Generator().manual_seed(n)) for n in range(200)}
+    assert picks == {0, 1}
+    assert (
+        len(
+            {
+                sample_next(logits, SamplingParams(max_tokens=1, temperature=2.0), torch.Generator().manual_seed(n))
+                for n in range(200)
+            }
+        )
+        >= 3
+    ), "without top_k the others are sampled too"
+
+
+def test_the_stop_string_that_matched_is_named():
+    checker = StopChecker(("END", "STOP"))
+    assert checker.matched is None
+    assert run(checker, ["go S", "TOP then END"]) == ("go ", True)
+    assert checker.matched == "STOP"
+
+
+def test_token_logprob_is_the_models_log_probability_with_the_top_alternatives():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    entry = token_logprob(logits, 2, 2, lambda i: f"t{i}")
+    expected = torch.log_softmax(logits, -1)
+    assert entry.token == "t2" and entry.logprob == pytest.approx(float(expected[2]))
+    assert [t for t, _ in entry.top] == ["t1", "t2"]
+    assert entry.top[0][1] == pytest.approx(float(expected[1]))
+    assert token_logprob(logits, 0, 0, str).top == []
+
+
+@pytest.mark.parametrize("temperature", [2.2e-308, 1e-45, 1e-6])
+def test_vanishing_temperature_is_greedy_not_an_overflow(temperature):
+    logits = torch.tensor([0.5, 30.0, 29.0, -3.0])
+    params = SamplingParams(max_tokens=1, temperature=temperature)
     assert all(sample_next(logits, params, torch.Generator().manual_seed(n)) == 1 for n in range(5))

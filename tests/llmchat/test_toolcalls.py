@@ -215,6 +215,19 @@ def test_arguments_stream_before_the_call_ends():
     assert not PARSERS["hermes"](TOOLS).feed('<tool_call>{"name": "search", "arguments": {"q": "Eiff')
 
 
+@pytest.mark.parametrize("family", sorted(PARSERS))
+def test_a_call_cut_off_before_its_name_is_not_content_under_a_grammar(family):
+    # max_tokens can end a grammar-forced second call early; its marker text must not reach the client.
+    first = {"hermes": f"<tool_call>{WEATHER}</tool_call>", "llama3": WEATHER, "mistral": f"[TOOL_CALLS][{WEATHER}"}
+    cut = {"hermes": '<tool_call>\n{"na', "llama3": '; {"na', "mistral": ', {"na'}
+    text = first[family] + cut[family]
+    streamed = collect(parse_all(PARSERS[family](TOOLS, stream_arguments=True), text))
+    assert streamed.calls == [("get_weather", '{"city": "Paris"}')] and streamed.content == ""
+    assert streamed.notices == ["tool_call.unterminated"]
+    held = collect(parse_all(PARSERS[family](TOOLS), text))
+    assert held.calls == streamed.calls and held.notices == ["tool_call.unterminated"]
+
+
 def test_at_most_max_calls():
     parser = PARSERS["hermes"](TOOLS, max_calls=1)
     result = collect(parse_all(parser, f"<tool_call>{WEATHER}</tool_call><tool_call>{NOW}</tool_call>"))
