@@ -124,7 +124,7 @@ def test_default_budget_is_rest_of_context(client, live):
         ({"model": MODEL}, "messages"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, "temperature"),
-        ({"model": MODEL, "messages": QUESTION, "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_bad_input_is_400_in_openai_envelope(live, body, param):
