@@ -366,26 +366,13 @@ def router(serving: Serving) -> APIRouter:
     async def messages(
         body: wire.MessagesRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | Response:
-        serving.check_model(body.model)
-        try:
-            chat_request = to_chat_request(body)
-        except ChatError as exc:
-            raise invalid(exc) from None
         info = MessageInfo(model=serving.runtime.model_name)
         run = await serving.start(
-            request,
-            chat_request,
-            response_id=info.id,
-            stream=body.stream,
-            num_messages=len(body.messages),
-            job_id=job_id,
+            request, body.model, lambda: to_chat_request(body), response_id=info.id, stream=body.stream, job_id=job_id
         )
         if body.stream:
             return run.stream(lambda events: sse_events(events, info, run.num_prompt_tokens), _sse_error)
-        message = await run.collect(request, lambda events: to_message(events, info, run.num_prompt_tokens))
-        if isinstance(message, Response):
-            return message
-        return JSONResponse(_dump(message), headers=run.headers)
+        return await run.reply(request, lambda events: to_message(events, info, run.num_prompt_tokens), _dump)
 
     @api.post(f"{PATH}/count_tokens")
     async def count_tokens(body: wire.MessagesInput) -> dict:

@@ -17,7 +17,7 @@ from pydantic import Field
 from hrserve import client_job_id
 from llmchat.chat import ChatError, ChatEvent, ChatRequest, Finish, Logprobs, TextDelta
 from llmchat.openai_types import INT64_MAX, INT64_MIN, StreamOptions, WireModel
-from llmchat.serving import Serving, SSEvents, invalid, openai_sse_error
+from llmchat.serving import Serving, SSEvents, openai_sse_error
 
 _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 COMPLETIONS_200 = {
@@ -189,6 +189,10 @@ async def stream_chunks(events: AsyncIterator[ChatEvent], info: CompletionInfo, 
     yield {"data": "[DONE]"}
 
 
+def _json(completion: Completion) -> dict:
+    return completion.model_dump(mode="json", exclude_unset=True)
+
+
 def router(serving: Serving) -> APIRouter:
     api = APIRouter()
 
@@ -196,28 +200,20 @@ def router(serving: Serving) -> APIRouter:
     async def completions(
         body: CompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | HTTPResponse:
-        serving.check_model(body.model)
-        try:
-            chat_request = to_chat_request(body)
-        except ChatError as exc:
-            raise invalid(exc) from None
-        echo = chat_request.prompt if body.echo else ""
-        info = CompletionInfo(serving.runtime.model_name, echo, logprobs=body.logprobs is not None)
+        info = CompletionInfo(serving.runtime.model_name, logprobs=body.logprobs is not None)
         run = await serving.start(
             request,
-            chat_request,
+            body.model,
+            lambda: to_chat_request(body),
             response_id=info.id,
             stream=body.stream,
-            num_messages=1,
             job_id=job_id,
             operation="text_completion",
         )
+        info.echo = prompt_text(body) if body.echo else ""  # valid now: start() built the request from it
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return run.stream(lambda events: stream_chunks(events, info, include_usage), openai_sse_error)
-        response = await run.collect(request, lambda events: to_completion(events, info))
-        if isinstance(response, HTTPResponse):
-            return response
-        return JSONResponse(response.model_dump(mode="json", exclude_unset=True), headers=run.headers)
+        return await run.reply(request, lambda events: to_completion(events, info), _json)
 
     return api

@@ -63,7 +63,7 @@ from llmchat.responses_types import (
     ReasoningItem,
     ResponsesRequest,
 )
-from llmchat.serving import Serving, SSEvents, invalid
+from llmchat.serving import Serving, SSEvents
 
 # OpenAI's "developer" role is the newer name for "system"; chat templates only know the latter.
 _ROLES = {"developer": "system"}
@@ -421,19 +421,14 @@ def router(serving: Serving) -> APIRouter:
     async def create_response(
         body: ResponsesRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | HTTPResponse:
-        serving.check_model(body.model)
-        try:
-            chat_request = to_chat_request(body)
-        except ChatError as exc:
-            raise invalid(exc) from None
         builder = ResponseBuilder(serving.runtime.model_name, _echo(body))
         try:
             run = await serving.start(
                 request,
-                chat_request,
+                body.model,
+                lambda: to_chat_request(body),
                 response_id=builder.id,
                 stream=body.stream,
-                num_messages=len(chat_request.messages),
                 job_id=job_id,
             )
         except ServiceError as exc:
@@ -441,10 +436,7 @@ def router(serving: Serving) -> APIRouter:
             raise
         if body.stream:
             return run.stream(builder.sse, builder.sse_error)
-        response = await run.collect(request, builder.collect)
-        if isinstance(response, HTTPResponse):
-            return response
-        return JSONResponse(response.model_dump(mode="json", exclude_unset=True), headers=run.headers)
+        return await run.reply(request, builder.collect, lambda r: r.model_dump(mode="json", exclude_unset=True))
 
     @api.get("/v1/responses/{response_id}", response_model=None)
     async def retrieve_response(response_id: str) -> None:

@@ -24,13 +24,13 @@ from hrserve import (
     shutdown_otel,
 )
 from llmchat import __version__, anthropic_messages, openai_completions, openai_responses
-from llmchat.chat import Chat, ChatError, Finish
+from llmchat.chat import Chat, Finish
 from llmchat.engine import Engine
 from llmchat.observe import Instruments, register_engine_gauges
 from llmchat.openai_chat import ResponseInfo, stream_chunks, to_chat_request, to_response
 from llmchat.openai_types import ChatCompletionRequest
 from llmchat.runtime import Runtime, chat_options, load_in_background, served_name
-from llmchat.serving import Serving, invalid, openai_sse_error
+from llmchat.serving import Serving, openai_sse_error
 from llmchat.settings import Settings
 
 log = logging.getLogger("llmchat.server")
@@ -130,33 +130,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> JSONResponse | Response:
-        serving.check_model(body.model)
-        try:
-            chat_request = to_chat_request(body)
-        except ChatError as exc:
-            raise invalid(exc) from None
         info = ResponseInfo(model=runtime.model_name, logprobs=body.logprobs)
         run = await serving.start(
-            request,
-            chat_request,
-            response_id=info.id,
-            stream=body.stream,
-            num_messages=len(body.messages),
-            job_id=job_id,
+            request, body.model, lambda: to_chat_request(body), response_id=info.id, stream=body.stream, job_id=job_id
         )
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return run.stream(lambda events: _chat_sse(events, info, include_usage), openai_sse_error)
-        response = await run.collect(request, lambda events: to_response(events, info))
-        if isinstance(response, Response):
-            return response
-        chat_completion, _ = response
-        return JSONResponse(chat_completion.model_dump(mode="json", exclude_unset=True), headers=run.headers)
+        return await run.reply(request, lambda events: to_response(events, info), _openai_json)
 
     app.include_router(openai_responses.router(serving))
     app.include_router(openai_completions.router(serving))
     app.include_router(anthropic_messages.router(serving))
     return app
+
+
+def _openai_json(result: tuple) -> dict:
+    return result[0].model_dump(mode="json", exclude_unset=True)
 
 
 async def _chat_sse(events, info: ResponseInfo, include_usage: bool):

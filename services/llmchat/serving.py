@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from opentelemetry import trace
 from sse_starlette import EventSourceResponse
 
@@ -61,15 +61,22 @@ class Serving:
     async def start(
         self,
         request: Request,
-        chat_request: ChatRequest,
+        model: str,
+        build: Callable[[], ChatRequest],
         *,
         response_id: str,
         stream: bool,
-        num_messages: int,
         job_id: str | None,
         operation: str = "chat",
     ) -> "Run":
-        """Prepares and queues the generation; raises ServiceError (400, 429, 503) before any response starts."""
+        """Checks the model, builds the ChatRequest (build() raises ChatError for what the wire request cannot
+        ask), prepares and queues the generation; raises ServiceError (400, 404, 429, 503) before any response
+        starts."""
+        self.check_model(model)
+        try:
+            chat_request = build()
+        except ChatError as exc:
+            raise invalid(exc) from None
         chat = self.runtime.require_chat()
         obs = ChatObservation(
             self.otel,
@@ -77,7 +84,7 @@ class Serving:
             self.runtime.model_name,
             chat_request,
             stream=stream,
-            num_messages=num_messages,
+            num_messages=len(chat_request.messages) or 1,  # a raw prompt counts as one
             client_job_id=job_id,
             server=(request.url.hostname or self.host, request.url.port or self.port),
             operation=operation,
@@ -143,6 +150,15 @@ class Run:
             raise
         finally:
             self.obs.end()
+
+    async def reply(
+        self, request: Request, build: Callable[[AsyncIterator[ChatEvent]], Awaitable[T]], dump: Callable[[T], dict]
+    ) -> Response:
+        """The one JSON response: build(events) -> a body object, dump(body) -> its JSON (trace headers added)."""
+        body = await self.collect(request, build)
+        if isinstance(body, Response):
+            return body
+        return JSONResponse(dump(body), headers=self.headers)
 
     def stream(
         self,
