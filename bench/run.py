@@ -19,7 +19,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench import constrained, servers
+from bench import constrained, protocols, servers
 from llmchat.llm import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--no-constrained", action="store_true", help="skip the constrained-decoding comparison")
+    parser.add_argument("--no-protocols", action="store_true", help="skip the chat/messages/responses comparison")
     args = parser.parse_args()
     console = Console(width=140)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +250,8 @@ def main() -> None:
                 results.append(result)
             if key == "llmchat" and not args.no_constrained:
                 constrained.run(server, count, args.max_tokens, console, args.out)
+            if key == "llmchat" and not args.no_protocols:
+                protocols.run(server, PROMPTS, count, args.max_tokens, console, args.out)
         finally:
             server.stop()
     render(results, console)

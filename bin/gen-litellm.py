@@ -58,7 +58,8 @@ def deployment(group: str, model: str, api_base: str, api_key_env: str | None, t
     return {
         "model_name": group,
         "litellm_params": params,
-        "model_info": {"id": api_base, "mode": "chat", "supports_function_calling": True},
+        # Unique per group too: a replica may serve as a fallback of its own group.
+        "model_info": {"id": f"{group}@{api_base}", "mode": "chat", "supports_function_calling": True},
     }
 
 
@@ -99,6 +100,8 @@ def config(args: argparse.Namespace) -> dict:
         # Read by the LiteLLM proxy only: it probes each replica (a one-token chat) every interval and
         # routes around the ones that fail. An in-process Router relies on retries and cooldown.
         "general_settings": {
+            # The proxy refuses to start without a key for its own clients; it is read from the environment.
+            "master_key": "os.environ/LITELLM_MASTER_KEY",
             "background_health_checks": True,
             "health_check_interval": args.health_interval,
             "enable_health_check_routing": True,

@@ -103,6 +103,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             }
             if runtime.chat is not None:
                 body["tool_parser"] = runtime.chat.family
+                body["reasoning_parser"] = "think" if runtime.chat.reasons else "none"
             if not runtime.engine.is_alive:
                 body["status"] = "error"
         if runtime.error:

@@ -40,7 +40,7 @@ def test_hosts_ports_and_instances():
     ]
     deployment = config["model_list"][0]
     assert deployment["litellm_params"]["model"] == "openai/m"
-    assert deployment["model_info"]["id"] == "http://gpu1:2020/v1", "each replica is its own deployment id"
+    assert deployment["model_info"]["id"] == "m@http://gpu1:2020/v1", "each replica is its own deployment"
     router = config["router_settings"]
     assert router["routing_strategy"] == "least-busy" and router["num_retries"] == 2
     assert "fallbacks" not in router
@@ -67,6 +67,13 @@ def test_fallback_group_strategy_group_name_and_key():
     assert config["router_settings"]["fallbacks"] == [{"chat": ["chat-fallback"]}]
     assert config["router_settings"]["routing_strategy"] == "latency-based-routing"
     assert {d["litellm_params"]["api_key"] for d in config["model_list"]} == {"os.environ/LLMCHAT_KEY"}
+
+
+def test_a_replica_can_be_a_fallback_of_its_own_group_with_distinct_ids():
+    config = json.loads(gen("a", "b", "--fallback", "a", "--model", "m").stdout)
+    ids = [d["model_info"]["id"] for d in config["model_list"]]
+    assert len(set(ids)) == len(ids) == 3
+    assert config["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
 
 
 @pytest.mark.parametrize(

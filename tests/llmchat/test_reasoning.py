@@ -251,6 +251,11 @@ def test_required_tool_call_is_not_taken_for_reasoning(client):
     assert reasoning_of(r.choices[0].message) is None
 
 
+def test_health_says_whether_reasoning_is_split(live, thinking_server):
+    assert httpx.get(f"{live.base_url}/health").json()["reasoning_parser"] == "none"
+    assert httpx.get(f"{thinking_server.base_url}/health").json()["reasoning_parser"] == "think"
+
+
 def test_the_bundled_template_has_no_reasoning(live):
     assert live.app.state.runtime.chat.reasons is False
     client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0)
