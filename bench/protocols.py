@@ -4,33 +4,13 @@ wire format. Greedy, same max_tokens, output counted with the model's tokenizer.
 
 import asyncio
 import json
-import statistics
-import time
+from dataclasses import asdict
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from bench import servers
-
-
-def _chat(model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
-    messages = [{"role": "user", "content": prompt}]
-    return "/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": max_tokens}
-
-
-def _messages(model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
-    messages = [{"role": "user", "content": prompt}]
-    return "/v1/messages", {"model": model, "messages": messages, "max_tokens": max_tokens}
-
-
-def _responses(model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
-    return "/v1/responses", {"model": model, "input": prompt, "max_output_tokens": max_tokens}
-
-
-def _chat_text(event: dict) -> str:
-    return "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
 
 
 def _messages_text(event: dict) -> str:
@@ -41,66 +21,41 @@ def _responses_text(event: dict) -> str:
     return event.get("delta", "") if event.get("type") == "response.output_text.delta" else ""
 
 
-PROTOCOLS = {
-    "chat.completions": (_chat, _chat_text),
-    "messages": (_messages, _messages_text),
-    "responses": (_responses, _responses_text),
-}
+def _asks(model: str, max_tokens: int, count) -> dict:
+    """Per protocol, ask(client, prompt) -> one streamed request's timings."""
+    from bench.run import one_request, stream_request  # run.py imports this module
 
+    def messages(prompt: str) -> list[dict]:
+        return [{"role": "user", "content": prompt}]
 
-async def _one(client: httpx.AsyncClient, protocol: str, model: str, prompt: str, max_tokens: int, count) -> dict:
-    build, text_of = PROTOCOLS[protocol]
-    path, body = build(model, prompt, max_tokens)
-    start, first, last, parts = time.perf_counter(), None, None, []
-    async with client.stream("POST", path, json=body | {"temperature": 0, "stream": True}) as r:
-        if r.status_code != 200:
-            await r.aread()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if text := text_of(json.loads(line[6:])):
-                first, last = first or time.perf_counter(), time.perf_counter()
-                parts.append(text)
-    if first is None:
-        raise RuntimeError("no text streamed")
-    tokens = count("".join(parts))
-    return {"ttft": first - start, "tokens": tokens, "decode": (tokens - 1) / (last - first) if last > first else 0.0}
-
-
-async def _level(server: servers.Server, protocol: str, concurrency: int, prompts, max_tokens: int, count) -> dict:
-    queue, done, errors = list(range(max(2 * concurrency, 3))), [], 0
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal errors
-        while queue:
-            i = queue.pop(0)
-            try:
-                done.append(await _one(client, protocol, server.model, prompts[i % len(prompts)], max_tokens, count))
-            except Exception:  # counted, the run goes on
-                errors += 1
-
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=600) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
     return {
-        "protocol": protocol,
-        "concurrency": concurrency,
-        "errors": errors,
-        "throughput_tok_s": round(sum(d["tokens"] for d in done) / wall, 2),
-        "ttft_p50_s": round(statistics.median([d["ttft"] for d in done] or [float("nan")]), 3),
-        "decode_tok_s_p50": round(statistics.median([d["decode"] for d in done] or [0.0]), 2),
+        "chat.completions": lambda client, prompt: one_request(client, model, prompt, max_tokens, count),
+        "messages": lambda client, prompt: stream_request(
+            client,
+            "/v1/messages",
+            {"model": model, "messages": messages(prompt), "max_tokens": max_tokens},
+            _messages_text,
+            count,
+        ),
+        "responses": lambda client, prompt: stream_request(
+            client,
+            "/v1/responses",
+            {"model": model, "input": prompt, "max_output_tokens": max_tokens},
+            _responses_text,
+            count,
+        ),
     }
 
 
-def run(server: servers.Server, prompts, count, max_tokens: int, console: Console, out: Path) -> None:
+def run(server: servers.Server, count, max_tokens: int, console: Console, out: Path) -> None:
+    from bench.run import run_level
+
     rows = []
     for concurrency in (1, 8):
-        for protocol in PROTOCOLS:
-            row = asyncio.run(_level(server, protocol, concurrency, prompts, max_tokens, count))
-            rows.append(row)
-            console.print(f"  {protocol} c={concurrency}: {row['throughput_tok_s']} tok/s")
+        for protocol, ask in _asks(server.model, max_tokens, count).items():
+            result = asyncio.run(run_level(server, concurrency, max(2 * concurrency, 3), max_tokens, count, ask=ask))
+            rows.append({"protocol": protocol} | asdict(result))
+            console.print(f"  {protocol} c={concurrency}: {result.throughput_tok_s} tok/s")
     table = Table(title="Protocols (llmchat, same prompts, greedy)")
     for col in ("protocol", "conc", "tok/s", "vs chat", "decode tok/s p50", "TTFT p50 s", "errors"):
         table.add_column(col, justify="right")

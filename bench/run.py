@@ -58,39 +58,36 @@ class Result:
     peak_rss_mb: float
 
 
-async def one_request(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, count, extra: dict | None = None
-) -> dict:
-    """One streamed request; output is content plus tool-call arguments, as the client sees them."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-    } | (extra or {})
+def chat_text(event: dict) -> str:
+    """A chat chunk's output as the client sees it: content plus tool-call arguments."""
+    text = ""
+    for choice in event.get("choices", []):
+        delta = choice.get("delta") or {}
+        calls = delta.get("tool_calls") or []
+        text += (delta.get("content") or "") + "".join(c["function"].get("arguments") or "" for c in calls)
+    return text
+
+
+async def stream_request(client: httpx.AsyncClient, path: str, body: dict, text_of, count) -> dict:
+    """One streamed request; text_of(event) is the output text an SSE data event carries."""
     start = time.perf_counter()
     first = last = None
     parts: list[str] = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", path, json=body | {"temperature": 0, "stream": True}) as r:
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(str(chunk["error"]))
-            for choice in chunk.get("choices", []):
-                delta = choice.get("delta") or {}
-                calls = delta.get("tool_calls") or []
-                text = (delta.get("content") or "") + "".join(c["function"].get("arguments") or "" for c in calls)
-                if text:
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    parts.append(text)
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(str(event["error"]))
+            if text := text_of(event):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                parts.append(text)
     if first is None:
         raise RuntimeError("no content streamed")
     # Tokens are counted with the model's own tokenizer, the same way for every server.
@@ -99,9 +96,25 @@ async def one_request(
     return {"ttft": first - start, "tokens": tokens, "decode_tok_s": decode}
 
 
+async def one_request(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, count, extra: dict | None = None
+) -> dict:
+    """One streamed chat completion, greedy."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    return await stream_request(client, "/v1/chat/completions", body | (extra or {}), chat_text, count)
+
+
 async def run_level(
-    server: servers.Server, concurrency: int, num_requests: int, max_tokens: int, count, extra: dict | None = None
+    server: servers.Server,
+    concurrency: int,
+    num_requests: int,
+    max_tokens: int,
+    count,
+    extra: dict | None = None,
+    ask=None,
 ) -> Result:
+    """`num_requests` over `concurrency` clients; ask(client, prompt) replaces the chat request when given."""
+    ask = ask or (lambda client, prompt: one_request(client, server.model, prompt, max_tokens, count, extra))
     queue = list(range(num_requests))
     done: list[dict] = []
     errors = 0
@@ -111,8 +124,7 @@ async def run_level(
         while queue:
             i = queue.pop(0)
             try:
-                prompt = PROMPTS[i % len(PROMPTS)]
-                done.append(await one_request(client, server.model, prompt, max_tokens, count, extra))
+                done.append(await ask(client, PROMPTS[i % len(PROMPTS)]))
             except Exception:  # counted, the run goes on
                 errors += 1
 
@@ -251,7 +263,7 @@ def main() -> None:
             if key == "llmchat" and not args.no_constrained:
                 constrained.run(server, count, args.max_tokens, console, args.out)
             if key == "llmchat" and not args.no_protocols:
-                protocols.run(server, PROMPTS, count, args.max_tokens, console, args.out)
+                protocols.run(server, count, args.max_tokens, console, args.out)
         finally:
             server.stop()
     render(results, console)
