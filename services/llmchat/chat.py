@@ -115,6 +115,11 @@ class ChatRequest:
                 variables["enable_thinking"] = False
         return variables | self.template_kwargs
 
+    @property
+    def text_field(self) -> str:
+        """The request field that holds the prompt's text, for errors about its size."""
+        return "prompt" if self.prompt is not None else "messages"
+
     def num_chars(self) -> int:
         """The characters of everything that goes into the prompt: messages, past calls and tools."""
         if self.prompt is not None:
@@ -215,7 +220,7 @@ class Chat:
         """Renders and tokenizes the conversation and builds its grammar (off the event loop); checks it fits."""
         self._check(request)
         prompt_ids, prompt_text, processor = await asyncio.to_thread(self._render, request)
-        source = "prompt" if request.prompt is not None else "messages"
+        source = request.text_field
         if not prompt_ids:
             raise ChatError("The prompt is empty; send some text.", source)
         room = self.engine.max_context - len(prompt_ids)
@@ -278,7 +283,7 @@ class Chat:
             )
         limit = MAX_CHARS_PER_TOKEN * self.engine.max_context
         if (num_chars := request.num_chars()) > limit:
-            source = "prompt" if request.prompt is not None else "messages"
+            source = request.text_field
             raise ChatError(
                 f"The {source} hold {num_chars} characters, more than the {limit} ({MAX_CHARS_PER_TOKEN} a token) "
                 f"that could fit this model's context of {self.engine.max_context} tokens. Shorten the {source}.",
