@@ -1,6 +1,6 @@
 """Decode-step timings for the engine's speed levers, on the bundled model's converted weights.
 
-    .venv/bin/python -m bench.levers                 # cache kind x dtype, rows 1/8/16
+    .venv/bin/python -m bench.levers                 # dtype x cache kind x forward pass, rows 1/8/16
     .venv/bin/python -m bench.levers --compile       # adds torch.compile (minutes of compiling on 2 cores)
 
 Each case prefills `--context` tokens per row, then times `--steps` decode steps of the whole batch.
@@ -15,8 +15,9 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from llmchat.llama import FusedForward
 from llmchat.llm import ModelConfig, converted_dir, load_model, resolve_source
-from llmchat.runner import new_cache
+from llmchat.runner import TransformersForward, new_cache
 from llmchat.settings import Settings
 
 CACHES = {"dynamic (torch.cat)": lambda m: DynamicCache(config=m.config), "spare columns": new_cache}
@@ -26,16 +27,15 @@ def time_decode(model, forward, make_cache, rows: int, context: int, steps: int)
     """Returns (first step seconds, steady-state ms per step over the second half)."""
     ids = torch.randint(100, 1000, (rows, context))
     mask = torch.ones(rows, context, dtype=torch.long)
-    cache = model(
-        input_ids=ids, attention_mask=mask, past_key_values=make_cache(model), logits_to_keep=1
-    ).past_key_values
+    cache = make_cache(model)
+    forward(ids, mask, mask.cumsum(-1) - 1, cache)
     positions = torch.full((rows, 1), context)
     token = torch.randint(100, 1000, (rows, 1))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
-        forward(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        forward(token, mask, positions, cache)
         positions = positions + 1
         times.append(time.perf_counter() - start)
     steady = times[steps // 2 :]
@@ -57,9 +57,12 @@ def main() -> None:
     with torch.inference_mode():
         for dtype in (torch.float32, torch.bfloat16):
             model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).eval()
-            forwards = {"eager": model}
+            fused = FusedForward(model)
+            forwards = {"transformers": TransformersForward(model, "bench"), fused.kind: fused}
+            if fused.kind != "fused":
+                forwards["fused, unpacked"] = FusedForward(model, packed=False)
             if args.compile:
-                forwards["torch.compile"] = torch.compile(model, dynamic=True)
+                forwards["transformers + torch.compile"] = TransformersForward(torch.compile(model, dynamic=True), "")
             for cache_name, make_cache in CACHES.items():
                 for forward_name, forward in forwards.items():
                     for rows in map(int, args.rows.split(",")):

@@ -221,7 +221,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--servers", default="llmchat,transformers,llama.cpp")
+    parser.add_argument(
+        "--servers",
+        default="llmchat,transformers,transformers-bf16,llama.cpp",
+        help="transformers serves the weights as stored (float32); transformers-bf16 adds --dtype bfloat16",
+    )
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--no-constrained", action="store_true", help="skip the constrained-decoding comparison")
@@ -243,6 +247,7 @@ def main() -> None:
     candidates = {
         "llmchat": lambda: servers.llmchat(args.llmchat_args.split()),
         "transformers": lambda: servers.transformers_serve(weights),
+        "transformers-bf16": lambda: servers.transformers_serve(weights, "bfloat16"),
         "llama.cpp": lambda: servers.llama_cpp(bundled_gguf()),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -255,6 +260,9 @@ def main() -> None:
         console.print(f"starting {server.name} ...")
         try:
             server.start(args.out)
+            if key == "llmchat":
+                health = httpx.get(server.base_url + "/health").json()
+                console.print(f"  dtype {health['dtype']}, forward pass: {health['forward']}")
             asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
             for c in levels:
                 result = asyncio.run(run_level(server, c, max(c * args.requests_per_client, 3), args.max_tokens, count))

@@ -76,13 +76,18 @@ def llmchat(extra: list[str]) -> Server:
     return Server("llmchat", cmd, "SmolLM2-135M-Instruct", "/health", port=port)
 
 
-def transformers_serve(weights_dir: Path) -> Server | None:
+def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:
+    """`dtype` auto is what the weights are stored in (float32 for the converted GGUF)."""
     exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
     if exe is None:
         return None
     port = free_port()
     cmd = [exe, "serve", str(weights_dir), "--continuous-batching", "--port", str(port), "--host", "127.0.0.1"]
-    return Server("transformers-serve-cb", cmd, str(weights_dir), "/health", port=port)
+    name = "transformers-serve-cb"
+    if dtype != "auto":
+        cmd += ["--dtype", dtype]
+        name += f"-{dtype}"
+    return Server(name, cmd, str(weights_dir), "/health", port=port)
 
 
 def llama_cpp(gguf: Path) -> Server | None:

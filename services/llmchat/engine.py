@@ -26,7 +26,7 @@ log = logging.getLogger("llmchat.engine")
 class Engine:
     """Facade the chat layer talks to: start(), submit(), stream(), abort(), shutdown()."""
 
-    def __init__(self, loaded: LoadedModel, config: SchedulerConfig | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: SchedulerConfig | None = None, fused_forward: bool = True) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
@@ -38,7 +38,7 @@ class Engine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-        self.runner = BatchRunner(loaded.model, pad)
+        self.runner = BatchRunner(loaded.model, pad, fused_forward)
         self._thread: threading.Thread | None = None
         self._stopping = False
         # When the loop last came round (monotonic); the systemd watchdog reads it.

@@ -148,7 +148,9 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        # Without AMX a CPU emulates bfloat16 matmuls, slower than float32 once rows are batched (bench.levers).
+        amx = bool(torch.cpu.get_capabilities().get("amx_bf16"))
+        return torch.bfloat16 if device == "cuda" or amx else torch.float32
     return _DTYPES[dtype]
 
 

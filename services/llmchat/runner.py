@@ -5,10 +5,15 @@ count each row's real tokens, the same layout `generate()` uses for a padded bat
 trimmed when the rows that needed it leave.
 """
 
+import logging
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from llmchat.llama import FusedForward, unsupported_reason
 from llmchat.scheduler import Sequence
+
+log = logging.getLogger("llmchat.runner")
 
 SPARE_COLUMNS = 64
 
@@ -73,9 +78,39 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return model.device if device is None else torch.device(device)
 
 
-class BatchRunner:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
+class TransformersForward:
+    """The model's own forward pass, for any architecture and placement transformers supports."""
+
+    def __init__(self, model: torch.nn.Module, why: str) -> None:
         self.model = model
+        self.kind = f"transformers ({why})"
+
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+
+def pick_forward(model: torch.nn.Module, fused: bool) -> FusedForward | TransformersForward:
+    reason = unsupported_reason(model) if fused else "chosen in the settings"
+    forward = FusedForward(model) if reason is None else TransformersForward(model, reason)
+    log.info("forward pass: %s", forward.kind)
+    return forward
+
+
+class BatchRunner:
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, fused: bool = True) -> None:
+        self.model = model
+        self.forward = pick_forward(model, fused)
+        self.forward_kind: str = self.forward.kind
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.rows: list[Sequence] = []
@@ -99,32 +134,19 @@ class BatchRunner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache(self.model)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._add_rows(seqs, out.past_key_values, mask)
-        return out.logits[:, -1, :]
+        logits = self.forward(ids, mask, positions, cache)
+        self._add_rows(seqs, cache, mask)
+        return logits
 
     def decode(self) -> torch.Tensor:
         """Feeds every row its pending token; returns the next-token logits [rows, V]."""
         ids = torch.tensor([[s.pending_token] for s in self.rows], dtype=torch.long, device=self.device)
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         mask = torch.cat([self.mask, ones], dim=1)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=self.positions[:, None],
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache, self.mask = out.past_key_values, mask
+        logits = self.forward(ids, mask, self.positions[:, None], self.cache)
+        self.mask = mask
         self.positions = self.positions + 1
-        return out.logits[:, -1, :]
+        return logits
 
     def drop(self, seqs: list[Sequence]) -> None:
         """Frees the rows of `seqs` and the padding columns no remaining row needs."""

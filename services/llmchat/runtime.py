@@ -125,7 +125,8 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
 
     def work() -> None:
         try:
-            engine = Engine(load_model(model_config(settings), stage), scheduler_config)
+            loaded = load_model(model_config(settings), stage)
+            engine = Engine(loaded, scheduler_config, fused_forward=settings.forward == "auto")
             chat = Chat(engine, chat_options(settings))
             stage(f"preparing constrained decoding ({chat.family} tool calls)")
             chat.grammar  # noqa: B018 -- built now so the first tool request does not pay for it

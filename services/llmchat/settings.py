@@ -35,7 +35,13 @@ class Settings(ServiceSettings):
         "auto", description="auto picks CUDA when torch sees a GPU (ROCm builds report as cuda), else the CPU."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight and compute dtype; auto is bfloat16 on a GPU and float32 on the CPU."
+        "auto",
+        description="Weight and compute dtype; auto is bfloat16 on a GPU and on a CPU with AMX, else float32.",
+    )
+    forward: Literal["auto", "transformers"] = Field(
+        "auto",
+        description="Forward pass: auto runs Llama, Mistral, Qwen2 and Qwen3 models (unquantized, on one device) "
+        "through llmchat's fused pass and anything else through transformers; transformers always uses transformers'.",
     )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
         "auto", description="bitsandbytes quantization; auto is nf4 on a GPU and none on the CPU."

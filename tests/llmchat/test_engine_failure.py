@@ -16,7 +16,7 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a stor
 
 
 class FailAtStep:
-    """Wraps model.forward to raise once, at the given forward call."""
+    """Wraps the runner's forward pass to raise once, at the given call."""
 
     def __init__(self, forward, step: int) -> None:
         self.forward, self.step, self.calls = forward, step, 0
@@ -30,10 +30,10 @@ class FailAtStep:
 
 @pytest.fixture(scope="module")
 def flaky():
-    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
-    fault = FailAtStep(loaded.model.forward, step=0)
-    loaded.model.forward = fault
-    live = start_server(create_app(Settings(port=0), engine=Engine(loaded)))
+    engine = Engine(load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir)))
+    fault = FailAtStep(engine.runner.forward, step=0)
+    engine.runner.forward = fault
+    live = start_server(create_app(Settings(port=0), engine=engine))
     yield live, fault
     live.stop()
 

@@ -45,7 +45,8 @@ def test_sources(tmp_path):
 def test_auto_choices_on_this_machine():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto") == expected
-    assert pick_dtype("auto", "cpu") == torch.float32
+    amx = torch.cpu.get_capabilities().get("amx_bf16")
+    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if amx else torch.float32)
     assert pick_dtype("auto", "cuda") == torch.bfloat16
     assert pick_quantization("auto", "cpu") == "none"
     assert pick_quantization("auto", "cuda") == "nf4"

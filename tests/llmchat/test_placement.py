@@ -22,12 +22,14 @@ PROMPTS = ["What is the capital of France?", "List three primary colors."]
 
 
 def split_settings(max_memory: str, offload_dir) -> Settings:
-    return Settings(port=0, device="cpu", device_map="auto", max_memory=max_memory, offload_dir=offload_dir)
+    return Settings(
+        port=0, device="cpu", dtype="float32", device_map="auto", max_memory=max_memory, offload_dir=offload_dir
+    )
 
 
 @pytest.fixture(scope="module")
 def whole():
-    return load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+    return load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,7 @@ def test_health_reports_placement(split):
     assert health["status"] == "ok"
     assert health["device_map"] == "auto" and health["max_memory"] == SPLIT
     assert health["placement"] == split.describe()["placement"]
+    assert health["forward"] == "transformers (the model is placed by a device map)"
 
 
 def test_single_device_placement_is_one_entry(whole):

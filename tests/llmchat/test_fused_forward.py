@@ -1,0 +1,143 @@
+"""llmchat's fused forward pass computes what transformers' does, for every family it claims, and only for those."""
+
+import httpx
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+from llmchat.engine import Engine
+from llmchat.llama import FusedForward, unsupported_reason, uses_packed_bf16
+from llmchat.llm import ModelConfig, load_model
+from llmchat.runner import TransformersForward, new_cache
+from llmchat.server import create_app
+from llmchat.settings import Settings
+from tests.conftest import start_server
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+# Each family's own twist: Llama3 rope scaling, Mistral, Qwen2's q/k/v biases, Qwen3's per-head q/k norms.
+FAMILIES = {
+    "llama": dict(
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(use_sliding_window=False),
+    "qwen3": dict(use_sliding_window=False, attention_bias=False),
+}
+
+
+def tiny_model(model_type: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **(TINY | FAMILIES.get(model_type, {}) | overrides))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if model_type == "qwen2":  # randomly initialised biases are zeros; make them count
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_proj.bias, std=0.5)
+            torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=0.5)
+    return model
+
+
+def left_padded(rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    longest = max(rows)
+    ids = torch.randint(3, vocab, (len(rows), longest))
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, n in enumerate(rows):
+        mask[i, longest - n :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run(forward, model, ids, mask, positions, tokens: list[torch.Tensor] | None = None, steps: int = 4):
+    """Logits of a prefill and decode steps: feeding `tokens` (teacher forcing) or else the greedy ones."""
+    cache = new_cache(model)
+    logits = [forward(ids, mask, positions, cache)]
+    positions = positions[:, -1:]
+    for step in range(len(tokens) if tokens is not None else steps):
+        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], dim=1)
+        positions = positions + 1
+        token = tokens[step] if tokens is not None else logits[-1].argmax(-1, keepdim=True)
+        logits.append(forward(token, mask, positions, cache))
+    return logits
+
+
+def compare(model, rows: list[int], steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(fused, transformers) logits for the same left-padded batch and the same fed-back tokens."""
+    ids, mask, positions = left_padded(rows, model.config.vocab_size)
+    with torch.inference_mode():
+        theirs = run(TransformersForward(model, "reference"), model, ids, mask, positions, steps=steps)
+        tokens = [t.argmax(-1, keepdim=True) for t in theirs[:-1]]
+        ours = run(FusedForward(model), model, ids, mask, positions, tokens)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_fused_pass_matches_transformers_for_each_family(model_type):
+    model = tiny_model(model_type)
+    assert unsupported_reason(model) is None
+    ours, theirs = compare(model, [9, 4, 13], steps=4)
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    # The model's own projections now view the fused weights instead of holding a second copy.
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+
+
+@pytest.fixture(scope="module")
+def bundled_bf16():
+    return load_model(ModelConfig("bundled", device="cpu", dtype="bfloat16", cache_dir=Settings().cache_dir))
+
+
+def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
+    """The real weights in bfloat16 (prepacked matmuls where the CPU has AMX): the same logits up to rounding."""
+    model = bundled_bf16.model
+    assert FusedForward(model).kind == ("fused, prepacked bfloat16" if uses_packed_bf16(model) else "fused")
+    torch.manual_seed(1)
+    ours, theirs = compare(model, [30, 12, 21], steps=8)
+    for a, b in zip(ours, theirs, strict=True):
+        # bfloat16 keeps 8 bits of mantissa; two kernels' roundings stay within a few of its steps.
+        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
+def test_models_it_cannot_run_say_why(tmp_path):
+    assert "model type 'gpt2'" in unsupported_reason(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    )
+    assert unsupported_reason(tiny_model("mistral", sliding_window=16)) == "sliding-window attention"
+    assert "activation" in unsupported_reason(tiny_model("llama", hidden_act="gelu"))
+    tiny_model("llama").save_pretrained(tmp_path)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+    )
+    assert unsupported_reason(quantized) == "the projections are quantized"
+
+
+def test_the_setting_chooses_the_pass_and_health_says_which():
+    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+    assert Engine(loaded).runner.forward_kind.startswith("fused")
+    live = start_server(create_app(Settings(port=0, device="cpu", forward="transformers")))
+    try:
+        health = httpx.get(f"{live.base_url}/health").json()
+        reply = httpx.post(
+            f"{live.base_url}/v1/chat/completions",
+            json={"model": health["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+    finally:
+        live.stop()
+    assert health["forward"] == "transformers (chosen in the settings)"
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
