@@ -33,6 +33,9 @@ def serve(
     dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16.")] = None,
     quantization: Annotated[str | None, Opt(help="auto | none | nf4 | int8.")] = None,
     forward: Annotated[str | None, Opt(help="auto (fused for Llama-family models) | transformers.")] = None,
+    cuda_graphs: Annotated[
+        bool | None, Opt("--cuda-graphs/--no-cuda-graphs", help="Decode steps from CUDA graphs (GPU only).")
+    ] = None,
     device_map: Annotated[str | None, Opt(help="single | auto | balanced | balanced_low_0 | sequential.")] = None,
     max_memory: Annotated[str | None, Opt(help="Per-device caps for a device map: 0=20GiB,1=20GiB,cpu=64GiB.")] = None,
     offload_dir: Annotated[Path | None, Opt(help="Where a device map puts layers on disk.")] = None,

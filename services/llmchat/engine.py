@@ -26,19 +26,26 @@ log = logging.getLogger("llmchat.engine")
 class Engine:
     """Facade the chat layer talks to: start(), submit(), stream(), abort(), shutdown()."""
 
-    def __init__(self, loaded: LoadedModel, config: SchedulerConfig | None = None, fused_forward: bool = True) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: SchedulerConfig | None = None,
+        fused_forward: bool = True,
+        cuda_graphs: bool = False,
+    ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
         self.vocab_size = loaded.model.config.vocab_size
-        self.scheduler = Scheduler(config or SchedulerConfig())
+        config = config or SchedulerConfig()
+        self.scheduler = Scheduler(config)
         eos = loaded.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-        self.runner = BatchRunner(loaded.model, pad, fused_forward)
+        self.runner = BatchRunner(loaded.model, pad, fused_forward, cuda_graphs, config.max_running)
         self._thread: threading.Thread | None = None
         self._stopping = False
         # When the loop last came round (monotonic); the systemd watchdog reads it.

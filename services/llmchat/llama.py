@@ -149,30 +149,44 @@ class FusedForward:
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
-        rows, num_queries = ids.shape
         x = F.embedding(ids, self.embed)
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads in [rows, queries, heads, dim]
-        allowed = attention_mask(mask, num_queries)
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = self.rotary_for(x, positions)
+        allowed = attention_mask(mask, ids.shape[1])
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
-            qkv = layer.qkv(rms_norm(x, layer.norm1)).view(rows, num_queries, heads + 2 * kv_heads, dim)
-            if layer.qk_norms is None:
-                qk = rotate(qkv[:, :, : heads + kv_heads], cos, sin)
-            else:
-                q_norm, k_norm = layer.qk_norms
-                qk = torch.cat(
-                    (rms_norm(qkv[:, :, :heads], q_norm), rms_norm(qkv[:, :, heads : heads + kv_heads], k_norm)), 2
-                )
-                qk = rotate(qk, cos, sin)
-            q = qk[:, :, :heads].transpose(1, 2)
-            keys, values = cache_layer.update(
-                qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads :].transpose(1, 2)
-            )
+            q, k, v = self.pre_attention(layer, x, cos, sin)
+            keys, values = cache_layer.update(k, v)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
             )
-            x = x + layer.o(out.transpose(1, 2).reshape(rows, num_queries, heads * dim))
-            gate, up = layer.gate_up(rms_norm(x, layer.norm2)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2))
+        return self.head(x)
+
+    def rotary_for(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(x, positions)
+        return cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads in [rows, queries, heads, dim]
+
+    def pre_attention(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries [rows, heads, queries, dim], keys and values [rows, kv_heads, queries, dim] of one layer."""
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        rows, num_queries = x.shape[:2]
+        qkv = layer.qkv(rms_norm(x, layer.norm1)).view(rows, num_queries, heads + 2 * kv_heads, self.head_dim)
+        qk = qkv[:, :, : heads + kv_heads]
+        if layer.qk_norms is not None:
+            q_norm, k_norm = layer.qk_norms
+            qk = torch.cat((rms_norm(qk[:, :, :heads], q_norm), rms_norm(qk[:, :, heads:], k_norm)), dim=2)
+        qk = rotate(qk, cos, sin)
+        return (
+            qk[:, :, :heads].transpose(1, 2),
+            qk[:, :, heads:].transpose(1, 2),
+            qkv[:, :, heads + kv_heads :].transpose(1, 2),
+        )
+
+    def post_attention(self, layer: Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of one layer (output projection, MLP, residuals); `attended` is [rows, queries, heads * dim]."""
+        x = x + layer.o(attended)
+        gate, up = layer.gate_up(rms_norm(x, layer.norm2)).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of each row's last position."""
         return self.lm_head(rms_norm(x[:, -1], self.final_norm))

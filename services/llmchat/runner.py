@@ -10,6 +10,7 @@ import logging
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from llmchat.cuda_graphs import GraphedDecode
 from llmchat.llama import FusedForward, unsupported_reason
 from llmchat.scheduler import Sequence
 
@@ -99,17 +100,33 @@ class TransformersForward:
         return out.logits[:, -1, :]
 
 
-def pick_forward(model: torch.nn.Module, fused: bool) -> FusedForward | TransformersForward:
+def pick_forward(
+    model: torch.nn.Module, fused: bool, cuda_graphs: bool = False, max_rows: int = 16
+) -> FusedForward | GraphedDecode | TransformersForward:
     reason = unsupported_reason(model) if fused else "chosen in the settings"
     forward = FusedForward(model) if reason is None else TransformersForward(model, reason)
+    if cuda_graphs:
+        if reason is not None:
+            log.warning("CUDA graphs need the fused forward pass (%s); not used", reason)
+        elif model.device.type != "cuda":
+            log.info("CUDA graphs are for a GPU; not used on the %s", model.device.type)
+        else:
+            forward = GraphedDecode(forward, max_rows, capture=True)
     log.info("forward pass: %s", forward.kind)
     return forward
 
 
 class BatchRunner:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, fused: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pad_token_id: int,
+        fused: bool = True,
+        cuda_graphs: bool = False,
+        max_rows: int = 16,
+    ) -> None:
         self.model = model
-        self.forward = pick_forward(model, fused)
+        self.forward = pick_forward(model, fused, cuda_graphs, max_rows)
         self.forward_kind: str = self.forward.kind
         self.device = input_device(model)
         self.pad_token_id = pad_token_id

@@ -126,7 +126,9 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
     def work() -> None:
         try:
             loaded = load_model(model_config(settings), stage)
-            engine = Engine(loaded, scheduler_config, fused_forward=settings.forward == "auto")
+            engine = Engine(
+                loaded, scheduler_config, fused_forward=settings.forward == "auto", cuda_graphs=settings.cuda_graphs
+            )
             chat = Chat(engine, chat_options(settings))
             stage(f"preparing constrained decoding ({chat.family} tool calls)")
             chat.grammar  # noqa: B018 -- built now so the first tool request does not pay for it
@@ -135,7 +137,9 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
         except BaseException as exc:
             loop.call_soon_threadsafe(result.set_exception, exc)
 
-    # A daemon thread, so a stop during a long first conversion does not wait for it.
+    # A daemon thread, so a stop during a long first conversion does not wait for it. It also ends before
+    # the engine decodes: while another thread that has run torch's OpenMP regions lives, each parallel op
+    # on the engine thread was measured several times slower (a second libgomp pool on the same cores).
     threading.Thread(target=work, name="llmchat-load", daemon=True).start()
     try:
         runtime.chat = await result

@@ -43,6 +43,11 @@ class Settings(ServiceSettings):
         description="Forward pass: auto runs Llama, Mistral, Qwen2 and Qwen3 models (unquantized, on one device) "
         "through llmchat's fused pass and anything else through transformers; transformers always uses transformers'.",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="On a GPU with the fused forward pass, replay each decode step's pieces between attentions "
+        "from CUDA graphs, captured once per batch-size bucket (1, 2, 4, ...). Ignored on the CPU.",
+    )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
         "auto", description="bitsandbytes quantization; auto is nf4 on a GPU and none on the CPU."
     )

@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+from llmchat.cuda_graphs import GraphedDecode, buckets_for
 from llmchat.engine import Engine
 from llmchat.llama import FusedForward, unsupported_reason, uses_packed_bf16
 from llmchat.llm import ModelConfig, load_model
-from llmchat.runner import TransformersForward, new_cache
+from llmchat.runner import TransformersForward, new_cache, pick_forward
 from llmchat.server import create_app
 from llmchat.settings import Settings
 from tests.conftest import start_server
@@ -75,14 +76,18 @@ def run(forward, model, ids, mask, positions, tokens: list[torch.Tensor] | None 
     return logits
 
 
-def compare(model, rows: list[int], steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(fused, transformers) logits for the same left-padded batch and the same fed-back tokens."""
+def compare(model, rows: list[int], steps: int, ours=None, theirs=None) -> tuple[list, list]:
+    """(ours, theirs) logits for the same left-padded batch and the same fed-back tokens.
+
+    By default ours is the fused pass and theirs transformers' forward.
+    """
+    ours = ours or FusedForward(model)
+    theirs = theirs or TransformersForward(model, "reference")
     ids, mask, positions = left_padded(rows, model.config.vocab_size)
     with torch.inference_mode():
-        theirs = run(TransformersForward(model, "reference"), model, ids, mask, positions, steps=steps)
-        tokens = [t.argmax(-1, keepdim=True) for t in theirs[:-1]]
-        ours = run(FusedForward(model), model, ids, mask, positions, tokens)
-    return ours, theirs
+        reference = run(theirs, model, ids, mask, positions, steps=steps)
+        tokens = [t.argmax(-1, keepdim=True) for t in reference[:-1]]
+        return run(ours, model, ids, mask, positions, tokens), reference
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
@@ -141,3 +146,23 @@ def test_the_setting_chooses_the_pass_and_health_says_which():
         live.stop()
     assert health["forward"] == "transformers (chosen in the settings)"
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
+
+
+def test_bucketed_decode_pieces_compute_the_fused_pass():
+    """On a GPU, LLMCHAT_CUDA_GRAPHS replays these pieces; here they run eagerly over the same static buffers."""
+    model = tiny_model("qwen3")  # per-head q/k norms: every piece there is
+    fused = FusedForward(model)
+    graphed = GraphedDecode(fused, max_rows=4, capture=False)
+    ours, theirs = compare(model, [9, 4, 13], steps=5, ours=graphed, theirs=fused)  # 3 rows pad to a bucket of 4
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert set(graphed.buckets) == {4}
+    compare(model, [3, 5, 7, 9, 11], steps=1, ours=graphed, theirs=fused)  # more rows than any bucket: plain fused
+    assert set(graphed.buckets) == {4}
+    assert buckets_for(16) == [1, 2, 4, 8, 16] and buckets_for(5) == [1, 2, 4, 8]
+
+
+def test_cuda_graphs_are_not_used_off_the_gpu():
+    model = tiny_model("llama")
+    assert pick_forward(model, fused=True, cuda_graphs=True).kind == "fused"
+    assert pick_forward(model, fused=False, cuda_graphs=True).kind == "transformers (chosen in the settings)"
