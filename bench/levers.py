@@ -1,6 +1,6 @@
 """Decode-step timings for the engine's speed levers, on the bundled model's converted weights.
 
-    .venv/bin/python -m bench.levers                 # dtype x cache kind x forward pass, rows 1/8/16
+    .venv/bin/python -m bench.levers                 # dtype x cache kind x forward pass, rows 1/4/8/16
     .venv/bin/python -m bench.levers --compile       # adds torch.compile (minutes of compiling on 2 cores)
 
 Each case prefills `--context` tokens per row, then times `--steps` decode steps of the whole batch.
@@ -44,7 +44,7 @@ def time_decode(model, forward, make_cache, rows: int, context: int, steps: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1,8,16")
+    parser.add_argument("--rows", default="1,4,8,16")
     parser.add_argument("--context", type=int, default=150)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--compile", action="store_true")
@@ -61,6 +61,8 @@ def main() -> None:
             forwards = {"transformers": TransformersForward(model, "bench"), fused.kind: fused}
             if fused.kind != "fused":
                 forwards["fused, unpacked"] = FusedForward(model, packed=False)
+                four_bit = FusedForward(model, checkpoint=weights)
+                forwards[four_bit.kind] = four_bit
             if args.compile:
                 forwards["transformers + torch.compile"] = TransformersForward(torch.compile(model, dynamic=True), "")
             for cache_name, make_cache in CACHES.items():

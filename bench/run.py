@@ -226,6 +226,10 @@ def main() -> None:
         default="llmchat,transformers,transformers-bf16,llama.cpp",
         help="transformers serves the weights as stored (float32); transformers-bf16 adds --dtype bfloat16",
     )
+    parser.add_argument(
+        "--llama-cpp-python",
+        help="a Python with llama-cpp-python[server] installed (default: this one), e.g. a separate venv's",
+    )
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--no-constrained", action="store_true", help="skip the constrained-decoding comparison")
@@ -248,7 +252,7 @@ def main() -> None:
         "llmchat": lambda: servers.llmchat(args.llmchat_args.split()),
         "transformers": lambda: servers.transformers_serve(weights),
         "transformers-bf16": lambda: servers.transformers_serve(weights, "bfloat16"),
-        "llama.cpp": lambda: servers.llama_cpp(bundled_gguf()),
+        "llama.cpp": lambda: servers.llama_cpp(bundled_gguf(), args.llama_cpp_python),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
     results: list[Result] = []

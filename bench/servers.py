@@ -90,15 +90,16 @@ def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:
     return Server(name, cmd, str(weights_dir), "/health", port=port)
 
 
-def llama_cpp(gguf: Path) -> Server | None:
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
+def llama_cpp(gguf: Path, python: str | None = None) -> Server | None:
+    """llama.cpp's server on the GGUF itself, run by `python` (an interpreter with llama-cpp-python[server])."""
+    python = python or sys.executable
+    probe = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True)
+    if probe.returncode != 0:
         return None
     port = free_port()
     # Without --interrupt_requests False each new request cancels the one in flight.
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "llama_cpp.server",
         "--model",

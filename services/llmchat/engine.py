@@ -45,7 +45,9 @@ class Engine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-        self.runner = BatchRunner(loaded.model, pad, fused_forward, cuda_graphs, config.max_running)
+        self.runner = BatchRunner(
+            loaded.model, pad, fused_forward, cuda_graphs, config.max_running, checkpoint=loaded.checkpoint
+        )
         self._thread: threading.Thread | None = None
         self._stopping = False
         # When the loop last came round (monotonic); the systemd watchdog reads it.

@@ -3,13 +3,19 @@
 Measured on a 2-core CPU, a quarter to a third of transformers' decode step was Python and
 small-op overhead around the matmuls. This pass fuses the q/k/v and gate/up projections into one
 matmul each, applies rotary embeddings to queries and keys together, and on CPUs with AMX runs
-bfloat16 matmuls on weights prepacked once for oneDNN instead of repacking them every call. It reads
+bfloat16 matmuls on weights prepacked once for oneDNN instead of repacking them every call; there,
+weights converted from a 4-bit GGUF also keep a 4-bit copy for steps of few rows (int4.py). It reads
 and writes the same KV cache layers as transformers' forward, so the runner does not care which ran.
 """
+
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
+
+from llmchat import int4
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -55,7 +61,9 @@ def uses_packed_bf16(model: torch.nn.Module) -> bool:
 class Linear:
     """One projection, or several fused into one: a plain matmul, or oneDNN's on a prepacked weight."""
 
-    def __init__(self, linears: list[torch.nn.Linear], packed: bool) -> None:
+    def __init__(self, linears: list[torch.nn.Linear], packed: bool, grid: int4.Int4Weight | None = None) -> None:
+        """`grid`: the weights' 4-bit form, used for steps of few rows."""
+        self.int4 = grid
         weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
         biases = [m.bias for m in linears]
         if any(b is not None for b in biases):
@@ -80,19 +88,29 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
-        flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
-        return flat.view(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.int4 is not None and flat.shape[0] <= int4.MAX_ROWS:
+            out = int4.matmul(flat, self.int4)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+Grids = Callable[[list[torch.nn.Linear]], int4.Int4Weight | None]
+
+
+def _projections(layer) -> list[list[torch.nn.Linear]]:
+    """A layer's matmuls, each as the modules fused into it: q/k/v, o, gate/up, down."""
+    q, k, v, o = _attention_linears(layer)
+    gate, up, down = _mlp_linears(layer)
+    return [[q, k, v], [o], [gate, up], [down]]
 
 
 class Layer:
-    def __init__(self, layer, packed: bool) -> None:
+    def __init__(self, layer, packed: bool, grids: Grids) -> None:
         attn = layer.self_attn
-        q, k, v, o = _attention_linears(layer)
-        gate, up, down = _mlp_linears(layer)
-        self.qkv = Linear([q, k, v], packed)
-        self.o = Linear([o], packed)
-        self.gate_up = Linear([gate, up], packed)
-        self.down = Linear([down], packed)
+        self.qkv, self.o, self.gate_up, self.down = (Linear(p, packed, grids(p)) for p in _projections(layer))
         self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         # Qwen3 normalises each head's query and key before the rotation.
@@ -101,6 +119,21 @@ class Layer:
         if q_norm is not None:
             self.qk_norms = ((q_norm.weight, q_norm.variance_epsilon), (k_norm.weight, k_norm.variance_epsilon))
         self.scaling = attn.scaling
+
+
+def _checkpoint_grids(model: torch.nn.Module, checkpoint: Path | None) -> Grids:
+    """Each projection's 4-bit form from the checkpoint, looked up by its modules (None without one)."""
+    if checkpoint is None:
+        return lambda linears: None
+    names = {module: name for name, module in model.named_modules()}
+    groups = [
+        [layer_linears[:3], [layer_linears[3]], layer_linears[4:6], [layer_linears[6]]]
+        for layer_linears in ([*_attention_linears(layer), *_mlp_linears(layer)] for layer in model.model.layers)
+    ]
+    projections = [[model.lm_head], *(group for layer in groups for group in layer)]
+    found = int4.load_grids(checkpoint, [[f"{names[m]}.weight" for m in linears] for linears in projections])
+    by_first = {linears[0]: grid for linears, grid in zip(projections, found, strict=True)}
+    return lambda linears: by_first[linears[0]]
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -133,14 +166,19 @@ def attention_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
 class FusedForward:
     """Callable like the runner's model: (ids, mask, positions, cache) -> logits of each row's last token."""
 
-    def __init__(self, model: torch.nn.Module, packed: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, packed: bool | None = None, checkpoint: Path | None = None) -> None:
+        """`checkpoint`: the float32 safetensors converted from a GGUF, checked for 4-bit grids (int4.py)."""
         config = model.config
         packed = uses_packed_bf16(model) if packed is None else packed
-        self.kind = "fused, prepacked bfloat16" if packed else "fused"
-        self.layers = [Layer(layer, packed) for layer in model.model.layers]
+        grids = _checkpoint_grids(model, checkpoint if packed else None)
+        self.layers = [Layer(layer, packed, grids) for layer in model.model.layers]
         self.embed = model.model.embed_tokens.weight
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
-        self.lm_head = Linear([model.lm_head], packed)
+        self.lm_head = Linear([model.lm_head], packed, grids([model.lm_head]))
+        linears = [self.lm_head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        self.kind = "fused, prepacked bfloat16" if packed else "fused"
+        if num_int4 := sum(p.int4 is not None for p in linears):
+            self.kind += f", 4-bit weights up to {int4.MAX_ROWS} rows ({num_int4} of {len(linears)} matmuls)"
         self.rotary = model.model.rotary_emb
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads

@@ -68,6 +68,8 @@ class LoadedModel:
     cache_hit: bool | None  # None when the source needs no conversion
     device_map: str = "single"
     max_memory: str | None = None
+    # The float32 safetensors converted from a GGUF: where the fused pass looks for 4-bit weight grids.
+    checkpoint: Path | None = None
 
     def describe(self) -> dict:
         return {
@@ -346,4 +348,5 @@ def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: 
         cache_hit=cache_hit,
         device_map=config.device_map,
         max_memory=config.max_memory,
+        checkpoint=Path(path) if source.kind == "gguf" else None,
     )

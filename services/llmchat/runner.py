@@ -6,6 +6,7 @@ trimmed when the rows that needed it leave.
 """
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -101,10 +102,14 @@ class TransformersForward:
 
 
 def pick_forward(
-    model: torch.nn.Module, fused: bool, cuda_graphs: bool = False, max_rows: int = 16
+    model: torch.nn.Module,
+    fused: bool,
+    cuda_graphs: bool = False,
+    max_rows: int = 16,
+    checkpoint: Path | None = None,
 ) -> FusedForward | GraphedDecode | TransformersForward:
     reason = unsupported_reason(model) if fused else "chosen in the settings"
-    forward = FusedForward(model) if reason is None else TransformersForward(model, reason)
+    forward = FusedForward(model, checkpoint=checkpoint) if reason is None else TransformersForward(model, reason)
     if cuda_graphs:
         if reason is not None:
             log.warning("CUDA graphs need the fused forward pass (%s); not used", reason)
@@ -124,9 +129,10 @@ class BatchRunner:
         fused: bool = True,
         cuda_graphs: bool = False,
         max_rows: int = 16,
+        checkpoint: Path | None = None,
     ) -> None:
         self.model = model
-        self.forward = pick_forward(model, fused, cuda_graphs, max_rows)
+        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint)
         self.forward_kind: str = self.forward.kind
         self.device = input_device(model)
         self.pad_token_id = pad_token_id

@@ -126,6 +126,7 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
     def work() -> None:
         try:
             loaded = load_model(model_config(settings), stage)
+            stage("preparing the forward pass")
             engine = Engine(
                 loaded, scheduler_config, fused_forward=settings.forward == "auto", cuda_graphs=settings.cuda_graphs
             )
