@@ -99,6 +99,7 @@ class GraphedDecode:
         self.is_capturing = capture
         self.buckets: dict[int, Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.extra_bytes = fused.extra_bytes
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache

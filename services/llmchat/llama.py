@@ -85,6 +85,12 @@ class Linear:
             m.weight.data = weight[offset : offset + rows]
             offset += rows
 
+    @property
+    def extra_bytes(self) -> int:
+        """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
+        extra = self.weight.nbytes if self.packed else 0
+        return extra + (sum(t.nbytes for t in self.int4) if self.int4 is not None else 0)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
@@ -176,6 +182,7 @@ class FusedForward:
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
         self.lm_head = Linear([model.lm_head], packed, grids([model.lm_head]))
         linears = [self.lm_head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        self.extra_bytes = sum(p.extra_bytes for p in linears)
         self.kind = "fused, prepacked bfloat16" if packed else "fused"
         if num_int4 := sum(p.int4 is not None for p in linears):
             self.kind += f", 4-bit weights up to {int4.MAX_ROWS} rows ({num_int4} of {len(linears)} matmuls)"

@@ -83,6 +83,8 @@ def input_device(model: torch.nn.Module) -> torch.device:
 class TransformersForward:
     """The model's own forward pass, for any architecture and placement transformers supports."""
 
+    extra_bytes = 0
+
     def __init__(self, model: torch.nn.Module, why: str) -> None:
         self.model = model
         self.kind = f"transformers ({why})"
@@ -134,6 +136,8 @@ class BatchRunner:
         self.model = model
         self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint)
         self.forward_kind: str = self.forward.kind
+        # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
+        self.forward_memory_bytes: int = self.forward.extra_bytes
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.rows: list[Sequence] = []

@@ -110,7 +110,11 @@ def bundled_bf16():
 def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
     """The real weights in bfloat16 (prepacked matmuls where the CPU has AMX): the same logits up to rounding."""
     model = bundled_bf16.model
-    assert FusedForward(model).kind == ("fused, prepacked bfloat16" if uses_packed_bf16(model) else "fused")
+    fused = FusedForward(model)
+    assert fused.kind == ("fused, prepacked bfloat16" if uses_packed_bf16(model) else "fused")
+    # Prepacked, every matmul is a second copy of its weights; unpacked, the model views the fused weights.
+    linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert fused.extra_bytes == (linear_bytes if uses_packed_bf16(model) else 0)
     torch.manual_seed(1)
     ours, theirs = compare(model, [30, 12, 21], steps=8)
     for a, b in zip(ours, theirs, strict=True):
@@ -144,7 +148,7 @@ def test_the_setting_chooses_the_pass_and_health_says_which():
         )
     finally:
         live.stop()
-    assert health["forward"] == "transformers (chosen in the settings)"
+    assert health["forward"] == "transformers (chosen in the settings)" and health["forward_memory_bytes"] == 0
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
 
 

@@ -84,9 +84,11 @@ def test_bundled_gguf_decodes_few_rows_in_four_bits_as_closely_as_bfloat16():
     four_bit = FusedForward(bf16.model, checkpoint=bf16.checkpoint)
     # Every layer's matmuls are Q4_1 in the bundled GGUF; its tied embedding (the logits matmul) is not.
     assert four_bit.kind == f"fused, prepacked bfloat16, 4-bit weights up to {int4.MAX_ROWS} rows (120 of 121 matmuls)"
+    plain_pass = FusedForward(bf16.model)
+    assert four_bit.extra_bytes > plain_pass.extra_bytes  # /health counts the 4-bit copies too
     exact = teacher_forced(FusedForward(f32.model), f32.model, f32.tokenizer)
     ours = teacher_forced(four_bit, bf16.model, bf16.tokenizer)
-    plain = teacher_forced(FusedForward(bf16.model), bf16.model, bf16.tokenizer)
+    plain = teacher_forced(plain_pass, bf16.model, bf16.tokenizer)
     assert torch.equal(ours.argmax(-1), exact.argmax(-1))
     # The 4-bit weights are the GGUF's own; both paths round to bfloat16 on the way, by about as much.
     assert (ours - exact).abs().max() <= 1.5 * (plain - exact).abs().max()
