@@ -2,7 +2,8 @@
 
 Rows are left-padded to a common length; the attention mask hides the padding and position ids
 count each row's real tokens, the same layout `generate()` uses for a padded batch. Padding is
-trimmed when the rows that needed it leave.
+trimmed when the rows that needed it leave. The forward pass is llmchat's fused one where the model
+allows (llama.py), else transformers'; both read and write the same cache.
 """
 
 import logging
