@@ -1,12 +1,14 @@
-"""4-bit copies of weights that already sit on a 4-bit grid, for decode steps with a single row.
+"""4-bit copies of weights that already sit on a 4-bit grid, for decode steps with few rows.
 
-Decoding one row reads every weight once per token, so on the CPU that step is bound by memory
-bandwidth. A Q4 GGUF stores 4-bit values in groups of 32 along each row, with a scale and an offset
-per group; bfloat16 spends 16 bits on each of them again. Where the converted float32 weights lie
-exactly on such a grid, the fused pass also keeps them in torch's packed int4 layout (scale and
-offset rounded to bfloat16, as its kernel takes them: the same rounding bfloat16 weights get) and
-uses it for steps of up to MAX_ROWS rows. Larger batches keep the bfloat16 matmul, faster once many
-rows share each weight read. A weight off the grid, say from a bfloat16 checkpoint, gets no copy.
+Decoding a few rows reads every weight once per token, so on the CPU that step is bound by memory
+bandwidth. A Q4_1 GGUF stores 4-bit values in groups of 32 along each row, with a scale and an
+offset per group, the group's lowest value at level 0 and its highest at 15; bfloat16 spends 16
+bits on each of them again. Where the converted float32 weights lie exactly on such a grid, the
+fused pass also keeps them in torch's packed int4 layout (scale and offset rounded to bfloat16, as
+its kernel takes them: the same rounding bfloat16 weights get) and uses it for steps of up to
+MAX_ROWS rows. Larger batches keep the bfloat16 matmul, faster once many rows share each weight
+read. A weight off the grid gets no copy: a bfloat16 checkpoint's, or a 4-bit type whose groups
+need not span all 16 levels (Q4_0, the K-quants), where a group that does not fails the exact check.
 """
 
 import json

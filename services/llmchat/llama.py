@@ -4,7 +4,7 @@ Measured on a 2-core CPU, a quarter to a third of transformers' decode step was 
 small-op overhead around the matmuls. This pass fuses the q/k/v and gate/up projections into one
 matmul each, applies rotary embeddings to queries and keys together, and on CPUs with AMX runs
 bfloat16 matmuls on weights prepacked once for oneDNN instead of repacking them every call; there,
-weights converted from a 4-bit GGUF also keep a 4-bit copy for steps of few rows (int4.py). It reads
+weights converted from a Q4_1 GGUF also keep a 4-bit copy for steps of few rows (int4.py). It reads
 and writes the same KV cache layers as transformers' forward, so the runner does not care which ran.
 """
 
