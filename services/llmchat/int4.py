@@ -14,7 +14,7 @@ need not span all 16 levels (Q4_0, the K-quants), where a group that does not fa
 import json
 import logging
 import os
-from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -51,11 +51,17 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weigh
                     (f.get_tensor(f"{k}.packed"), f.get_tensor(f"{k}.scales")) if f"{k}.packed" in stored else None
                     for k in keys
                 ]
-    read = reader(checkpoint)
-    grids = []
-    for names in projections:
-        parts = [read(name) for name in names]
-        grids.append(to_int4(torch.cat(parts)) if all(p is not None for p in parts) else None)
+    with ExitStack() as files:
+        # Each checkpoint file opened once; a name is looked up in the file that holds it.
+        holder = {}
+        for path in sorted(checkpoint.glob("*.safetensors")):
+            if path.name != CACHE_FILE:
+                f = files.enter_context(safe_open(path, framework="pt"))
+                holder.update(dict.fromkeys(f.keys(), f))
+        grids = []
+        for names in projections:
+            parts = [holder[name].get_tensor(name) if name in holder else None for name in names]
+            grids.append(to_int4(torch.cat(parts)) if all(p is not None for p in parts) else None)
     tensors = {}
     for key, grid in zip(keys, grids, strict=True):
         if grid is not None:
@@ -91,20 +97,3 @@ def to_int4(weight: torch.Tensor) -> Int4Weight | None:
 def matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     packed, scales_and_zeros = weight
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
-
-
-def reader(directory: Path | None) -> Callable[[str], torch.Tensor | None]:
-    """Looks tensors up by parameter name in a checkpoint folder's safetensors files (None: not there)."""
-    index: dict[str, Path] = {}
-    for path in sorted(directory.glob("*.safetensors")) if directory is not None else []:
-        with safe_open(path, framework="pt") as f:
-            index.update(dict.fromkeys(f.keys(), path))
-
-    def read(name: str) -> torch.Tensor | None:
-        path = index.get(name)
-        if path is None:
-            return None
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)
-
-    return read

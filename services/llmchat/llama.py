@@ -8,7 +8,6 @@ weights converted from a Q4_1 GGUF also keep a 4-bit copy for steps of few rows 
 and writes the same KV cache layers as transformers' forward, so the runner does not care which ran.
 """
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from llmchat import int4
+from llmchat.llm import has_amx_bf16
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -54,7 +54,7 @@ def uses_packed_bf16(model: torch.nn.Module) -> bool:
         model.device.type == "cpu"
         and model.dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
-        and bool(torch.cpu.get_capabilities().get("amx_bf16"))
+        and has_amx_bf16()
     )
 
 
@@ -103,9 +103,6 @@ class Linear:
         return out.view(*x.shape[:-1], self.out_features)
 
 
-Grids = Callable[[list[torch.nn.Linear]], int4.Int4Weight | None]
-
-
 def _projections(layer) -> list[list[torch.nn.Linear]]:
     """A layer's matmuls, each as the modules fused into it: q/k/v, o, gate/up, down."""
     q, k, v, o = _attention_linears(layer)
@@ -114,9 +111,10 @@ def _projections(layer) -> list[list[torch.nn.Linear]]:
 
 
 class Layer:
-    def __init__(self, layer, packed: bool, grids: Grids) -> None:
+    def __init__(self, layer, projections: list[Linear]) -> None:
+        """`projections`: this layer's matmuls, in the order `_projections` lists them."""
         attn = layer.self_attn
-        self.qkv, self.o, self.gate_up, self.down = (Linear(p, packed, grids(p)) for p in _projections(layer))
+        self.qkv, self.o, self.gate_up, self.down = projections
         self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         # Qwen3 normalises each head's query and key before the rotation.
@@ -127,19 +125,14 @@ class Layer:
         self.scaling = attn.scaling
 
 
-def _checkpoint_grids(model: torch.nn.Module, checkpoint: Path | None) -> Grids:
-    """Each projection's 4-bit form from the checkpoint, looked up by its modules (None without one)."""
+def _checkpoint_grids(
+    model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None
+) -> list[int4.Int4Weight | None]:
+    """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one)."""
     if checkpoint is None:
-        return lambda linears: None
+        return [None] * len(projections)
     names = {module: name for name, module in model.named_modules()}
-    groups = [
-        [layer_linears[:3], [layer_linears[3]], layer_linears[4:6], [layer_linears[6]]]
-        for layer_linears in ([*_attention_linears(layer), *_mlp_linears(layer)] for layer in model.model.layers)
-    ]
-    projections = [[model.lm_head], *(group for layer in groups for group in layer)]
-    found = int4.load_grids(checkpoint, [[f"{names[m]}.weight" for m in linears] for linears in projections])
-    by_first = {linears[0]: grid for linears, grid in zip(projections, found, strict=True)}
-    return lambda linears: by_first[linears[0]]
+    return int4.load_grids(checkpoint, [[f"{names[m]}.weight" for m in linears] for linears in projections])
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -176,12 +169,13 @@ class FusedForward:
         """`checkpoint`: the float32 safetensors converted from a GGUF, checked for 4-bit grids (int4.py)."""
         config = model.config
         packed = uses_packed_bf16(model) if packed is None else packed
-        grids = _checkpoint_grids(model, checkpoint if packed else None)
-        self.layers = [Layer(layer, packed, grids) for layer in model.model.layers]
+        projections = [*(p for layer in model.model.layers for p in _projections(layer)), [model.lm_head]]
+        grids = _checkpoint_grids(model, projections, checkpoint if packed else None)
+        linears = [Linear(p, packed, grid) for p, grid in zip(projections, grids, strict=True)]
+        self.layers = [Layer(layer, linears[4 * i : 4 * i + 4]) for i, layer in enumerate(model.model.layers)]
+        self.lm_head = linears[-1]
         self.embed = model.model.embed_tokens.weight
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
-        self.lm_head = Linear([model.lm_head], packed, grids([model.lm_head]))
-        linears = [self.lm_head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
         self.extra_bytes = sum(p.extra_bytes for p in linears)
         self.kind = "fused, prepacked bfloat16" if packed else "fused"
         if num_int4 := sum(p.int4 is not None for p in linears):

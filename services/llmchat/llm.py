@@ -148,11 +148,15 @@ def pick_device(device: str) -> str:
     return device
 
 
+def has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX: Xeon Sapphire Rapids and later)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+
+
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         # Without AMX a CPU emulates bfloat16 matmuls, slower than float32 once rows are batched (bench.levers).
-        amx = bool(torch.cpu.get_capabilities().get("amx_bf16"))
-        return torch.bfloat16 if device == "cuda" or amx else torch.float32
+        return torch.bfloat16 if device == "cuda" or has_amx_bf16() else torch.float32
     return _DTYPES[dtype]
 
 

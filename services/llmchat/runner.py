@@ -136,9 +136,6 @@ class BatchRunner:
     ) -> None:
         self.model = model
         self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint)
-        self.forward_kind: str = self.forward.kind
-        # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
-        self.forward_memory_bytes: int = self.forward.extra_bytes
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.rows: list[Sequence] = []

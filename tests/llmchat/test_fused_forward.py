@@ -137,7 +137,7 @@ def test_models_it_cannot_run_say_why(tmp_path):
 
 def test_the_setting_chooses_the_pass_and_health_says_which():
     loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
-    assert Engine(loaded).runner.forward_kind.startswith("fused")
+    assert Engine(loaded).runner.forward.kind.startswith("fused")
     live = start_server(create_app(Settings(port=0, device="cpu", forward="transformers")))
     try:
         health = httpx.get(f"{live.base_url}/health").json()
