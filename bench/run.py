@@ -150,6 +150,45 @@ async def run_level(
     )
 
 
+def run_variants(
+    server: servers.Server,
+    count,
+    max_tokens: int,
+    console: Console,
+    path: Path,
+    *,
+    label: str,
+    title: str,
+    variants: dict[str, dict],
+) -> None:
+    """Streams each variant (run_level keyword arguments) at concurrency 1 and 8, prints each against the
+    first variant in a table titled `title`, and writes the rows, each named under `label`, to `path`."""
+    rows = []
+    for concurrency in (1, 8):
+        for name, kwargs in variants.items():
+            result = asyncio.run(run_level(server, concurrency, max(2 * concurrency, 3), max_tokens, count, **kwargs))
+            rows.append({label: name} | asdict(result))
+            console.print(f"  {name} c={concurrency}: {result.throughput_tok_s} tok/s")
+    baseline = next(iter(variants))
+    table = Table(title=title)
+    for col in (label, "conc", "tok/s", f"vs {baseline}", "decode tok/s p50", "TTFT p50 s", "errors"):
+        table.add_column(col, justify="right")
+    base = {r["concurrency"]: r["throughput_tok_s"] for r in rows if r[label] == baseline}
+    for r in rows:
+        base_tok_s = base[r["concurrency"]]
+        table.add_row(
+            r[label],
+            str(r["concurrency"]),
+            f"{r['throughput_tok_s']:.1f}",
+            f"{r['throughput_tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a",
+            f"{r['decode_tok_s_p50']:.1f}",
+            f"{r['ttft_p50_s']:.2f}",
+            str(r["errors"]),
+        )
+    console.print(table)
+    path.write_text(json.dumps(rows, indent=2))
+
+
 def render(results: list[Result], console: Console) -> None:
     table = Table(title="Streaming load, greedy, max_tokens fixed (same prompts and weights for every server)")
     for col in (

@@ -19,6 +19,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from hrserve import setup_otel
 
 SPANS = InMemorySpanExporter()
+# The tool the tool-calling tests offer, through every protocol.
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 1},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city"],
+}
 # The global tracer provider can be set once per process: do it before any app is created.
 setup_otel("llmchat-tests", "0", span_exporters=[SPANS], metric_readers=[])
 

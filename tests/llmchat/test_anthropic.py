@@ -8,16 +8,10 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.conftest import WEATHER_SCHEMA
+
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "minLength": 1},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city"],
-}
 TOOLS = [{"name": "get_weather", "description": "Current weather in a city", "input_schema": WEATHER_SCHEMA}]
 ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
 

@@ -9,15 +9,9 @@ import openai
 import pytest
 from opentelemetry import trace
 
+from tests.conftest import WEATHER_SCHEMA
+
 MODEL = "SmolLM2-135M-Instruct"
-WEATHER_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "minLength": 1},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city"],
-}
 TOOLS = [
     {
         "type": "function",
