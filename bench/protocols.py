@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import servers
+from bench.stream import one_request, stream_request
 
 
 def _messages_text(event: dict) -> str:
@@ -19,7 +20,6 @@ def _responses_text(event: dict) -> str:
 
 def _asks(model: str, max_tokens: int, count) -> dict:
     """Per protocol, ask(client, prompt) -> one streamed request's timings."""
-    from bench.run import one_request, stream_request  # run.py imports this module
 
     def messages(prompt: str) -> list[dict]:
         return [{"role": "user", "content": prompt}]

@@ -1,10 +1,13 @@
-"""Throughput benchmark: llmchat against `transformers serve --continuous-batching` (and llama.cpp's
-server when installed) on the same weights, with the same streaming load at several concurrencies.
+"""Benchmarks llmchat against `transformers serve --continuous-batching` (and llama.cpp's server when
+installed) on the same weights: each server is started in turn and every chosen scenario runs against it.
 
-    just bench                      # all levels, all available servers
-    just bench --concurrency 1,8    # a subset
+    just bench                                  # every scenario, every available server
+    just bench --concurrency 1,8                # throughput at a subset of levels
+    just bench --scenarios agent,arrival        # only the agent sessions and the long prompt arrival
 
-Writes bench/results/throughput.json and throughput.png and prints one table.
+Scenarios: throughput (the same streaming load at several concurrencies), constrained and protocols (llmchat
+only), agent (bench/agent.py) and arrival (bench/arrival.py). Each prints a table and writes
+bench/results/<scenario>.json; throughput also plots throughput.png.
 """
 
 import argparse
@@ -17,12 +20,15 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
-from bench import constrained, protocols, servers
+from bench import agent, arrival, constrained, protocols, servers
+from bench.report import percentile, ratio, table
+from bench.stream import one_request
 from llmchat.llm import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
+# constrained and protocols compare llmchat with itself, so they run against llmchat only.
+SCENARIOS = ("throughput", "constrained", "protocols", "agent", "arrival")
 PROMPTS = [
     "Explain how a rainbow forms.",
     "Write a short story about a lighthouse keeper.",
@@ -58,52 +64,6 @@ class Result:
     peak_rss_mb: float
 
 
-def chat_text(event: dict) -> str:
-    """A chat chunk's output as the client sees it: content plus tool-call arguments."""
-    text = ""
-    for choice in event.get("choices", []):
-        delta = choice.get("delta") or {}
-        calls = delta.get("tool_calls") or []
-        text += (delta.get("content") or "") + "".join(c["function"].get("arguments") or "" for c in calls)
-    return text
-
-
-async def stream_request(client: httpx.AsyncClient, path: str, body: dict, text_of, count) -> dict:
-    """One streamed request; text_of(event) is the output text an SSE data event carries."""
-    start = time.perf_counter()
-    first = last = None
-    parts: list[str] = []
-    async with client.stream("POST", path, json=body | {"temperature": 0, "stream": True}) as r:
-        if r.status_code != 200:
-            await r.aread()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(str(event["error"]))
-            if text := text_of(event):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                parts.append(text)
-    if first is None:
-        raise RuntimeError("no content streamed")
-    # Tokens are counted with the model's own tokenizer, the same way for every server.
-    tokens = count("".join(parts))
-    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
-    return {"ttft": first - start, "tokens": tokens, "decode_tok_s": decode}
-
-
-async def one_request(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, count, extra: dict | None = None
-) -> dict:
-    """One streamed chat completion, greedy."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
-    return await stream_request(client, "/v1/chat/completions", body | (extra or {}), chat_text, count)
-
-
 async def run_level(
     server: servers.Server,
     concurrency: int,
@@ -133,7 +93,7 @@ async def run_level(
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    ttfts = sorted(d["ttft"] for d in done) or [float("nan")]
+    ttfts = [d["ttft"] for d in done] or [float("nan")]
     tokens = sum(d["tokens"] for d in done)
     return Result(
         server=server.name,
@@ -144,7 +104,7 @@ async def run_level(
         wall_s=round(wall, 2),
         throughput_tok_s=round(tokens / wall, 2),
         ttft_p50_s=round(statistics.median(ttfts), 3),
-        ttft_p95_s=round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3),
+        ttft_p95_s=round(percentile(ttfts, 0.95), 3),
         decode_tok_s_p50=round(statistics.median([d["decode_tok_s"] for d in done] or [0.0]), 2),
         peak_rss_mb=round(server.peak_rss_bytes() / 2**20, 1),
     )
@@ -170,13 +130,11 @@ def run_variants(
             rows.append({label: name} | asdict(result))
             console.print(f"  {name} c={concurrency}: {result.throughput_tok_s} tok/s")
     baseline = next(iter(variants))
-    table = Table(title=title)
-    for col in (label, "conc", "tok/s", f"vs {baseline}", "decode tok/s p50", "TTFT p50 s", "errors"):
-        table.add_column(col, justify="right")
+    rows_table = table(title, (label, "conc", "tok/s", f"vs {baseline}", "decode tok/s p50", "TTFT p50 s", "errors"))
     base = {r["concurrency"]: r["throughput_tok_s"] for r in rows if r[label] == baseline}
     for r in rows:
         base_tok_s = base[r["concurrency"]]
-        table.add_row(
+        rows_table.add_row(
             r[label],
             str(r["concurrency"]),
             f"{r['throughput_tok_s']:.1f}",
@@ -185,26 +143,16 @@ def run_variants(
             f"{r['ttft_p50_s']:.2f}",
             str(r["errors"]),
         )
-    console.print(table)
+    console.print(rows_table)
     path.write_text(json.dumps(rows, indent=2))
 
 
 def render(results: list[Result], console: Console) -> None:
-    table = Table(title="Streaming load, greedy, max_tokens fixed (same prompts and weights for every server)")
-    for col in (
-        "server",
-        "conc",
-        "requests",
-        "errors",
-        "tok/s (all)",
-        "TTFT p50 s",
-        "TTFT p95 s",
-        "decode tok/s p50",
-        "peak RSS MB",
-    ):
-        table.add_column(col, justify="right" if col != "server" else "left")
+    title = "Streaming load, greedy, max_tokens fixed (same prompts and weights for every server)"
+    columns = ("server", "conc", "requests", "errors", "tok/s (all)", "TTFT p50 s", "TTFT p95 s")
+    results_table = table(title, (*columns, "decode tok/s p50", "peak RSS MB"))
     for r in results:
-        table.add_row(
+        results_table.add_row(
             r.server,
             str(r.concurrency),
             str(r.num_requests),
@@ -215,25 +163,19 @@ def render(results: list[Result], console: Console) -> None:
             f"{r.decode_tok_s_p50:.1f}",
             f"{r.peak_rss_mb:.0f}",
         )
-    console.print(table)
+    console.print(results_table)
     ours = {r.concurrency: r for r in results if r.server == "llmchat"}
     for peer in sorted({r.server for r in results} - {"llmchat"}):
-        ratios = Table(title=f"llmchat / {peer}")
-        for col in ("conc", "throughput x", "TTFT p50 x (lower is better)", "decode x"):
-            ratios.add_column(col, justify="right")
+        ratios = table(f"llmchat / {peer}", ("conc", "throughput x", "TTFT p50 x (lower is better)", "decode x"))
         for r in (r for r in results if r.server == peer and r.concurrency in ours):
             o = ours[r.concurrency]
             ratios.add_row(
                 str(r.concurrency),
-                _ratio(o.throughput_tok_s, r.throughput_tok_s),
-                _ratio(o.ttft_p50_s, r.ttft_p50_s),
-                _ratio(o.decode_tok_s_p50, r.decode_tok_s_p50),
+                ratio(o.throughput_tok_s, r.throughput_tok_s),
+                ratio(o.ttft_p50_s, r.ttft_p50_s),
+                ratio(o.decode_tok_s_p50, r.decode_tok_s_p50),
             )
         console.print(ratios)
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "n/a"
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -271,9 +213,13 @@ def main() -> None:
     )
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--no-constrained", action="store_true", help="skip the constrained-decoding comparison")
-    parser.add_argument("--no-protocols", action="store_true", help="skip the chat/messages/responses comparison")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="a comma list of " + ", ".join(SCENARIOS))
+    agent.add_arguments(parser)
+    arrival.add_arguments(parser)
     args = parser.parse_args()
+    scenarios = args.scenarios.split(",")
+    if unknown := set(scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenarios {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
     console = Console(width=140)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -295,6 +241,8 @@ def main() -> None:
     }
     levels = [int(c) for c in args.concurrency.split(",")]
     results: list[Result] = []
+    agent_rows: list[agent.TurnResult] = []
+    arrival_rows: list[arrival.ArrivalResult] = []
     for key in wanted:
         server = candidates[key]()
         if server is None:
@@ -307,20 +255,33 @@ def main() -> None:
                 health = httpx.get(server.base_url + "/health").json()
                 console.print(f"  dtype {health['dtype']}, forward pass: {health['forward']}")
             asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
-            for c in levels:
-                result = asyncio.run(run_level(server, c, max(c * args.requests_per_client, 3), args.max_tokens, count))
-                console.print(f"  {server.name} c={c}: {result.throughput_tok_s} tok/s, errors {result.errors}")
-                results.append(result)
-            if key == "llmchat" and not args.no_constrained:
+            if "throughput" in scenarios:
+                for c in levels:
+                    num_requests = max(c * args.requests_per_client, 3)
+                    result = asyncio.run(run_level(server, c, num_requests, args.max_tokens, count))
+                    console.print(f"  {server.name} c={c}: {result.throughput_tok_s} tok/s, errors {result.errors}")
+                    results.append(result)
+            if key == "llmchat" and "constrained" in scenarios:
                 constrained.run(server, count, args.max_tokens, console, args.out)
-            if key == "llmchat" and not args.no_protocols:
+            if key == "llmchat" and "protocols" in scenarios:
                 protocols.run(server, count, args.max_tokens, console, args.out)
+            if "agent" in scenarios:
+                agent_rows += agent.run(server, count, args, console)
+            if "arrival" in scenarios:
+                arrival_rows.append(arrival.run(server, count, args, console))
         finally:
             server.stop()
-    render(results, console)
-    (args.out / "throughput.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    plot(results, args.out / "throughput.png")
-    console.print(f"wrote {args.out / 'throughput.json'} and {args.out / 'throughput.png'}")
+    if "throughput" in scenarios:
+        render(results, console)
+        (args.out / "throughput.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+        plot(results, args.out / "throughput.png")
+        console.print(f"wrote {args.out / 'throughput.json'} and {args.out / 'throughput.png'}")
+    if "agent" in scenarios:
+        agent.report(agent_rows, args, console, args.out / "agent.json")
+        console.print(f"wrote {args.out / 'agent.json'}")
+    if "arrival" in scenarios:
+        arrival.report(arrival_rows, args, console, args.out / "arrival.json")
+        console.print(f"wrote {args.out / 'arrival.json'}")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def llama_cpp(gguf: Path, python: str | None = None) -> Server | None:
     if probe.returncode != 0:
         return None
     port = free_port()
-    # Without --interrupt_requests False each new request cancels the one in flight.
+    # Without --interrupt_requests False each new request cancels the one in flight. --cache True keeps
+    # evaluated prompts in RAM (LlamaRAMCache, 2 GiB) for reuse by the next prompt sharing their prefix, as
+    # the agent scenario's turns do; the server reuses only the previous request's tokens without it.
     cmd = [
         python,
         "-m",
@@ -112,5 +114,7 @@ def llama_cpp(gguf: Path, python: str | None = None) -> Server | None:
         "False",
         "--n_ctx",
         "8192",
+        "--cache",
+        "True",
     ]
     return Server("llama.cpp", cmd, gguf.name, "/v1/models", port=port)

@@ -326,12 +326,20 @@ class MessageStream:
         message = self.message
         message.stop_reason = _stop_reason(finish)
         message.stop_sequence = finish.stop_sequence
-        message.usage.input_tokens = finish.prompt_tokens
-        message.usage.output_tokens = finish.completion_tokens
+        # Anthropic's input_tokens leaves out the tokens read from cache; only now is their number known.
+        usage = message.usage
+        usage.input_tokens = finish.prompt_tokens - finish.cached_tokens
+        usage.cache_read_input_tokens = finish.cached_tokens
+        usage.output_tokens = finish.completion_tokens
         return RawMessageDeltaEvent(
             type="message_delta",
             delta=Delta(stop_reason=message.stop_reason, stop_sequence=message.stop_sequence),
-            usage=MessageDeltaUsage(output_tokens=finish.completion_tokens),
+            usage=MessageDeltaUsage(
+                input_tokens=usage.input_tokens,
+                cache_creation_input_tokens=0,
+                cache_read_input_tokens=usage.cache_read_input_tokens,
+                output_tokens=usage.output_tokens,
+            ),
         )
 
 

@@ -361,4 +361,10 @@ class Chat:
                     yield event
                 if parser and parser.num_calls and reason == "stop":
                     reason = "tool_calls"
-                yield Finish(reason, seq.num_prompt_tokens, output.num_completion_tokens, output.stop_sequence)
+                yield Finish(
+                    reason,
+                    seq.num_prompt_tokens,
+                    output.num_completion_tokens,
+                    output.stop_sequence,
+                    cached_tokens=seq.num_cached_tokens,
+                )

@@ -1,6 +1,7 @@
 """The inference thread: owns the model and runs the continuous-batching loop.
 
-Each step reaps aborted sequences, prefills newcomers as one padded batch, decodes every running
+Each step reaps aborted sequences, admits newcomers (their prompts' cached prefixes copied in),
+prefills the next chunk of each prompt within the step's token budget, decodes every prefilled
 sequence by one token, samples per sequence, and streams text to each sequence's asyncio queue.
 """
 
@@ -10,10 +11,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+import psutil
 import torch
 from tokenizers.decoders import DecodeStream
 
 from llmchat.llm import LoadedModel
+from llmchat.prefix_cache import PrefixCache
 from llmchat.runner import BatchRunner
 from llmchat.sampling import SamplingParams, StopChecker, sample_next, token_logprob
 from llmchat.scheduler import Output, QueueFull, Scheduler, SchedulerConfig, Sequence
@@ -32,7 +35,9 @@ class Engine:
         config: SchedulerConfig | None = None,
         fused_forward: bool = True,
         cuda_graphs: bool = False,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
+        """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
@@ -45,8 +50,15 @@ class Engine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+        self.prefix_cache, self.prefix_cache_off = make_prefix_cache(loaded, prefix_cache_bytes)
         self.runner = BatchRunner(
-            loaded.model, pad, fused_forward, cuda_graphs, config.max_running, checkpoint=loaded.checkpoint
+            loaded.model,
+            pad,
+            fused_forward,
+            cuda_graphs,
+            config.max_running,
+            checkpoint=loaded.checkpoint,
+            prefix_cache=self.prefix_cache,
         )
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -73,6 +85,17 @@ class Engine:
     @property
     def kv_cache_bytes(self) -> int:
         return self.runner.kv_cache_bytes()
+
+    def describe(self) -> dict:
+        """What /health shows of the engine: its forward pass and prefix cache."""
+        cache = self.prefix_cache.describe() if self.prefix_cache is not None else {"off": self.prefix_cache_off}
+        return {
+            "forward": self.runner.forward.kind,
+            # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
+            "forward_memory_bytes": self.runner.forward.extra_bytes,
+            "prefix_cache": cache,
+            "max_batched_tokens": self.scheduler.config.max_batched_tokens,
+        }
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmchat-engine", daemon=True)
@@ -140,20 +163,23 @@ class Engine:
                     for seq in self.scheduler.running:
                         if not seq.is_finished:
                             seq.finish(Output("", len(seq.completion_ids), "error", error))
-                    self.scheduler.postprocess()
+                    for seq in self.scheduler.postprocess():
+                        seq.kv = None
                     self.runner.reset()
 
     def step(self) -> None:
-        """One scheduling step: prefill newcomers (if any), then decode every running sequence by one token.
+        """One scheduling step: admit newcomers, prefill a chunk of each prompt, decode every prefilled sequence.
 
         Aborts are honoured before each forward pass, so a hung-up client's slot is free within one pass.
         """
         self._reap()
-        newcomers = self.scheduler.schedule()
-        if newcomers:
-            for seq in newcomers:
-                self._admit(seq)
-            self._sample(newcomers, self.runner.prefill(newcomers))
+        for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
+            self._admit(seq)
+        chunks = self.scheduler.plan_prefill(len(self.runner.rows))
+        if chunks:
+            joined, logits = self.runner.prefill(chunks)
+            if joined:
+                self._sample(joined, logits)
             self._reap()
         if self.runner.rows:
             rows = list(self.runner.rows)
@@ -176,6 +202,7 @@ class Engine:
         # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
         seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=seq.params.skip_special_tokens)
         seq.stops = StopChecker(seq.params.stop)
+        self.runner.start(seq)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Picks each sequence's next token with its own processors and sampling, then records it."""
@@ -216,3 +243,28 @@ class Engine:
         """An output with the log-probabilities of the tokens sampled since the last one (held-back text's too)."""
         logprobs, seq.logprobs = (seq.logprobs or None), []
         return Output(text, len(seq.completion_ids), finish_reason, stop_sequence=stop, logprobs=logprobs)
+
+
+def make_prefix_cache(loaded: LoadedModel, capacity_bytes: int | None) -> tuple[PrefixCache | None, str | None]:
+    """The prefix cache for this model, or None and why not."""
+    model = loaded.model
+    if capacity_bytes == 0:
+        return None, "turned off in the settings"
+    if getattr(model, "hf_device_map", None) is not None:
+        return None, "the model is placed by a device map"
+    if capacity_bytes is None:
+        capacity_bytes = default_capacity(model)
+    return PrefixCache(capacity_bytes), None
+
+
+def default_capacity(model: torch.nn.Module) -> int:
+    """A tenth of the memory free on the model's device at start-up (a fifth of a GPU's), at most 64 contexts' KV."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    contexts = 64 * bytes_per_token * getattr(config, "max_position_embeddings", 8192)
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0] // 5
+    else:
+        free = psutil.virtual_memory().available // 10
+    return int(min(free, contexts))

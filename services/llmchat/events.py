@@ -55,6 +55,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     stop_sequence: str | None = None  # the request's stop string that ended generation
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (part of prompt_tokens)
 
 
 ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Notice | Logprobs | Finish

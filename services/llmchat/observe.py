@@ -39,6 +39,8 @@ DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
 TOKEN_BUCKETS = [4**n for n in range(14)]  # 1, 4, 16, ... 67108864
+PROMPT_TOKENS = "llmchat.prompt_tokens"
+PROMPT_TOKENS_SOURCE = "llmchat.prompt_tokens.source"  # cached | computed
 
 
 @dataclass(slots=True)
@@ -49,6 +51,7 @@ class Instruments:
     token_usage: Histogram
     requests: Counter
     aborts: Counter
+    prompt_tokens: Counter
 
     @classmethod
     def create(cls, meter: Meter) -> "Instruments":
@@ -66,6 +69,9 @@ class Instruments:
             histogram(names.GEN_AI_CLIENT_TOKEN_USAGE, "{token}", "Input and output tokens used.", TOKEN_BUCKETS),
             meter.create_counter("llmchat.requests", "{request}", "Generation requests by outcome."),
             meter.create_counter("llmchat.aborts", "{request}", "Generations aborted because the client left."),
+            meter.create_counter(
+                PROMPT_TOKENS, "{token}", "Prompt tokens by whether their KV came from the prefix cache."
+            ),
         )
 
 
@@ -199,11 +205,15 @@ class ChatObservation:
                 attr.RESPONSE_FINISH_REASONS: [finish.reason],
                 attr.USAGE_INPUT_TOKENS: finish.prompt_tokens,
                 attr.USAGE_OUTPUT_TOKENS: finish.completion_tokens,
+                attr.USAGE_CACHE_READ_INPUT_TOKENS: finish.cached_tokens,
             }
         )
         usage = self.instruments.token_usage
         usage.record(finish.prompt_tokens, self.metric_attrs | {attr.TOKEN_TYPE: "input"})
         usage.record(finish.completion_tokens, self.metric_attrs | {attr.TOKEN_TYPE: "output"})
+        prompt = self.instruments.prompt_tokens
+        prompt.add(finish.cached_tokens, self.metric_attrs | {PROMPT_TOKENS_SOURCE: "cached"})
+        prompt.add(finish.prompt_tokens - finish.cached_tokens, self.metric_attrs | {PROMPT_TOKENS_SOURCE: "computed"})
         if self.first_token_at is not None and finish.completion_tokens > 1:
             per_token = (time.perf_counter() - self.first_token_at) / (finish.completion_tokens - 1)
             self.instruments.time_per_output_token.record(per_token, self.metric_attrs)

@@ -23,7 +23,7 @@ from openai.types.chat.chat_completion_chunk import (
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_message_tool_call import Function
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
-from openai.types.completion_usage import CompletionUsage
+from openai.types.completion_usage import CompletionUsage, PromptTokensDetails
 
 from llmchat.adapt import ToolSet, json_output, tool_choice
 from llmchat.chat import (
@@ -128,11 +128,13 @@ class ResponseInfo:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _usage(finish: Finish) -> CompletionUsage:
+def completion_usage(finish: Finish) -> CompletionUsage:
+    """Chat and legacy completions usage; cached_tokens (part of prompt_tokens) is always there, 0 on a miss."""
     return CompletionUsage(
         prompt_tokens=finish.prompt_tokens,
         completion_tokens=finish.completion_tokens,
         total_tokens=finish.prompt_tokens + finish.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finish.cached_tokens),
     )
 
 
@@ -178,7 +180,7 @@ async def to_response(events: AsyncIterator[ChatEvent], info: ResponseInfo) -> t
                 logprobs=ChoiceLogprobs(content=logprobs, refusal=None) if info.logprobs else None,
             )
         ],
-        usage=_usage(finish),
+        usage=completion_usage(finish),
     )
     return response, finish
 
@@ -246,7 +248,7 @@ async def stream_chunks(
             continue
         yield _chunk(info, ChoiceDelta(), event.reason, include_usage=include_usage, logprobs=pending)
         if include_usage:
-            yield _chunk(info, None, usage=_usage(event), include_usage=True)
+            yield _chunk(info, None, usage=completion_usage(event), include_usage=True)
         yield event
 
 

@@ -10,12 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi import Response as HTTPResponse
 from fastapi.responses import JSONResponse
-from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types import Completion, CompletionChoice
 from openai.types.completion_choice import Logprobs as ChoiceLogprobs
 from pydantic import Field
 
 from hrserve import client_job_id
 from llmchat.chat import ChatError, ChatEvent, ChatRequest, Finish, Logprobs, TextDelta
+from llmchat.openai_chat import completion_usage
 from llmchat.openai_types import INT64_MAX, INT64_MIN, StreamOptions, WireModel
 from llmchat.serving import Serving, SSEvents, openai_sse_error
 
@@ -94,14 +95,6 @@ def prompt_text(body: CompletionRequest) -> str:
     raise ChatError("Prompts as token ids are not supported; send the prompt as text.", "prompt")
 
 
-def _usage(finish: Finish) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=finish.prompt_tokens,
-        completion_tokens=finish.completion_tokens,
-        total_tokens=finish.prompt_tokens + finish.completion_tokens,
-    )
-
-
 class LogprobsTable:
     """The legacy logprobs columns (tokens, token_logprobs, top_logprobs, text_offset), filled as tokens come."""
 
@@ -142,7 +135,7 @@ async def to_completion(events: AsyncIterator[ChatEvent], info: CompletionInfo) 
         created=info.created,
         model=info.model,
         choices=[choice],
-        usage=_usage(finish),
+        usage=completion_usage(finish),
     )
 
 
@@ -185,7 +178,7 @@ async def stream_chunks(events: AsyncIterator[ChatEvent], info: CompletionInfo, 
             logprobs = table.take() if info.logprobs and table.rows else None
             yield {"data": _chunk(info, "", event.reason, include_usage=include_usage, logprobs=logprobs)}
             if include_usage:
-                yield {"data": _chunk(info, None, usage=_usage(event), include_usage=True)}
+                yield {"data": _chunk(info, None, usage=completion_usage(event), include_usage=True)}
     yield {"data": "[DONE]"}
 
 

@@ -141,7 +141,7 @@ class ResponseBuilder:
                 "output": [item.model() for item in self.items],
                 "usage": ResponseUsage(
                     input_tokens=finish.prompt_tokens,
-                    input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
+                    input_tokens_details=InputTokensDetails(cached_tokens=finish.cached_tokens, cache_write_tokens=0),
                     output_tokens=finish.completion_tokens,
                     output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
                     total_tokens=finish.prompt_tokens + finish.completion_tokens,

@@ -14,11 +14,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llmchat.cuda_graphs import GraphedDecode
 from llmchat.llama import FusedForward, unsupported_reason
+from llmchat.prefix_cache import PrefixCache
 from llmchat.scheduler import Sequence
 
 log = logging.getLogger("llmchat.runner")
 
 SPARE_COLUMNS = 64
+# Computed tokens up to which a prefilling sequence is batched with others (its KV copied into the batch).
+MAX_BATCHED_PAST = 256
 
 
 class GrowingLayer(DynamicLayer):
@@ -59,6 +62,11 @@ class GrowingLayer(DynamicLayer):
         self._values[..., : self.length, :] = values
         self.keys = self._keys[..., : self.length, :]
         self.values = self._values[..., : self.length, :]
+
+    def reserve(self, num_columns: int) -> None:
+        """Makes room for `num_columns` in all (plus the spare ones), so a chunked prefill grows in place."""
+        if self._keys is not None and self._keys.shape[-2] < num_columns:
+            self.replace(self.keys, self.values, extra=num_columns - self.length)
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
@@ -125,6 +133,13 @@ def pick_forward(
 
 
 class BatchRunner:
+    """Prefills sequences chunk by chunk in caches of their own, then decodes them together in one batch cache.
+
+    A sequence's prompt may start with blocks from the prefix cache (copied in when it starts) and is
+    computed in chunks the scheduler sizes; each chunk's full blocks are copied into the prefix cache at
+    once, and a finished sequence's reply too, so the next turn of a conversation reuses both.
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -133,11 +148,13 @@ class BatchRunner:
         cuda_graphs: bool = False,
         max_rows: int = 16,
         checkpoint: Path | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint)
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
+        self.prefix_cache = prefix_cache
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cached columns], 1 = real token
@@ -147,21 +164,141 @@ class BatchRunner:
     def num_columns(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Runs the prompts of `seqs` as one left-padded batch, adds them as rows; returns last logits [n, V]."""
-        longest = max(s.num_prompt_tokens for s in seqs)
-        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            n = seq.num_prompt_tokens
-            ids[i, longest - n :] = torch.tensor(seq.prompt_ids)
-            mask[i, longest - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    def start(self, seq: Sequence) -> None:
+        """Seeds the sequence's own cache with the cached blocks its prompt starts with."""
+        seq.num_computed = seq.num_cached_tokens = 0
+        seq.kv = None
+        if self.prefix_cache is None:
+            return
+        blocks = self.prefix_cache.match(seq.prompt_ids)
+        if not blocks:
+            return
+        kv = self.prefix_cache.load(blocks)
+        seq.kv = new_cache(self.model)
+        for i, layer in enumerate(seq.kv.layers):
+            layer.update(kv[i, 0, None], kv[i, 1, None])
+            layer.reserve(seq.num_prompt_tokens)
+        seq.num_computed = seq.num_cached_tokens = kv.shape[3]
+
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Computes the next `n` prompt tokens of each (sequence, n); those whose prompt is done join the batch.
+
+        Returns the sequences that joined and their next-token logits [joined, V]. Sequences with few
+        tokens computed so far are prefilled together as one batch; one with many (a long cached
+        prefix, or a long prompt's later chunks) runs alone on its own cache rather than have it copied.
+        """
+        few = [(s, n) for s, n in chunks if s.num_computed <= MAX_BATCHED_PAST]
+        logits = self._prefill_batch(few) if len(few) > 1 else {}
+        for seq, n in chunks:
+            if id(seq) not in logits:
+                logits[id(seq)] = self._prefill_one(seq, n)
+        for seq, n in chunks:
+            seq.num_computed += n
+            self._cache_prefix(seq)
+        joined = [s for s, _ in chunks if s.num_computed == s.num_prompt_tokens]
+        if not joined:
+            return [], torch.empty(0)
+        self._join(joined)
+        return joined, torch.stack([logits[id(s)] for s in joined])
+
+    def _prefill_one(self, seq: Sequence, n: int) -> torch.Tensor:
+        start = seq.num_computed
+        if seq.kv is None:
+            seq.kv = new_cache(self.model)
+        ids = torch.tensor([seq.prompt_ids[start : start + n]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, start + n), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        logits = self.forward(ids, mask, positions, seq.kv)
+        for layer in seq.kv.layers:
+            layer.reserve(seq.num_prompt_tokens)  # later chunks then write in place
+        return logits[0]
+
+    def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
+        """Chunks of several sequences as one batch; each row then gets its own cache back.
+
+        Rows are left-padded twice: their computed tokens (copied in) end where the chunk region
+        starts, and their chunks end at the last column, so every row's last position is real.
+        """
+        past = max(s.num_computed for s, _ in chunks)
+        longest = max(n for _, n in chunks)
+        ids = torch.full((len(chunks), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), past + longest), dtype=torch.long)
+        positions = torch.zeros((len(chunks), longest), dtype=torch.long)
+        for i, (seq, n) in enumerate(chunks):
+            done = seq.num_computed
+            ids[i, longest - n :] = torch.tensor(seq.prompt_ids[done : done + n])
+            mask[i, past - done : past] = 1
+            mask[i, past + longest - n :] = 1
+            positions[i, longest - n :] = torch.arange(done, done + n)
         cache = new_cache(self.model)
-        logits = self.forward(ids, mask, positions, cache)
-        self._add_rows(seqs, cache, mask)
-        return logits
+        if past:
+            self._fill_past(cache, chunks, past)
+        logits = self.forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache)
+        for i, (seq, n) in enumerate(chunks):
+            done = seq.num_computed
+            columns = torch.cat([torch.arange(past - done, past), torch.arange(past + longest - n, past + longest)])
+            seq.kv = new_cache(self.model)
+            for own, batch in zip(seq.kv.layers, cache.layers, strict=True):
+                index = columns.to(batch.keys.device)
+                own.update(batch.keys[i : i + 1, :, index], batch.values[i : i + 1, :, index])
+                own.reserve(seq.num_prompt_tokens)
+        return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
+
+    @staticmethod
+    def _fill_past(cache: DynamicCache, chunks: list[tuple[Sequence, int]], past: int) -> None:
+        """Copies each row's computed keys and values into `cache`, right-aligned at column `past`."""
+        owners = [(i, s) for i, (s, _) in enumerate(chunks) if s.kv is not None]
+        for layer_index, layer in enumerate(cache.layers):
+            like = owners[0][1].kv.layers[layer_index].keys
+            keys = like.new_zeros((len(chunks), like.shape[1], past, like.shape[3]))
+            values = torch.zeros_like(keys)
+            for i, seq in owners:
+                own = seq.kv.layers[layer_index]
+                keys[i, :, past - seq.num_computed :] = own.keys[0]
+                values[i, :, past - seq.num_computed :] = own.values[0]
+            layer.update(keys, values)
+            layer.reserve(past + max(n for _, n in chunks))
+
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Moves prefilled sequences from their own caches into the batch cache as new rows."""
+        if self.cache is None and len(seqs) == 1:
+            seq = seqs[0]
+            self.rows, self.cache = [seq], seq.kv
+            self.mask = torch.ones((1, seq.num_computed), dtype=torch.long, device=self.device)
+            self.positions = torch.tensor([seq.num_computed], device=self.device)
+            seq.kv = None
+            return
+        width = max(self.num_columns, *(s.num_computed for s in seqs))
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        for i, seq in enumerate(seqs):
+            mask[i, width - seq.num_computed :] = 1
+        old = self.num_columns
+        layers = zip(*(s.kv.layers for s in seqs), strict=True)
+        if self.cache is None:
+            self.cache = new_cache(self.model)
+            self.mask = mask[:0, :0]
+            self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        for batch, own in zip(self.cache.layers, layers, strict=True):
+            keys = [_left_pad(layer.keys, width - layer.keys.shape[2]) for layer in own]
+            values = [_left_pad(layer.values, width - layer.values.shape[2]) for layer in own]
+            if batch.is_initialized and self.rows:
+                keys.insert(0, _left_pad(batch.keys, width - old))
+                values.insert(0, _left_pad(batch.values, width - old))
+                batch.replace(torch.cat(keys), torch.cat(values))
+            else:
+                batch.update(torch.cat(keys), torch.cat(values))
+        self.mask = torch.cat([_left_pad(self.mask, width - old), mask])
+        self.positions = torch.cat([self.positions, mask.sum(dim=1)])
+        self.rows.extend(seqs)
+        for seq in seqs:
+            seq.kv = None
+
+    def _cache_prefix(self, seq: Sequence) -> None:
+        """Copies the sequence's newly computed full blocks into the prefix cache."""
+        if self.prefix_cache is not None:
+            layers = seq.kv.layers
+            tokens = seq.prompt_ids[: seq.num_computed]
+            self.prefix_cache.insert(tokens, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
 
     def decode(self) -> torch.Tensor:
         """Feeds every row its pending token; returns the next-token logits [rows, V]."""
@@ -174,11 +311,17 @@ class BatchRunner:
         return logits
 
     def drop(self, seqs: list[Sequence]) -> None:
-        """Frees the rows of `seqs` and the padding columns no remaining row needs."""
+        """Frees the rows of `seqs` (caching the prompt and reply of those that ended well) and unneeded padding."""
+        for seq in seqs:
+            seq.kv = None  # a sequence that ended while prefilling
         gone = set(map(id, seqs))
         keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
         if len(keep) == len(self.rows):
             return
+        if self.prefix_cache is not None:
+            for i, seq in enumerate(self.rows):
+                if id(seq) in gone and seq.finish_reason in ("stop", "length"):
+                    self._cache_row(i, seq)
         self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.cache = self.mask = self.positions = None
@@ -192,6 +335,16 @@ class BatchRunner:
             rows = index.to(layer.keys.device)
             layer.replace(layer.keys[rows, :, first_used:, :], layer.values[rows, :, first_used:, :])
 
+    def _cache_row(self, i: int, seq: Sequence) -> None:
+        """Caches a finished row's prompt and reply: its real tokens are the last columns of the row."""
+        num_real = int(self.mask[i].sum())
+        tokens = (seq.prompt_ids + seq.completion_ids)[:num_real]
+        first = self.num_columns - num_real
+        layers = self.cache.layers
+        self.prefix_cache.insert(
+            tokens, [layer.keys[i, :, first:] for layer in layers], [layer.values[i, :, first:] for layer in layers]
+        )
+
     def kv_cache_bytes(self) -> int:
         """Bytes allocated for the batch's keys and values, spare columns included (read by metrics)."""
         cache = self.cache
@@ -202,22 +355,6 @@ class BatchRunner:
 
     def reset(self) -> None:
         self.rows, self.cache, self.mask, self.positions = [], None, None, None
-
-    def _add_rows(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
-        positions = mask.sum(dim=1)
-        if self.cache is None:
-            self.rows, self.cache, self.mask, self.positions = list(seqs), cache, mask, positions
-            return
-        width = max(self.num_columns, mask.shape[1])
-        old_pad, new_pad = width - self.num_columns, width - mask.shape[1]
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.replace(
-                torch.cat([_left_pad(old.keys, old_pad), _left_pad(new.keys, new_pad)], dim=0),
-                torch.cat([_left_pad(old.values, old_pad), _left_pad(new.values, new_pad)], dim=0),
-            )
-        self.mask = torch.cat([_left_pad(self.mask, old_pad), _left_pad(mask, new_pad)], dim=0)
-        self.positions = torch.cat([self.positions, positions])
-        self.rows.extend(seqs)
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -128,7 +128,11 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
             loaded = load_model(model_config(settings), stage)
             stage("preparing the forward pass")
             engine = Engine(
-                loaded, scheduler_config, fused_forward=settings.forward == "auto", cuda_graphs=settings.cuda_graphs
+                loaded,
+                scheduler_config,
+                fused_forward=settings.forward == "auto",
+                cuda_graphs=settings.cuda_graphs,
+                prefix_cache_bytes=prefix_cache_bytes(settings),
             )
             chat = Chat(engine, chat_options(settings))
             stage(f"preparing constrained decoding ({chat.family} tool calls)")
@@ -162,3 +166,10 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
     details = runtime.engine.loaded.describe()
     log.info("model: ready in %.1fs %s", runtime.ready_seconds, details)
     notify("READY=1", f"STATUS=ready in {runtime.ready_seconds:.0f}s: {runtime.model_name} on {details['device']}")
+
+
+def prefix_cache_bytes(settings: Settings) -> int | None:
+    """The engine's prefix cache bound: 0 when it is off, None to derive it from free memory."""
+    if not settings.prefix_cache:
+        return 0
+    return None if settings.prefix_cache_mb is None else settings.prefix_cache_mb * 2**20

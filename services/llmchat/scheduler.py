@@ -1,7 +1,8 @@
-"""Continuous batching bookkeeping: waiting and running sequences, schedule() and postprocess().
+"""Continuous batching bookkeeping: waiting and running sequences, schedule(), plan_prefill() and postprocess().
 
-Sequences join the running batch at step boundaries (prefill) and leave when they finish; the waiting
-queue is bounded so memory cannot grow without limit. No torch here: the runner owns the tensors.
+Admitted sequences prefill in chunks sized by a per-step token budget, then decode with the running
+batch until they finish; the waiting queue is bounded so memory cannot grow without limit. No torch
+here: the runner owns the tensors.
 """
 
 import asyncio
@@ -15,6 +16,8 @@ from enum import Enum
 from llmchat.sampling import SamplingParams, StopChecker, TokenLogprob
 
 _ids = itertools.count()
+# The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances.
+MIN_CHUNK = 16
 
 
 class QueueFull(Exception):
@@ -53,6 +56,10 @@ class Sequence:
     is_aborted: bool = False
     submitted_ns: int = field(default_factory=time.time_ns)  # wall clock, for span events
     admitted_ns: int | None = None  # when its prefill started
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set when admitted)
+    num_computed: int = 0  # prompt tokens in its KV so far: it is prefilling until all are
+    kv: object = None  # its own KV cache while it is prefilling (the runner's)
+    finish_reason: str | None = None
     # Per-sequence decoding state, made by the engine thread when the sequence is admitted.
     generator: object = None
     decoder: object = None
@@ -69,15 +76,20 @@ class Sequence:
     def emit(self, output: Output) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
 
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt_tokens
+
     def finish(self, output: Output) -> None:
         self.status = Status.FINISHED
+        self.finish_reason = output.finish_reason
         self.emit(output)
 
 
 @dataclass(slots=True)
 class SchedulerConfig:
     max_running: int = 16
-    max_batched_tokens: int = 256
+    max_batched_tokens: int = 128
     max_waiting: int = 64
 
 
@@ -126,30 +138,58 @@ class Scheduler:
             seq.finish(Output("", 0, "abort"))
         return [s for s in self.running if s.is_aborted]
 
-    def schedule(self) -> list[Sequence]:
-        """Admits waiting sequences for prefill this step, as far as the running and token limits allow.
+    def schedule(self, hold_shared: bool = False) -> list[Sequence]:
+        """Admits waiting sequences, in order, while the running batch has room; they prefill from the next step.
 
-        Prefilled together, newcomers cost their padded size; the running batch costs one token each.
-        One newcomer is always admitted when a slot is free, however long, so none can starve.
+        With `hold_shared` (a prefix cache is on), a sequence whose prompt shares at least a step's worth
+        of tokens with one still computing them waits for it (others may pass it meanwhile), and then
+        reads those tokens from the prefix cache instead of computing them again.
         """
-        budget = self.config.max_batched_tokens - len(self.running)
         admitted: list[Sequence] = []
-        longest = 0
         with self._lock:
-            while self.waiting and len(self.running) + len(admitted) < self.config.max_running:
-                seq = self.waiting[0]
-                longest_if = max(longest, seq.num_prompt_tokens)
-                if admitted and longest_if * (len(admitted) + 1) > budget:
+            for seq in list(self.waiting):
+                if len(self.running) + len(admitted) >= self.config.max_running:
                     break
-                self.waiting.popleft()
+                if hold_shared and self._should_wait(seq, [*self.running, *admitted]):
+                    continue
+                self.waiting.remove(seq)
                 admitted.append(seq)
-                longest = longest_if
         if admitted and self.running:
             self.num_admitted_while_running += len(admitted)
         for seq in admitted:
             seq.status = Status.RUNNING
         self.running.extend(admitted)
         return admitted
+
+    def _should_wait(self, seq: Sequence, others: list[Sequence]) -> bool:
+        """Whether a sequence still prefilling will compute at least a step's worth of this one's prompt."""
+        for leader in others:
+            if leader.is_prefilling and not leader.is_finished:
+                shared = _common_prefix(seq.prompt_ids, leader.prompt_ids)
+                if shared >= self.config.max_batched_tokens and leader.num_computed < shared:
+                    return True
+        return False
+
+    def plan_prefill(self, num_decoding: int) -> list[tuple[Sequence, int]]:
+        """How many prompt tokens each prefilling sequence computes this step, within the step's token budget.
+
+        The budget is what the decoding rows leave of max_batched_tokens. Shortest remaining prompt
+        first, so a short newcomer is not stuck behind a long one; the longest-waiting sequence always
+        gets at least an equal share, so a long prompt still advances every step.
+        """
+        pending = [s for s in self.running if s.is_prefilling and not s.is_finished and not s.is_aborted]
+        if not pending:
+            return []
+        budget = max(self.config.max_batched_tokens - num_decoding, MIN_CHUNK)
+        plan = {id(pending[0]): min(_remaining(pending[0]), max(budget // len(pending), 1))}
+        left = budget - plan[id(pending[0])]
+        for seq in sorted(pending, key=_remaining):
+            if left <= 0:
+                break
+            take = min(_remaining(seq) - plan.get(id(seq), 0), left)
+            plan[id(seq)] = plan.get(id(seq), 0) + take
+            left -= take
+        return [(s, plan[id(s)]) for s in pending if plan.get(id(s))]
 
     def postprocess(self) -> list[Sequence]:
         """Drops finished sequences from the running batch and returns them."""
@@ -162,3 +202,15 @@ class Scheduler:
             if not self.running and not self.waiting:
                 self.has_work.clear()
         return done
+
+
+def _remaining(seq: Sequence) -> int:
+    return seq.num_prompt_tokens - seq.num_computed
+
+
+def _common_prefix(a: list[int], b: list[int], step: int = 16) -> int:
+    """Length of the common start of two token lists, to the nearest `step` below (slices compare in C)."""
+    n = 0
+    while n + step <= min(len(a), len(b)) and a[n : n + step] == b[n : n + step]:
+        n += step
+    return n

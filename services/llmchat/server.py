@@ -97,9 +97,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             body |= runtime.engine.loaded.describe() | {
                 "model": runtime.model_name,
                 "ready_seconds": runtime.ready_seconds and round(runtime.ready_seconds, 2),
-                "forward": runtime.engine.runner.forward.kind,
-                # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
-                "forward_memory_bytes": runtime.engine.runner.forward.extra_bytes,
+                **runtime.engine.describe(),
                 "engine_alive": runtime.engine.is_alive,
                 "num_waiting": runtime.engine.num_waiting,
                 "num_running": runtime.engine.num_running,

@@ -72,7 +72,21 @@ class Settings(ServiceSettings):
     )
     max_running: int = Field(16, ge=1, le=1024, description="Most sequences generated together in one batch.")
     max_batched_tokens: int = Field(
-        256, ge=16, description="Token budget of one engine step (prompt tokens being prefilled + one per running)."
+        128,
+        ge=16,
+        description="Token budget of one engine step: one per decoding sequence, the rest for chunks of prompts "
+        "being prefilled, so a long prompt never stalls the running streams for more than one chunk.",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="Keep the KV of earlier prompts and replies and reuse it for prompts that start with the same "
+        "tokens (agents resend the same system prompt, tools and conversation every turn).",
+    )
+    prefix_cache_mb: int | None = Field(
+        None,
+        ge=0,
+        description="Memory bound of the prefix cache in MiB, least recently used blocks evicted first; default: "
+        "a tenth of the free RAM at start-up (a fifth of a GPU's free memory), at most 64 full contexts.",
     )
     max_waiting: int = Field(
         64, ge=0, description="Most requests queued behind a full batch; beyond it clients get 429 with Retry-After."

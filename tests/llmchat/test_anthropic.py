@@ -36,6 +36,12 @@ def stream(client, **kwargs):
         return s.get_final_message(), events
 
 
+def prompt_tokens(usage) -> int:
+    """The whole prompt: Anthropic's input_tokens leaves out the tokens read from cache."""
+    assert usage.cache_creation_input_tokens == 0
+    return usage.input_tokens + usage.cache_read_input_tokens
+
+
 def without_ids(message) -> list[dict]:
     return [block.model_dump(exclude={"id"}) for block in message.content]
 
@@ -66,7 +72,7 @@ def test_message_answers_with_usage(answer):
     assert [b.type for b in r.content] == ["text"]
     assert "Paris" in r.content[0].text
     assert (r.stop_reason, r.stop_sequence) == ("end_turn", None)
-    assert r.usage.input_tokens > 10
+    assert prompt_tokens(r.usage) > 10
     assert 0 < r.usage.output_tokens <= 20
 
 
@@ -76,7 +82,8 @@ def test_stream_gives_the_same_message(client, answer):
     assert streamed.id.startswith("msg_") and streamed.id != whole.id
     assert without_ids(streamed) == without_ids(whole)
     assert (streamed.stop_reason, streamed.stop_sequence) == (whole.stop_reason, whole.stop_sequence)
-    assert streamed.usage.input_tokens == whole.usage.input_tokens
+    # The same prompt may come from the prefix cache the second time: only the split of the prompt may differ.
+    assert prompt_tokens(streamed.usage) == prompt_tokens(whole.usage)
     assert streamed.usage.output_tokens == whole.usage.output_tokens
     text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
     assert text == whole.content[0].text
@@ -101,7 +108,11 @@ def test_raw_stream_events_in_anthropic_order(live):
     assert set(names[3:-3]) == {"content_block_delta"}
     assert datas[0]["message"]["content"] == [] and datas[0]["message"]["stop_reason"] is None
     assert datas[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
-    assert datas[-2]["usage"] == {"output_tokens": 5}
+    # message_delta's usage is cumulative: the prompt split into read-from-cache and not, as in the message.
+    usage, start_usage = datas[-2]["usage"], datas[0]["message"]["usage"]
+    assert usage.keys() == {"input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"}
+    assert (usage["output_tokens"], usage["cache_creation_input_tokens"]) == (5, 0)
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == start_usage["input_tokens"]
 
 
 def test_max_tokens_stops_with_max_tokens(client):
@@ -166,8 +177,8 @@ def test_streamed_tool_use_accumulates_its_input(client, weather_call):
 )
 def test_count_tokens_matches_the_usage_of_the_same_request(client, fields):
     counted = client.messages.count_tokens(model=MODEL, **fields)
-    used = client.messages.create(model=MODEL, max_tokens=1, **fields).usage.input_tokens
-    assert counted.input_tokens == used
+    used = client.messages.create(model=MODEL, max_tokens=1, **fields).usage
+    assert counted.input_tokens == prompt_tokens(used)
 
 
 def error_of(response: httpx.Response) -> dict:

@@ -137,6 +137,20 @@ def test_stop_reasons_and_whole_response_match_the_stream(chat_events, stop_reas
     assert max_open_blocks(events) <= 1
 
 
+def test_cached_prompt_tokens_follow_anthropics_usage_convention():
+    # 5 of the 7 prompt tokens came from the prefix cache: input_tokens counts only the other 2.
+    streamed, events, whole = replay([TextDelta("Paris"), Finish("stop", 7, 2, cached_tokens=5)])
+    expected = {"input_tokens": 2, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 5, "output_tokens": 2}
+    assert whole.usage.model_dump(include=set(expected)) == expected
+    assert streamed.usage.model_dump(include=set(expected)) == expected
+    # message_start cannot know the cached count yet; message_delta's cumulative usage corrects it.
+    (start,) = [e for e in events if e["type"] == "message_start"]
+    (delta,) = [e for e in events if e["type"] == "message_delta"]
+    assert start["message"]["usage"] == expected | {"input_tokens": 7, "cache_read_input_tokens": 0, "output_tokens": 0}
+    assert delta["usage"] == expected
+    assert whole.model_dump(exclude_none=True) == streamed.model_dump(exclude_none=True)
+
+
 # Request mapping.
 
 

@@ -1,9 +1,16 @@
-"""Legacy text completions end to end: real server, bundled model, the openai SDK as the client."""
+"""Legacy text completions end to end: real server, bundled model, the openai SDK as the client; usage from
+scripted chat events."""
+
+import asyncio
+import json
 
 import httpx
 import openai
 import pytest
 from opentelemetry import trace
+
+from llmchat.events import Finish, TextDelta
+from llmchat.openai_completions import CompletionInfo, stream_chunks, to_completion
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
@@ -45,7 +52,13 @@ def test_streaming_equals_non_streaming(client):
     whole = complete(client)
     text, finish, usages = collect(complete(client, stream=True, stream_options={"include_usage": True}))
     assert text == whole.choices[0].text and finish == whole.choices[0].finish_reason
-    assert usages == [whole.usage]
+    # The second request may find the first one's prompt in the prefix cache: only that may differ.
+    (usage,) = usages
+    assert usage.model_dump(exclude={"prompt_tokens_details"}) == whole.usage.model_dump(
+        exclude={"prompt_tokens_details"}
+    )
+    for u in (usage, whole.usage):
+        assert 0 <= u.prompt_tokens_details.cached_tokens <= u.prompt_tokens
 
 
 def test_stream_without_include_usage_sends_none(client):
@@ -120,3 +133,28 @@ def test_span_operation_is_text_completion(client, spans):
     (span,) = [s for s in spans.get_finished_spans() if s.name == f"text_completion {MODEL}"]
     assert span.attributes["gen_ai.operation.name"] == "text_completion"
     assert span.attributes["gen_ai.response.id"] == r.id
+
+
+@pytest.mark.parametrize("cached", [0, 3])
+def test_usage_reports_cached_prompt_tokens_whole_and_streamed(cached):
+    chat_events = [TextDelta(" Paris"), Finish("length", 5, 1, cached_tokens=cached)]
+
+    async def events():
+        for event in chat_events:
+            yield event
+
+    async def run():
+        info = CompletionInfo(MODEL)
+        whole = await to_completion(events(), info)
+        chunks = [item["data"] async for item in stream_chunks(events(), info, include_usage=True)]
+        return whole.model_dump(mode="json", exclude_unset=True), [json.loads(c) for c in chunks[:-1]]
+
+    whole, chunks = asyncio.run(run())
+    expected = {
+        "prompt_tokens": 5,
+        "completion_tokens": 1,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+    assert whole["usage"] == expected
+    assert [c["usage"] for c in chunks] == [None] * (len(chunks) - 1) + [expected]

@@ -1,10 +1,15 @@
 """The OpenAI surface end to end: real uvicorn, real bundled model, the official openai SDK."""
 
+import asyncio
 import json
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from llmchat.events import Finish, TextDelta
+from llmchat.openai_chat import ResponseInfo, stream_chunks, to_response
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -35,6 +40,7 @@ def test_non_streaming_answers_with_usage(client):
     assert r.usage.prompt_tokens > 10
     assert 0 < r.usage.completion_tokens <= 20
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert 0 <= r.usage.prompt_tokens_details.cached_tokens <= r.usage.prompt_tokens
 
 
 def test_max_tokens_gives_length(client):
@@ -199,3 +205,36 @@ def test_health_reports_model_and_memory(live):
     assert health["device"] == "cpu" and health["quantization"] == "none"
     assert health["memory_bytes"] > 100_000_000
     assert health["max_context"] == 8192
+
+
+# Scripted chat events: usage with prompt tokens the prefix cache supplied.
+
+
+def replay(chat_events) -> tuple[dict, list[dict]]:
+    """(the whole response's JSON, the streamed chunks' JSON with include_usage), from the same chat events."""
+
+    async def events():
+        for event in chat_events:
+            yield event
+
+    async def run():
+        info = ResponseInfo(MODEL)
+        whole, _ = await to_response(events(), info)
+        chunks = [item async for item in stream_chunks(events(), info, include_usage=True) if isinstance(item, str)]
+        return whole.model_dump(mode="json", exclude_unset=True), [json.loads(c) for c in chunks]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("cached", [0, 5])
+def test_usage_reports_cached_prompt_tokens_whole_and_streamed(cached):
+    whole, chunks = replay([TextDelta("Paris"), Finish("stop", 7, 2, cached_tokens=cached)])
+    expected = {
+        "prompt_tokens": 7,
+        "completion_tokens": 2,
+        "total_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+    assert whole["usage"] == expected
+    assert [c["usage"] for c in chunks] == [None] * (len(chunks) - 1) + [expected]
+    assert ChatCompletionChunk.model_validate(chunks[-1]).usage.prompt_tokens_details.cached_tokens == cached

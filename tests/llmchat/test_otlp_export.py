@@ -129,6 +129,10 @@ def test_metrics_have_the_conventions_names_and_buckets(grpc_run):
     assert {attrs(p)["gen_ai.token.type"] for p in usage} == {"input", "output"}
     duration = latest["gen_ai.server.request.duration"].histogram.data_points
     assert sum(p.count for p in duration) == 2
+    # Every prompt token is counted once, as read from the prefix cache or computed.
+    prompt = latest["llmchat.prompt_tokens"].sum.data_points
+    assert {attrs(p)["llmchat.prompt_tokens.source"] for p in prompt} == {"cached", "computed"}
+    assert sum(p.as_int for p in prompt) == sum(p.sum for p in usage if attrs(p)["gen_ai.token.type"] == "input")
     requests = latest["llmchat.requests"].sum.data_points
     assert sum(p.as_int for p in requests) == 2 and {attrs(p)["llmchat.outcome"] for p in requests} == {"ok"}
     for gauge in ("waiting", "running", "batch_size", "kv_cache.usage"):

@@ -1,6 +1,7 @@
 """The Responses API end to end (real server, bundled model, the openai SDK), plus the event builder fed
 scripted chat events the small model never produces (reasoning, an error mid-stream)."""
 
+import asyncio
 import json
 
 import httpx
@@ -64,6 +65,7 @@ def test_text_response(client):
     assert r.output_text.strip()
     assert r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 8
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert 0 <= r.usage.input_tokens_details.cached_tokens <= r.usage.input_tokens
     assert r.max_output_tokens == 8 and r.temperature == 0 and r.tools == []
 
 
@@ -288,3 +290,24 @@ def test_builder_reports_an_error_in_band():
     assert sse["event"] == "error" == data["type"]
     assert data["code"] == "generation_error" and data["message"] == "Generation failed: boom"
     assert data["sequence_number"] == builder.sequence_number - 1 == 5
+
+
+@pytest.mark.parametrize("reason", ["stop", "length"])
+def test_builder_reports_cached_prompt_tokens_streamed_and_whole(reason):
+    script = [TextDelta("Paris"), Finish(reason, 10, 2, cached_tokens=6)]
+    echo = {"parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+    final = feed(ResponseBuilder(MODEL, echo), script)[-1].response
+
+    async def events():
+        for event in script:
+            yield event
+
+    whole = asyncio.run(ResponseBuilder(MODEL, echo).collect(events()))
+    for response in (final, whole):
+        assert response.usage.model_dump(mode="json", exclude_unset=True) == {
+            "input_tokens": 10,
+            "input_tokens_details": {"cached_tokens": 6, "cache_write_tokens": 0},
+            "output_tokens": 2,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 12,
+        }

@@ -1,4 +1,5 @@
-"""The chat span: name, GenAI attributes, ids matching the response headers, and closing on disconnect."""
+"""The chat span: name, GenAI attributes, ids matching the response headers, and closing on disconnect; the
+observation's cached-prompt attribute and metric on scripted events."""
 
 import time
 
@@ -6,6 +7,16 @@ import httpx
 import openai
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from hrserve import OTELContext
+from llmchat.chat import ChatMessage, ChatRequest
+from llmchat.events import Finish, TextDelta
+from llmchat.observe import ChatObservation, Instruments
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -63,6 +74,7 @@ def test_chat_span_attributes_match_response(live, spans):
     assert a["gen_ai.response.id"] == response.id
     assert a["gen_ai.usage.input_tokens"] == response.usage.prompt_tokens
     assert a["gen_ai.usage.output_tokens"] == response.usage.completion_tokens
+    assert a["gen_ai.usage.cache_read.input_tokens"] == response.usage.prompt_tokens_details.cached_tokens
     assert tuple(a["gen_ai.response.finish_reasons"]) == (response.choices[0].finish_reason,)
     assert span.status.is_ok
 
@@ -104,3 +116,30 @@ def test_non_streaming_disconnect_aborts_generation(live, spans):
     (span,) = wait_for(lambda: chat_spans(spans))
     assert "client_disconnected" in [e.name for e in span.events]
     assert span.attributes["streaming"] is False
+
+
+def test_cached_prompt_tokens_reach_the_span_and_the_prompt_tokens_metric():
+    # Providers of its own, so the global ones the live tests use see nothing of this.
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    otel = OTELContext(tracer_provider.get_tracer("test"), "llmchat")
+    for cached in (8, 0):
+        request = ChatRequest(messages=[ChatMessage("user", "Hi")])
+        observation = ChatObservation(
+            otel, Instruments.create(meter), MODEL, request, stream=False, num_messages=1, client_job_id=None
+        )
+        for event in (TextDelta("Hello"), Finish("stop", 12, 3, cached_tokens=cached)):
+            observation.event(event)
+        observation.end()
+
+    assert [s.attributes["gen_ai.usage.cache_read.input_tokens"] for s in exporter.get_finished_spans()] == [8, 0]
+    metrics = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+    (prompt_tokens,) = [m for m in metrics if m.name == "llmchat.prompt_tokens"]
+    assert prompt_tokens.unit == "{token}" and prompt_tokens.data.is_monotonic
+    by_source = {p.attributes["llmchat.prompt_tokens.source"]: p for p in prompt_tokens.data.data_points}
+    assert {source: p.value for source, p in by_source.items()} == {"cached": 8, "computed": 4 + 12}
+    for point in by_source.values():
+        assert point.attributes["gen_ai.request.model"] == MODEL
+        assert point.attributes["gen_ai.operation.name"] == "chat"
