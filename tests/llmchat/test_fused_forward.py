@@ -108,7 +108,7 @@ def bundled_bf16():
 
 
 def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
-    """The real weights in bfloat16 (prepacked matmuls where the CPU has AMX): the same logits up to rounding."""
+    """The real weights in bfloat16 (prepacked matmuls where the CPU has AMX): as close to float32 as transformers'."""
     model = bundled_bf16.model
     fused = FusedForward(model)
     assert fused.kind == ("fused, prepacked bfloat16" if uses_packed_bf16(model) else "fused")
@@ -116,10 +116,19 @@ def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
     linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert fused.extra_bytes == (linear_bytes if uses_packed_bf16(model) else 0)
     torch.manual_seed(1)
-    ours, theirs = compare(model, [30, 12, 21], steps=8)
-    for a, b in zip(ours, theirs, strict=True):
-        # bfloat16 keeps 8 bits of mantissa; two kernels' roundings stay within a few of its steps.
-        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+    rows = [30, 12, 21]
+    ours, theirs = compare(model, rows, steps=8)
+    # Both round differently from float32 (by how much depends on the CPU's bfloat16 kernels); the
+    # fused pass may not drift further from the float32 logits than transformers' own bfloat16 pass.
+    exact = load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir)).model
+    torch.manual_seed(1)  # the same ids as compare() drew
+    ids, mask, positions = left_padded(rows, model.config.vocab_size)
+    tokens = [t.argmax(-1, keepdim=True) for t in theirs[:-1]]
+    with torch.inference_mode():
+        reference = run(TransformersForward(exact, "reference"), exact, ids, mask, positions, tokens)
+    for a, b, r in zip(ours, theirs, reference, strict=True):
+        ours_error, theirs_error = (a.float() - r).abs().max(), (b.float() - r).abs().max()
+        assert ours_error <= 1.5 * theirs_error + 0.01 * r.abs().max()
 
 
 def test_models_it_cannot_run_say_why(tmp_path):

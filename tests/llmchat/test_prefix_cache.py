@@ -1,7 +1,11 @@
 """Prefix caching and chunked prefill: the same greedy tokens as without them, bounded memory, clean faults."""
 
 import asyncio
+import time
+import uuid
 
+import httpx
+import openai
 import pytest
 import torch
 
@@ -11,6 +15,7 @@ from llmchat.prefix_cache import PrefixCache
 from llmchat.sampling import SamplingParams
 from llmchat.settings import Settings
 
+MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = " ".join(f"Rule {i}: check valve {i * 7 % 13} before pump {i % 5} starts." for i in range(24))
 QUESTIONS = ["What is rule 3?", "Which valve comes before pump 2?", "Summarize the rules.", "Hi"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -121,7 +126,7 @@ def test_cached_prefixes_give_the_same_greedy_tokens(loaded):
 
 def test_concurrent_prompts_batched_and_chunked_match(loaded):
     """Several prompts at once, some sharing a prefix, prefilled in chunks beside running decodes."""
-    prompts = [chat_ids(loaded, q) for q in QUESTIONS] * 2
+    prompts = [chat_ids(loaded, q) for q in QUESTIONS] + [chat_ids(loaded, q) for q in QUESTIONS[:2]]
     expected = reference(loaded, prompts)
 
     async def body(engine):
@@ -254,3 +259,38 @@ def test_failed_step_leaves_no_poisoned_blocks(loaded):
     # The two chunks computed before the fault are reused; the poisoned third is not.
     assert 2 * 64 - 16 <= again.num_cached_tokens < 3 * 64
     assert again.completion_ids == reference(loaded, [prompt])[0]
+
+
+def test_cached_tokens_reach_the_wire_and_health(live):
+    client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0)
+    system = f"Session {uuid.uuid4()}. {SYSTEM}"  # nothing cached yet by earlier tests
+
+    def ask(question: str):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0).usage
+
+    first, second = ask(QUESTIONS[0]), ask(QUESTIONS[1])
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert second.prompt_tokens_details.cached_tokens > second.prompt_tokens - 32
+    cache = httpx.get(f"{live.base_url}/health").json()["prefix_cache"]
+    assert cache["num_blocks"] > 0 and cache["bytes"] <= cache["capacity_bytes"] and cache["hit_rate"] > 0
+
+
+def test_client_gone_mid_prefill_stops_its_chunks(live):
+    system = f"Session {uuid.uuid4()}. {SYSTEM * 3}"
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{live.base_url}/health").json()["num_running"]:
+        assert time.monotonic() < deadline, "the abandoned request still runs"
+        time.sleep(0.1)
+    again = httpx.post(f"{live.base_url}/v1/chat/completions", json=body | {"stream": False}, timeout=120).json()
+    usage = again["usage"]
+    # It had computed a chunk or a few when it left (kept, and reused now), not the whole prompt.
+    assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"] - 256
