@@ -42,7 +42,7 @@ def serve(
     max_context: Annotated[int | None, Opt(help="Context limit in tokens [default: the model's].")] = None,
     served_model_name: Annotated[str | None, Opt(help="Model name clients use.")] = None,
     max_running: Annotated[int | None, Opt(help="Most sequences in one batch [default: 16].")] = None,
-    max_batched_tokens: Annotated[int | None, Opt(help="Token budget of one engine step [default: 128].")] = None,
+    max_batched_tokens: Annotated[int | None, Opt(help="Token budget of one engine step [default: 512].")] = None,
     prefix_cache: Annotated[
         bool | None, Opt("--prefix-cache/--no-prefix-cache", help="Reuse the KV of earlier prompts [default: on].")
     ] = None,

@@ -127,6 +127,10 @@ class GraphedDecode:
         bucket.head()
         return bucket.logits[:rows].clone()
 
+    def ragged(self, *args) -> torch.Tensor:
+        """Prefill chunks of several sequences: the fused pass's, uncaptured (shapes vary with every step)."""
+        return self.fused.ragged(*args)
+
     def _bucket(self, size: int, device: torch.device) -> Bucket:
         bucket = self.buckets.get(size)
         if bucket is None:

@@ -25,6 +25,10 @@ __all__ = ["Engine", "Output", "QueueFull", "SchedulerConfig", "Sequence"]
 
 log = logging.getLogger("llmchat.engine")
 
+# While sequences decode, a step's prefill chunks may take at most this many decode steps' time, so a
+# running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine.
+STALL_STEPS = 4
+
 
 class Engine:
     """Facade the chat layer talks to: start(), submit(), stream(), abort(), shutdown()."""
@@ -62,6 +66,9 @@ class Engine:
         )
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
+        self.decode_step_s: float | None = None
+        self.prefill_token_s: float | None = None
         # When the loop last came round (monotonic); the systemd watchdog reads it.
         self.last_beat = time.monotonic()
 
@@ -85,6 +92,10 @@ class Engine:
     @property
     def kv_cache_bytes(self) -> int:
         return self.runner.kv_cache_bytes()
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache.num_bytes if self.prefix_cache is not None else 0
 
     def describe(self) -> dict:
         """What /health shows of the engine: its forward pass and prefix cache."""
@@ -175,16 +186,28 @@ class Engine:
         self._reap()
         for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
             self._admit(seq)
-        chunks = self.scheduler.plan_prefill(len(self.runner.rows))
+        chunks = self.scheduler.plan_prefill(len(self.runner.rows), self._max_chunk())
         if chunks:
+            start = time.perf_counter()
             joined, logits = self.runner.prefill(chunks)
             if joined:
                 self._sample(joined, logits)
+            self.prefill_token_s = _average(
+                self.prefill_token_s, (time.perf_counter() - start) / sum(n for _, n in chunks)
+            )
             self._reap()
         if self.runner.rows:
+            start = time.perf_counter()
             rows = list(self.runner.rows)
             self._sample(rows, self.runner.decode())
+            self.decode_step_s = _average(self.decode_step_s, time.perf_counter() - start)
             self.runner.drop(self.scheduler.postprocess())
+
+    def _max_chunk(self) -> int | None:
+        """Prompt tokens this step may prefill without stalling the decoding rows for over STALL_STEPS steps."""
+        if not self.runner.rows or self.decode_step_s is None or self.prefill_token_s is None:
+            return None
+        return int(STALL_STEPS * self.decode_step_s / self.prefill_token_s)
 
     def _reap(self) -> None:
         for seq in self.scheduler.reap_aborted():
@@ -243,6 +266,10 @@ class Engine:
         """An output with the log-probabilities of the tokens sampled since the last one (held-back text's too)."""
         logprobs, seq.logprobs = (seq.logprobs or None), []
         return Output(text, len(seq.completion_ids), finish_reason, stop_sequence=stop, logprobs=logprobs)
+
+
+def _average(average: float | None, value: float, weight: float = 0.3) -> float:
+    return value if average is None else (1 - weight) * average + weight * value
 
 
 def make_prefix_cache(loaded: LoadedModel, capacity_bytes: int | None) -> tuple[PrefixCache | None, str | None]:

@@ -200,6 +200,37 @@ class FusedForward:
             x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2))
         return self.head(x)
 
+    def ragged(
+        self, ids: torch.Tensor, positions: torch.Tensor, sizes: list[int], caches: list[DynamicCache]
+    ) -> torch.Tensor:
+        """Several sequences' chunks side by side in one row of tokens, each attending over its own cache.
+
+        `ids` and `positions` are [1, tokens]: chunks of `sizes` tokens one after another, in the order
+        of `caches`. The matmuls run over every token at once with no padding; only attention runs per
+        sequence. Returns each chunk's last-token logits [chunks, V].
+        """
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rotary_for(x, positions)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        masks = [
+            attention_mask(torch.ones(1, c.get_seq_length() + n, device=ids.device), n)
+            for c, n in zip(caches, sizes, strict=True)
+        ]
+        for index, layer in enumerate(self.layers):
+            q, k, v = self.pre_attention(layer, x, cos, sin)
+            outs = []
+            for cache, start, n, allowed in zip(caches, starts, sizes, masks, strict=True):
+                end = start + n
+                keys, values = cache.layers[index].update(k[:, :, start:end], v[:, :, start:end])
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, start:end], keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
+                    )
+                )
+            x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2))
+        last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
+        return self.lm_head(rms_norm(x[0, last], self.final_norm))
+
     def rotary_for(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x, positions)
         return cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads in [rows, queries, heads, dim]

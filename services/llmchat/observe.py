@@ -89,6 +89,7 @@ def register_engine_gauges(meter: Meter, get_engine: Callable[[], Engine | None]
     gauge("llmchat.engine.running", "{request}", "Requests in the running batch.", lambda e: e.num_running)
     gauge("llmchat.engine.batch_size", "{sequence}", "Rows in the batch's KV cache.", lambda e: e.batch_size)
     gauge("llmchat.engine.kv_cache.usage", "By", "Memory allocated to the KV cache.", lambda e: e.kv_cache_bytes)
+    gauge("llmchat.engine.prefix_cache.usage", "By", "Memory held by the prefix cache.", lambda e: e.prefix_cache_bytes)
 
 
 def capture_content_enabled() -> bool:

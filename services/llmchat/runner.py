@@ -183,12 +183,17 @@ class BatchRunner:
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Computes the next `n` prompt tokens of each (sequence, n); those whose prompt is done join the batch.
 
-        Returns the sequences that joined and their next-token logits [joined, V]. Sequences with few
-        tokens computed so far are prefilled together as one batch; one with many (a long cached
-        prefix, or a long prompt's later chunks) runs alone on its own cache rather than have it copied.
+        Returns the sequences that joined and their next-token logits [joined, V]. The fused forward
+        runs every chunk in one pass, each over its own cache. Through transformers' forward, sequences
+        with few tokens computed so far are prefilled together as one padded batch; one with many (a
+        long cached prefix, or a long prompt's later chunks) runs alone rather than have its cache copied.
         """
-        few = [(s, n) for s, n in chunks if s.num_computed <= MAX_BATCHED_PAST]
-        logits = self._prefill_batch(few) if len(few) > 1 else {}
+        ragged = getattr(self.forward, "ragged", None)
+        if ragged is not None and len(chunks) > 1:
+            logits = self._prefill_ragged(chunks, ragged)
+        else:
+            few = [(s, n) for s, n in chunks if s.num_computed <= MAX_BATCHED_PAST]
+            logits = self._prefill_batch(few) if len(few) > 1 else {}
         for seq, n in chunks:
             if id(seq) not in logits:
                 logits[id(seq)] = self._prefill_one(seq, n)
@@ -212,6 +217,24 @@ class BatchRunner:
         for layer in seq.kv.layers:
             layer.reserve(seq.num_prompt_tokens)  # later chunks then write in place
         return logits[0]
+
+    def _prefill_ragged(self, chunks: list[tuple[Sequence, int]], ragged) -> dict[int, torch.Tensor]:
+        """All chunks in one pass of the fused forward, each sequence attending over its own cache."""
+        ids = [t for seq, n in chunks for t in seq.prompt_ids[seq.num_computed : seq.num_computed + n]]
+        positions = [p for seq, n in chunks for p in range(seq.num_computed, seq.num_computed + n)]
+        for seq, _ in chunks:
+            if seq.kv is None:
+                seq.kv = new_cache(self.model)
+        logits = ragged(
+            torch.tensor([ids], device=self.device),
+            torch.tensor([positions], device=self.device),
+            [n for _, n in chunks],
+            [seq.kv for seq, _ in chunks],
+        )
+        for seq, _ in chunks:
+            for layer in seq.kv.layers:
+                layer.reserve(seq.num_prompt_tokens)
+        return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
 
     def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
         """Chunks of several sequences as one batch; each row then gets its own cache back.

@@ -89,7 +89,7 @@ class Sequence:
 @dataclass(slots=True)
 class SchedulerConfig:
     max_running: int = 16
-    max_batched_tokens: int = 128
+    max_batched_tokens: int = 512
     max_waiting: int = 64
 
 
@@ -170,17 +170,19 @@ class Scheduler:
                     return True
         return False
 
-    def plan_prefill(self, num_decoding: int) -> list[tuple[Sequence, int]]:
+    def plan_prefill(self, num_decoding: int, max_chunk: int | None = None) -> list[tuple[Sequence, int]]:
         """How many prompt tokens each prefilling sequence computes this step, within the step's token budget.
 
-        The budget is what the decoding rows leave of max_batched_tokens. Shortest remaining prompt
+        The budget is what the decoding rows leave of max_batched_tokens, and at most `max_chunk`
+        tokens (the engine's bound on how long running streams may wait). Shortest remaining prompt
         first, so a short newcomer is not stuck behind a long one; the longest-waiting sequence always
         gets at least an equal share, so a long prompt still advances every step.
         """
         pending = [s for s in self.running if s.is_prefilling and not s.is_finished and not s.is_aborted]
         if not pending:
             return []
-        budget = max(self.config.max_batched_tokens - num_decoding, MIN_CHUNK)
+        budget = self.config.max_batched_tokens - num_decoding
+        budget = max(budget if max_chunk is None else min(budget, max_chunk), MIN_CHUNK)
         plan = {id(pending[0]): min(_remaining(pending[0]), max(budget // len(pending), 1))}
         left = budget - plan[id(pending[0])]
         for seq in sorted(pending, key=_remaining):

@@ -72,10 +72,10 @@ class Settings(ServiceSettings):
     )
     max_running: int = Field(16, ge=1, le=1024, description="Most sequences generated together in one batch.")
     max_batched_tokens: int = Field(
-        128,
+        512,
         ge=16,
         description="Token budget of one engine step: one per decoding sequence, the rest for chunks of prompts "
-        "being prefilled, so a long prompt never stalls the running streams for more than one chunk.",
+        "being prefilled; while sequences decode, chunks are also kept to about four decode steps' time.",
     )
     prefix_cache: bool = Field(
         True,

@@ -102,6 +102,36 @@ def test_fused_pass_matches_transformers_for_each_family(model_type):
     assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_ragged_chunks_match_one_sequence_at_a_time(model_type):
+    """Chunks of several sequences in one pass, each over its own cache (some empty, some with tokens)."""
+    model = tiny_model(model_type)
+    fused = FusedForward(model)
+    pasts, sizes = [0, 7, 3], [5, 4, 1]
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, model.config.vocab_size, (1, p + n)) for p, n in zip(pasts, sizes, strict=True)]
+
+    def cache_after(prompt: torch.Tensor, past: int):
+        cache = new_cache(model)
+        if past:
+            fused(prompt[:, :past], torch.ones(1, past), torch.arange(past)[None], cache)
+        return cache
+
+    with torch.inference_mode():
+        alone, alone_caches = [], []
+        for prompt, past, n in zip(prompts, pasts, sizes, strict=True):
+            cache = cache_after(prompt, past)
+            alone.append(fused(prompt[:, past:], torch.ones(1, past + n), torch.arange(past, past + n)[None], cache))
+            alone_caches.append(cache)
+        caches = [cache_after(prompt, past) for prompt, past in zip(prompts, pasts, strict=True)]
+        ids = torch.cat([prompt[:, past:] for prompt, past in zip(prompts, pasts, strict=True)], dim=1)
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(pasts, sizes, strict=True)])[None]
+        together = fused.ragged(ids, positions, sizes, caches)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    for a, b in zip(caches, alone_caches, strict=True):
+        torch.testing.assert_close(a.layers[-1].keys, b.layers[-1].keys, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def bundled_bf16():
     return load_model(ModelConfig("bundled", device="cpu", dtype="bfloat16", cache_dir=Settings().cache_dir))

@@ -135,7 +135,7 @@ def test_metrics_have_the_conventions_names_and_buckets(grpc_run):
     assert sum(p.as_int for p in prompt) == sum(p.sum for p in usage if attrs(p)["gen_ai.token.type"] == "input")
     requests = latest["llmchat.requests"].sum.data_points
     assert sum(p.as_int for p in requests) == 2 and {attrs(p)["llmchat.outcome"] for p in requests} == {"ok"}
-    for gauge in ("waiting", "running", "batch_size", "kv_cache.usage"):
+    for gauge in ("waiting", "running", "batch_size", "kv_cache.usage", "prefix_cache.usage"):
         assert latest[f"llmchat.engine.{gauge}"].gauge.data_points, gauge
     http = latest["http.server.request.duration"].histogram.data_points
     assert {attrs(p)["http.response.status_code"] for p in http} == {200}
