@@ -1,5 +1,6 @@
 """Shared fixtures: in-memory span capture for the whole session and a live llmchat on a loopback port."""
 
+import asyncio
 import os
 import signal
 import socket
@@ -134,3 +135,18 @@ def spawn_llmchat(log_dir: Path, env: dict[str, str], wait_ready: bool = True) -
     if wait_ready:
         server.wait_ready()
     return server
+
+
+def run_engine(loaded, config, body, **engine_options):
+    """Runs `await body(engine)` on a started llmchat engine over `loaded`, then shuts the engine down."""
+    from llmchat.engine import Engine
+
+    async def main():
+        engine = Engine(loaded, config, **engine_options)
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    return asyncio.run(main())

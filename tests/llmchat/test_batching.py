@@ -11,7 +11,7 @@ from llmchat.llm import ModelConfig, load_model
 from llmchat.sampling import SamplingParams
 from llmchat.server import create_app
 from llmchat.settings import Settings
-from tests.conftest import spawn_llmchat, start_server
+from tests.conftest import run_engine, spawn_llmchat, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = [
@@ -41,18 +41,6 @@ async def drain(engine: Engine, seq) -> list[int]:
     async for _ in engine.stream(seq):
         pass
     return seq.completion_ids
-
-
-def run_engine(loaded, config: SchedulerConfig, body):
-    async def main():
-        engine = Engine(loaded, config)
-        engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await asyncio.to_thread(engine.shutdown)
-
-    return asyncio.run(main())
 
 
 def test_batched_greedy_equals_sequential(loaded):

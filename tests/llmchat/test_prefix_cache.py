@@ -14,6 +14,7 @@ from llmchat.llm import ModelConfig, load_model
 from llmchat.prefix_cache import PrefixCache
 from llmchat.sampling import SamplingParams
 from llmchat.settings import Settings
+from tests.conftest import run_engine
 
 MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = " ".join(f"Rule {i}: check valve {i * 7 % 13} before pump {i % 5} starts." for i in range(24))
@@ -35,18 +36,9 @@ def chat_ids(loaded, question: str, system: str = SYSTEM, history: list[dict] | 
     return list(rendered["input_ids"])
 
 
-def run(loaded, body, cache_bytes: int | None = None, budget: int = 64, max_running: int = 16):
+def run(loaded, body, cache_bytes: int | None = None, budget: int = 64):
     """Runs `body(engine)` on a started engine (small chunks by default, so prompts span several steps)."""
-
-    async def main():
-        engine = Engine(loaded, SchedulerConfig(max_running, budget), prefix_cache_bytes=cache_bytes)
-        engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await asyncio.to_thread(engine.shutdown)
-
-    return asyncio.run(main())
+    return run_engine(loaded, SchedulerConfig(max_batched_tokens=budget), body, prefix_cache_bytes=cache_bytes)
 
 
 async def generate(engine: Engine, ids: list[int], params: SamplingParams = GREEDY):
