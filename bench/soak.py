@@ -107,8 +107,10 @@ async def soak(server: servers.Server, minutes: float, concurrency: int, seed: i
         httpx.AsyncClient(base_url=server.base_url, timeout=30) as prober,
     ):
         await asyncio.gather(sample(), probe_health(prober), *(worker(n, client) for n in range(concurrency)))
+        # Whether the prefix cache filled up (and evicted) while resident memory was measured.
+        cache = (await prober.get("/health")).json().get("prefix_cache", {})
     memory.append((round(time.monotonic() - start, 1), server.rss_bytes()))
-    return summarize(results, memory, minutes, health)
+    return summarize(results, memory, minutes, health) | {"prefix_cache": cache}
 
 
 def summarize(
@@ -157,6 +159,10 @@ def main() -> None:
     table.add_row("rss growth after warm-up", f"{report['rss_growth_after_warmup_pct']}%")
     for key in ("health_checks", "health_not_200", "health_p99_ms", "health_max_ms"):
         table.add_row(key, str(report[key]))
+    cache = report["prefix_cache"]
+    if "bytes" in cache:
+        used = f"{cache['bytes']} of {cache['capacity_bytes']} bytes"
+        table.add_row("prefix cache", f"{used}, {cache['num_evicted']} blocks evicted")
     console.print(table)
     for error in report["errors"]:
         console.print(f"[red]{error}[/red]")
