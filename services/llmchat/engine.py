@@ -54,7 +54,7 @@ class Engine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-        self.prefix_cache, self.prefix_cache_off = make_prefix_cache(loaded, prefix_cache_bytes)
+        self.prefix_cache, self.prefix_cache_off = make_prefix_cache(loaded.model, prefix_cache_bytes)
         self.runner = BatchRunner(
             loaded.model,
             pad,
@@ -272,9 +272,8 @@ def _average(average: float | None, value: float, weight: float = 0.3) -> float:
     return value if average is None else (1 - weight) * average + weight * value
 
 
-def make_prefix_cache(loaded: LoadedModel, capacity_bytes: int | None) -> tuple[PrefixCache | None, str | None]:
+def make_prefix_cache(model: torch.nn.Module, capacity_bytes: int | None) -> tuple[PrefixCache | None, str | None]:
     """The prefix cache for this model, or None and why not."""
-    model = loaded.model
     if capacity_bytes == 0:
         return None, "turned off in the settings"
     if getattr(model, "hf_device_map", None) is not None:

@@ -65,7 +65,7 @@ class PrefixCache:
         }
 
     def _keys(self, tokens: list[int], num_blocks: int):
-        """Yields (index, key) of the chain `tokens` spells, as long as its blocks are cached."""
+        """Yields the keys of the chain `tokens` spells, as long as its blocks are cached."""
         parent = ROOT
         size = self.block_size
         for i in range(num_blocks):
@@ -73,12 +73,12 @@ class PrefixCache:
             block = self.blocks.get(key)
             if block is None:
                 return
-            yield i, key
+            yield key
             parent = block.block_id
 
     def match(self, tokens: list[int]) -> list[Block]:
         """The cached blocks `tokens` starts with; the last token is always left to compute (it gives the logits)."""
-        keys = [key for _, key in self._keys(tokens, (len(tokens) - 1) // self.block_size)]
+        keys = list(self._keys(tokens, (len(tokens) - 1) // self.block_size))
         self._touch(keys)
         self.stats.num_lookups += 1
         self.stats.num_prompt_tokens += len(tokens)
@@ -114,11 +114,6 @@ class PrefixCache:
     def load(self, blocks: list[Block]) -> torch.Tensor:
         """The blocks' keys and values in one tensor [layers, 2, kv_heads, tokens, head_dim]."""
         return torch.cat([b.kv for b in blocks], dim=3)
-
-    def clear(self) -> None:
-        self.blocks.clear()
-        self.by_id.clear()
-        self.num_bytes = 0
 
     def _add(self, key: tuple[int, tuple[int, ...]], parent: int, kv: torch.Tensor) -> Block:
         block = Block(self._next_id, parent, kv)
@@ -156,7 +151,5 @@ class PrefixCache:
 
 
 def _stack(keys: list[torch.Tensor], values: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
-    """One block's slice of every layer as [layers, 2, kv_heads, tokens, head_dim], on the first layer's device."""
-    device = keys[0].device
-    parts = [torch.stack((k[:, start:end], v[:, start:end])).to(device) for k, v in zip(keys, values, strict=True)]
-    return torch.stack(parts)
+    """One block's slice of every layer as [layers, 2, kv_heads, tokens, head_dim]."""
+    return torch.stack([torch.stack((k[:, start:end], v[:, start:end])) for k, v in zip(keys, values, strict=True)])

@@ -199,6 +199,8 @@ class BatchRunner:
                 logits[id(seq)] = self._prefill_one(seq, n)
         for seq, n in chunks:
             seq.num_computed += n
+            for layer in seq.kv.layers:
+                layer.reserve(seq.num_prompt_tokens)  # so later chunks write in place
             self._cache_prefix(seq)
         joined = [s for s, _ in chunks if s.num_computed == s.num_prompt_tokens]
         if not joined:
@@ -213,10 +215,7 @@ class BatchRunner:
         ids = torch.tensor([seq.prompt_ids[start : start + n]], dtype=torch.long, device=self.device)
         mask = torch.ones((1, start + n), dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
-        logits = self.forward(ids, mask, positions, seq.kv)
-        for layer in seq.kv.layers:
-            layer.reserve(seq.num_prompt_tokens)  # later chunks then write in place
-        return logits[0]
+        return self.forward(ids, mask, positions, seq.kv)[0]
 
     def _prefill_ragged(self, chunks: list[tuple[Sequence, int]], ragged) -> dict[int, torch.Tensor]:
         """All chunks in one pass of the fused forward, each sequence attending over its own cache."""
@@ -231,9 +230,6 @@ class BatchRunner:
             [n for _, n in chunks],
             [seq.kv for seq, _ in chunks],
         )
-        for seq, _ in chunks:
-            for layer in seq.kv.layers:
-                layer.reserve(seq.num_prompt_tokens)
         return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
 
     def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
@@ -264,7 +260,6 @@ class BatchRunner:
             for own, batch in zip(seq.kv.layers, cache.layers, strict=True):
                 index = columns.to(batch.keys.device)
                 own.update(batch.keys[i : i + 1, :, index], batch.values[i : i + 1, :, index])
-                own.reserve(seq.num_prompt_tokens)
         return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
 
     @staticmethod
@@ -295,7 +290,7 @@ class BatchRunner:
         mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
         for i, seq in enumerate(seqs):
             mask[i, width - seq.num_computed :] = 1
-        old = self.num_columns
+        old, had_rows = self.num_columns, bool(self.rows)
         layers = zip(*(s.kv.layers for s in seqs), strict=True)
         if self.cache is None:
             self.cache = new_cache(self.model)
@@ -304,7 +299,7 @@ class BatchRunner:
         for batch, own in zip(self.cache.layers, layers, strict=True):
             keys = [_left_pad(layer.keys, width - layer.keys.shape[2]) for layer in own]
             values = [_left_pad(layer.values, width - layer.values.shape[2]) for layer in own]
-            if batch.is_initialized and self.rows:
+            if had_rows:
                 keys.insert(0, _left_pad(batch.keys, width - old))
                 values.insert(0, _left_pad(batch.values, width - old))
                 batch.replace(torch.cat(keys), torch.cat(values))
