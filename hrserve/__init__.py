@@ -1,7 +1,17 @@
 """hrserve: the helpers every service shares (settings, OpenTelemetry, request metadata, errors, logs)."""
 
 from hrserve.auth import install_access_controls
-from hrserve.errors import ServiceError, bad_request, document_errors, install_error_handlers, not_ready
+from hrserve.errors import (
+    OPENAI,
+    Dialect,
+    DialectRouter,
+    ServiceError,
+    bad_request,
+    document_errors,
+    include_router,
+    install_error_handlers,
+    not_ready,
+)
 from hrserve.logging import setup_logging
 from hrserve.request import (
     ClientDisconnected,
@@ -18,7 +28,10 @@ from hrserve.systemd import Watchdog, notify
 from hrserve.telemetry import instrument_app, setup_otel, shutdown_otel
 
 __all__ = [
+    "OPENAI",
     "ClientDisconnected",
+    "Dialect",
+    "DialectRouter",
     "Drain",
     "DrainMiddleware",
     "OTELContext",
@@ -31,6 +44,7 @@ __all__ = [
     "bad_request",
     "cancel_on_disconnect",
     "client_job_id",
+    "include_router",
     "document_errors",
     "install_access_controls",
     "install_error_handlers",

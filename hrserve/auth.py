@@ -1,4 +1,4 @@
-"""Optional API keys for a service's /v1 routes: Bearer tokens (and x-api-key on Anthropic-style routes).
+"""Optional API keys for a service's /v1 routes: Bearer tokens (and the header a route's dialect names).
 
 Keys are compared in constant time and never logged. With no keys configured every request passes.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from hrserve.errors import ANTHROPIC_PATHS, ServiceError, send_json
+from hrserve.errors import ServiceError, dialect_for, send_json
 
 log = logging.getLogger("hrserve.auth")
 
@@ -31,14 +31,8 @@ def _matches(candidate: bytes, keys: Iterable[bytes]) -> bool:
 class APIKeyMiddleware:
     """Pure ASGI: requests to `protected` path prefixes need a valid key, else 401 in the route's envelope."""
 
-    def __init__(
-        self,
-        app,
-        keys: tuple[bytes, ...],
-        protected: tuple[str, ...] = ("/v1/",),
-        anthropic: tuple[str, ...] = ANTHROPIC_PATHS,
-    ) -> None:
-        self.app, self.keys, self.protected, self.anthropic = app, keys, protected, anthropic
+    def __init__(self, app, keys: tuple[bytes, ...], protected: tuple[str, ...] = ("/v1/",)) -> None:
+        self.app, self.keys, self.protected = app, keys, protected
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -46,20 +40,21 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        is_anthropic = path.startswith(self.anthropic)
+        dialect = dialect_for(scope)
+        key_header = dialect.key_header.encode() if dialect.key_header else None
         candidate = None
         auth = headers.get(b"authorization", b"")
         if auth[:7].lower() == b"bearer ":
             candidate = auth[7:].strip()
-        elif is_anthropic and b"x-api-key" in headers:
-            candidate = headers[b"x-api-key"].strip()
+        elif key_header in headers:
+            candidate = headers[key_header].strip()
         if candidate is not None and _matches(candidate, self.keys):
             await self.app(scope, receive, send)
             return
         reason = "No API key was sent" if candidate is None else "The API key is not valid"
-        how = "an x-api-key header or " if is_anthropic else ""
+        how = f"an {dialect.key_header} header or " if key_header else ""
         message = f"{reason}: send {how}an 'Authorization: Bearer <key>' header."
-        body = ServiceError(401, message, "invalid_request_error", "invalid_api_key").body(path)
+        body = ServiceError(401, message, "invalid_request_error", "invalid_api_key").body(dialect)
         await send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})
 
 

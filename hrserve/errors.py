@@ -1,16 +1,19 @@
-"""ServiceError and the handlers that turn every failure into the error envelope of the route's protocol:
-OpenAI's everywhere, Anthropic's under /v1/messages (where Anthropic SDKs parse it)."""
+"""ServiceError and the handlers that turn every failure into the error body of the route's protocol: OpenAI's
+unless the route's router speaks another dialect (DialectRouter), even for errors middleware raises before
+routing."""
 
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("hrserve.errors")
 
@@ -27,27 +30,71 @@ class ServiceError(Exception):
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.message}"
 
-    def body(self, path: str = "") -> dict:
-        """The envelope for a request to `path`."""
-        if path.startswith(ANTHROPIC_PATHS):
-            return {"type": "error", "error": {"type": _anthropic_type(self.status), "message": self.message}}
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self, dialect: "Dialect | None" = None) -> dict:
+        """The error as `dialect` writes it (OpenAI's by default)."""
+        return (dialect or OPENAI).build(self)
 
 
-# Routes that speak Anthropic's Messages API, and its error types by status.
-ANTHROPIC_PATHS = ("/v1/messages",)
-_ANTHROPIC_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How a protocol's routes speak where every route of a service differs: its error body (and that body's
+    JSON schema, `name` in /openapi.json), and the header besides `Authorization` its SDKs send keys in."""
+
+    name: str
+    schema: dict
+    build: Callable[[ServiceError], dict]
+    key_header: str | None = None
 
 
-def _anthropic_type(status: int) -> str:
-    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+_NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+OPENAI = Dialect(
+    "ErrorEnvelope",
+    {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": _NULLABLE_STRING,
+                    "code": _NULLABLE_STRING,
+                },
+            }
+        },
+    },
+    lambda e: {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+)
+
+
+class DialectRouter(APIRouter):
+    """A router whose routes speak `dialect`: their validation and handler errors, and those of the middleware
+    in front of them (API keys, body limit, draining), once the app includes it with include_router()."""
+
+    def __init__(self, dialect: Dialect, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dialect = dialect
+
+
+def include_router(app: FastAPI, router: APIRouter) -> None:
+    """app.include_router(), remembering a DialectRouter so the app knows which routes speak its dialect."""
+    app.include_router(router)
+    if isinstance(router, DialectRouter):
+        app.state.dialect_routers = [*getattr(app.state, "dialect_routers", []), router]
+
+
+def _dialect_routers(app) -> list[DialectRouter]:
+    return getattr(app.state, "dialect_routers", []) if app is not None else []
+
+
+def dialect_for(scope) -> Dialect:
+    """The dialect of the route that serves (or would, but for the method) the request in `scope`."""
+    for router in _dialect_routers(scope.get("app")):
+        if any(route.matches(scope)[0] is not Match.NONE for route in router.routes):
+            return router.dialect
+    return OPENAI
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
@@ -95,14 +142,15 @@ async def send_json(send, status: int, body: dict, headers: dict[str, str] | Non
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-async def send_error(send, error: ServiceError, path: str = "") -> None:
-    await send_json(send, error.status, error.body(path), error.headers)
+async def send_error(send, error: ServiceError, scope) -> None:
+    """The error in the dialect of the route `scope` is for (middleware runs before routing)."""
+    await send_json(send, error.status, error.body(dialect_for(scope)), error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
         trace.get_current_span().set_attribute("error.type", exc.code or exc.type)
-        return JSONResponse(exc.body(request.url.path), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(exc.body(dialect_for(request.scope)), status_code=exc.status, headers=exc.headers)
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return await on_service_error(request, validation_error(exc))
@@ -120,7 +168,7 @@ def install_error_handlers(app: FastAPI) -> None:
         span.record_exception(exc)
         span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
         err = ServiceError(500, "The server had an internal error. It has been logged.", "server_error")
-        return JSONResponse(err.body(request.url.path), status_code=500)
+        return JSONResponse(err.body(dialect_for(request.scope)), status_code=500)
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -128,35 +176,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-_NULLABLE_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
-ERROR_ENVELOPE_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": _NULLABLE_STRING,
-                "code": _NULLABLE_STRING,
-            },
-        }
-    },
-}
-ANTHROPIC_ENVELOPE_SCHEMA = {
-    "type": "object",
-    "required": ["type", "error"],
-    "properties": {
-        "type": {"const": "error"},
-        "error": {
-            "type": "object",
-            "required": ["type", "message"],
-            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-        },
-    },
-}
 ERROR_STATUSES = {
     "400": "The request is invalid; `param` names the field.",
     "401": "An API key is required and was missing or wrong.",
@@ -178,11 +197,11 @@ def document_errors(app: FastAPI, prefix: str = "/v1/") -> None:
             return app.openapi_schema
         schema = build()
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
-        schemas["AnthropicErrorEnvelope"] = ANTHROPIC_ENVELOPE_SCHEMA
+        dialects = {route.path: router.dialect for router in _dialect_routers(app) for route in router.routes}
         for path, operations in schema.get("paths", {}).items():
-            envelope = "AnthropicErrorEnvelope" if path.startswith(ANTHROPIC_PATHS) else "ErrorEnvelope"
-            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{envelope}"}}}
+            dialect = dialects.get(path, OPENAI)
+            schemas[dialect.name] = dialect.schema
+            body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{dialect.name}"}}}
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)

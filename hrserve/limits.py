@@ -30,7 +30,7 @@ class BodyLimitMiddleware:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(send, scope.get("path", ""))
+            await self._refuse(send, scope)
             return
         seen = 0
 
@@ -44,5 +44,5 @@ class BodyLimitMiddleware:
 
         await self.app(scope, counting_receive, send)
 
-    async def _refuse(self, send, path: str) -> None:
-        await send_error(send, ServiceError(413, _message(self.max_bytes), code=BodyTooLarge.code), path)
+    async def _refuse(self, send, scope) -> None:
+        await send_error(send, ServiceError(413, _message(self.max_bytes), code=BodyTooLarge.code), scope)

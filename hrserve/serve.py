@@ -45,7 +45,7 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
             return
         if self.drain.is_draining:
-            await send_error(send, SHUTTING_DOWN, scope["path"])
+            await send_error(send, SHUTTING_DOWN, scope)
             return
         self.drain.num_in_flight += 1
         try:
