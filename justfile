@@ -21,11 +21,12 @@ test *args: sync
 
 # a longer schemathesis run against the service's own /openapi.json (the suite runs 30 cases per operation)
 fuzz examples="300" *args: sync
-    LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv/bin/pytest -s tests/llmchat/test_fuzz.py {{args}}
+    LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv/bin/pytest -s tests/llmchat/e2e/test_fuzz.py {{args}}
 
 # lint the tree
 lint: sync
     .venv/bin/ruff check .
+    .venv/bin/lint-imports
 
 # throughput benchmark against transformers serve (and llama.cpp when installed); flags pass through
 bench *args: sync

@@ -15,9 +15,9 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from llmchat.llama import FusedForward
-from llmchat.llm import ModelConfig, converted_dir, load_model, resolve_source
-from llmchat.runner import TransformersForward, new_cache
+from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
+from llmchat.engine.runner import TransformersForward, new_cache
 from llmchat.settings import Settings
 
 CACHES = {"dynamic (torch.cat)": lambda m: DynamicCache(config=m.config), "spare columns": new_cache}

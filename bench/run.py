@@ -24,7 +24,7 @@ from rich.console import Console
 from bench import agent, arrival, constrained, protocols, servers
 from bench.report import percentile, ratio, table
 from bench.stream import one_request
-from llmchat.llm import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
+from llmchat.engine.loader import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
 # constrained and protocols compare llmchat with itself, so they run against llmchat only.

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as gen_ai
 from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as names
+from opentelemetry.semconv.attributes import error_attributes, server_attributes
 from opentelemetry.trace import Span, StatusCode
 
 from hrserve import OTELContext
-from hrserve import spans as attr
 from llmchat.chat import (
     ChatEvent,
     ChatRequest,
@@ -33,6 +34,37 @@ from llmchat.engine import Engine, Sequence
 PROVIDER = "llmchat"
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 log = logging.getLogger("llmchat.observe")
+
+# GenAI semantic-convention names, taken from the semconv package rather than typed by hand.
+OPERATION_NAME = gen_ai.GEN_AI_OPERATION_NAME
+PROVIDER_NAME = gen_ai.GEN_AI_PROVIDER_NAME
+REQUEST_MODEL = gen_ai.GEN_AI_REQUEST_MODEL
+REQUEST_MAX_TOKENS = gen_ai.GEN_AI_REQUEST_MAX_TOKENS
+REQUEST_TEMPERATURE = gen_ai.GEN_AI_REQUEST_TEMPERATURE
+REQUEST_TOP_P = gen_ai.GEN_AI_REQUEST_TOP_P
+REQUEST_TOP_K = gen_ai.GEN_AI_REQUEST_TOP_K
+REQUEST_SEED = gen_ai.GEN_AI_REQUEST_SEED
+REQUEST_STREAM = gen_ai.GEN_AI_REQUEST_STREAM
+REQUEST_STOP_SEQUENCES = gen_ai.GEN_AI_REQUEST_STOP_SEQUENCES
+RESPONSE_ID = gen_ai.GEN_AI_RESPONSE_ID
+RESPONSE_MODEL = gen_ai.GEN_AI_RESPONSE_MODEL
+RESPONSE_FINISH_REASONS = gen_ai.GEN_AI_RESPONSE_FINISH_REASONS
+USAGE_INPUT_TOKENS = gen_ai.GEN_AI_USAGE_INPUT_TOKENS
+USAGE_OUTPUT_TOKENS = gen_ai.GEN_AI_USAGE_OUTPUT_TOKENS
+USAGE_CACHE_READ_INPUT_TOKENS = gen_ai.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS
+TOKEN_TYPE = gen_ai.GEN_AI_TOKEN_TYPE
+INPUT_MESSAGES = gen_ai.GEN_AI_INPUT_MESSAGES
+OUTPUT_MESSAGES = gen_ai.GEN_AI_OUTPUT_MESSAGES
+SERVER_ADDRESS = server_attributes.SERVER_ADDRESS
+SERVER_PORT = server_attributes.SERVER_PORT
+ERROR_TYPE = error_attributes.ERROR_TYPE
+
+# Our own attributes, for what the conventions do not name.
+CLIENT_JOB_ID = "hrserve.client_job_id"
+NUM_MESSAGES = "llm.request.num_messages"
+NUM_TOOLS = "llm.request.num_tools"
+TIME_TO_FIRST_TOKEN = "llm.response.time_to_first_token_s"
+TIME_IN_QUEUE = "llm.request.time_in_queue_s"
 
 # Bucket boundaries the GenAI metric conventions recommend.
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
@@ -126,34 +158,34 @@ class ChatObservation:
         operation: str = "chat",
     ) -> None:
         self.instruments = instruments
-        self.metric_attrs = {attr.OPERATION_NAME: operation, attr.PROVIDER_NAME: PROVIDER, attr.REQUEST_MODEL: model}
+        self.metric_attrs = {OPERATION_NAME: operation, PROVIDER_NAME: PROVIDER, REQUEST_MODEL: model}
         attributes = {
             **self.metric_attrs,
-            attr.REQUEST_TEMPERATURE: request.temperature,
-            attr.REQUEST_TOP_P: request.top_p,
-            attr.REQUEST_STREAM: stream,
-            attr.NUM_MESSAGES: num_messages,
-            attr.NUM_TOOLS: request.num_tools,
+            REQUEST_TEMPERATURE: request.temperature,
+            REQUEST_TOP_P: request.top_p,
+            REQUEST_STREAM: stream,
+            NUM_MESSAGES: num_messages,
+            NUM_TOOLS: request.num_tools,
             # The issue-facing short names, for operators who filter on them in Tempo or Jaeger.
             "model": model,
             "streaming": stream,
         }
         if server is not None:
-            attributes[attr.SERVER_ADDRESS], attributes[attr.SERVER_PORT] = server
-            self.metric_attrs[attr.SERVER_ADDRESS], self.metric_attrs[attr.SERVER_PORT] = server
+            attributes[SERVER_ADDRESS], attributes[SERVER_PORT] = server
+            self.metric_attrs[SERVER_ADDRESS], self.metric_attrs[SERVER_PORT] = server
         if request.max_tokens is not None:
-            attributes[attr.REQUEST_MAX_TOKENS] = request.max_tokens
+            attributes[REQUEST_MAX_TOKENS] = request.max_tokens
         if request.seed is not None:
-            attributes[attr.REQUEST_SEED] = request.seed
+            attributes[REQUEST_SEED] = request.seed
         if request.top_k:
-            attributes[attr.REQUEST_TOP_K] = request.top_k
+            attributes[REQUEST_TOP_K] = request.top_k
         if request.stop:
-            attributes[attr.REQUEST_STOP_SEQUENCES] = list(request.stop)
+            attributes[REQUEST_STOP_SEQUENCES] = list(request.stop)
         if client_job_id:
-            attributes[attr.CLIENT_JOB_ID] = client_job_id
+            attributes[CLIENT_JOB_ID] = client_job_id
         self.capture = capture_content_enabled()
         if self.capture:
-            attributes[attr.INPUT_MESSAGES] = _input_messages(request)
+            attributes[INPUT_MESSAGES] = _input_messages(request)
         self.span: Span = otel.start_detached_span(f"{operation} {model}", attributes)
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
@@ -166,7 +198,7 @@ class ChatObservation:
         self.calls: list[dict] = []
 
     def response_id(self, response_id: str, model: str) -> None:
-        self.span.set_attributes({attr.RESPONSE_ID: response_id, attr.RESPONSE_MODEL: model})
+        self.span.set_attributes({RESPONSE_ID: response_id, RESPONSE_MODEL: model})
 
     def started(self, seq: Sequence) -> None:
         self.seq = seq
@@ -188,7 +220,7 @@ class ChatObservation:
             self.first_token_at = time.perf_counter()
             ttft = self.first_token_at - self.start
             self.instruments.time_to_first_token.record(ttft, self.metric_attrs)
-            self.span.set_attribute(attr.TIME_TO_FIRST_TOKEN, round(ttft, 6))
+            self.span.set_attribute(TIME_TO_FIRST_TOKEN, round(ttft, 6))
             self.span.add_event("first_token")
         if self.capture:
             if isinstance(event, TextDelta):
@@ -203,15 +235,15 @@ class ChatObservation:
     def finish(self, finish: Finish) -> None:
         self.span.set_attributes(
             {
-                attr.RESPONSE_FINISH_REASONS: [finish.reason],
-                attr.USAGE_INPUT_TOKENS: finish.prompt_tokens,
-                attr.USAGE_OUTPUT_TOKENS: finish.completion_tokens,
-                attr.USAGE_CACHE_READ_INPUT_TOKENS: finish.cached_tokens,
+                RESPONSE_FINISH_REASONS: [finish.reason],
+                USAGE_INPUT_TOKENS: finish.prompt_tokens,
+                USAGE_OUTPUT_TOKENS: finish.completion_tokens,
+                USAGE_CACHE_READ_INPUT_TOKENS: finish.cached_tokens,
             }
         )
         usage = self.instruments.token_usage
-        usage.record(finish.prompt_tokens, self.metric_attrs | {attr.TOKEN_TYPE: "input"})
-        usage.record(finish.completion_tokens, self.metric_attrs | {attr.TOKEN_TYPE: "output"})
+        usage.record(finish.prompt_tokens, self.metric_attrs | {TOKEN_TYPE: "input"})
+        usage.record(finish.completion_tokens, self.metric_attrs | {TOKEN_TYPE: "output"})
         prompt = self.instruments.prompt_tokens
         prompt.add(finish.cached_tokens, self.metric_attrs | {PROMPT_TOKENS_SOURCE: "cached"})
         prompt.add(finish.prompt_tokens - finish.cached_tokens, self.metric_attrs | {PROMPT_TOKENS_SOURCE: "computed"})
@@ -222,10 +254,10 @@ class ChatObservation:
             parts = [{"type": "reasoning", "content": "".join(self.reasoning)}] if self.reasoning else []
             parts += [{"type": "text", "content": "".join(self.text)}] if self.text else []
             output = [{"role": "assistant", "parts": parts + self.calls, "finish_reason": finish.reason}]
-            self.span.set_attribute(attr.OUTPUT_MESSAGES, json.dumps(output))
+            self.span.set_attribute(OUTPUT_MESSAGES, json.dumps(output))
 
     def fail(self, error_type: str, exc: BaseException | None = None) -> None:
-        self.span.set_attribute(attr.ERROR_TYPE, error_type)
+        self.span.set_attribute(ERROR_TYPE, error_type)
         self.error_type = error_type
         if exc is not None:
             self.span.record_exception(exc)
@@ -243,7 +275,7 @@ class ChatObservation:
         self._prefill_started()
         attributes = dict(self.metric_attrs)
         if self.error_type:
-            attributes[attr.ERROR_TYPE] = self.error_type
+            attributes[ERROR_TYPE] = self.error_type
         self.instruments.duration.record(time.perf_counter() - self.start, attributes)
         self.instruments.requests.add(1, attributes | {"llmchat.outcome": "error" if self.error_type else "ok"})
         self.span.end()
@@ -255,4 +287,4 @@ class ChatObservation:
             return
         self.has_prefill_event = True
         self.span.add_event("prefill_started", timestamp=seq.admitted_ns)
-        self.span.set_attribute(attr.TIME_IN_QUEUE, round((seq.admitted_ns - seq.submitted_ns) / 1e9, 6))
+        self.span.set_attribute(TIME_IN_QUEUE, round((seq.admitted_ns - seq.submitted_ns) / 1e9, 6))

@@ -8,7 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from hrserve import ServiceSettings, registry
-from llmchat.llm import MAX_MEMORY_EXAMPLE, parse_max_memory
+from llmchat.engine.loader import MAX_MEMORY_EXAMPLE, parse_max_memory
 
 BUNDLED_MODEL = "bundled"
 

@@ -1,0 +1,3 @@
+"""The wire protocols: one adapter per protocol (OpenAI chat, completions and Responses; Anthropic Messages),
+each a request mapper (wire request -> ChatRequest) and a reply builder (ChatEvents -> the whole response or
+its server-sent events), served by the one route lifecycle in serving.py."""

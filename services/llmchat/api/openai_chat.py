@@ -1,0 +1,268 @@
+"""OpenAI Chat Completions adapter: POST /v1/chat/completions. Wire request -> ChatRequest; ChatEvents ->
+chat.completion.chunk events, and the chat.completion folded from the same state."""
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionMessageToolCall,
+    ChatCompletionTokenLogprob,
+)
+from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import (
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+)
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.chat.chat_completion_message_tool_call import Function
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
+
+from hrserve import ServiceError, client_job_id
+from llmchat.api.common import (
+    DONE,
+    ROLES,
+    ToolSet,
+    chunk_usage,
+    completion_usage,
+    include_usage,
+    json_output,
+    ok_responses,
+    refuse_penalties,
+    tool_choice,
+)
+from llmchat.api.openai_types import ChatCompletionRequest, Message, NamedToolChoice
+from llmchat.api.serving import Reply, Serving, WireEvent
+from llmchat.chat import (
+    CallRecord,
+    ChatError,
+    ChatEvent,
+    ChatMessage,
+    ChatRequest,
+    Finish,
+    Logprobs,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolSpec,
+)
+
+# The chat core's field names, as this protocol names them.
+NAMES = {"output_format": "response_format"}
+
+
+def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
+    """The protocol-neutral request; raises ChatError (a 400) for anything that cannot be honoured."""
+    if body.n != 1:
+        raise ChatError(f"n is {body.n}, but this server returns one choice per request; send n=1.", "n")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ChatError("top_logprobs needs logprobs: true.", "top_logprobs")
+    refuse_penalties(body)
+    tools = _tools(body)
+    choice, tool_name = _tool_choice(body, tools)
+    request = ChatRequest(
+        messages=[_message(m, i) for i, m in enumerate(body.messages)],
+        max_tokens=body.completion_limit(),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_strings(),
+        tools=tools,
+        tool_choice=choice,
+        tool_name=tool_name,
+        parallel_tool_calls=body.parallel_tool_calls,
+        reasoning_effort=body.reasoning_effort,
+        template_kwargs=dict(body.chat_template_kwargs or {}),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    _response_format(body, request)
+    return request
+
+
+def _message(m: Message, i: int) -> ChatMessage:
+    for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+        if part.type != "text":
+            raise ChatError(
+                f"This server serves a text-only model; {part.type} parts are not supported. Send text parts only.",
+                f"messages.{i}.content.{j}",
+            )
+    calls = []
+    for j, call in enumerate(m.tool_calls or ()):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ChatError(
+                "A tool call's arguments must be a JSON object encoded as a string, as the server returned it.",
+                f"messages.{i}.tool_calls.{j}.function.arguments",
+            )
+        calls.append(CallRecord(call.id, call.function.name, call.function.arguments))
+    return ChatMessage(ROLES.get(m.role, m.role), m.text(), tuple(calls), m.tool_call_id)
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[ToolSpec, ...]:
+    tools = ToolSet()
+    for i, tool in enumerate(body.tools or ()):
+        f = tool.function
+        tools.add(f.name, f.description, f.parameters, f"tools.{i}.function", "parameters")
+    return tools.done()
+
+
+def _tool_choice(body: ChatCompletionRequest, tools: tuple[ToolSpec, ...]) -> tuple[str, str | None]:
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return tool_choice("function", choice.function.name, tools)
+    return tool_choice(choice, None, tools)
+
+
+def _response_format(body: ChatCompletionRequest, request: ChatRequest) -> None:
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        json_output(request, schema, "response_format", "response_format.json_schema.schema")
+
+
+class ChatReply(Reply):
+    """Chat events -> chat.completion.chunk objects (role first, then deltas, the finish_reason, usage if asked),
+    while collecting the same text, reasoning, calls and log-probabilities for the whole chat.completion."""
+
+    def __init__(self, model: str, logprobs: bool = False, include_usage: bool = False) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model, self.logprobs, self.include_usage = model, logprobs, include_usage
+        self.parts: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: list[ChatCompletionMessageToolCall] = []
+        self.all_logprobs: list[ChatCompletionTokenLogprob] = []
+        # Log-probabilities ride on the next chunk that carries output (text may be held back a while).
+        self.pending: list[ChatCompletionTokenLogprob] = []
+        self.finish: Finish | None = None
+
+    def start(self, num_prompt_tokens: int) -> list[WireEvent]:
+        return [self._chunk(ChoiceDelta(role="assistant"))]
+
+    def feed(self, event: ChatEvent) -> list[WireEvent]:
+        delta = None
+        if isinstance(event, Logprobs):
+            tokens = _token_logprobs(event)
+            self.all_logprobs += tokens
+            self.pending += tokens
+        elif isinstance(event, TextDelta):
+            self.parts.append(event.text)
+            delta = ChoiceDelta(content=event.text)
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning.append(event.text)
+            delta = ChoiceDelta(reasoning_content=event.text, reasoning=event.text)
+        elif isinstance(event, ToolCallStart):
+            function = Function(name=event.name, arguments="")
+            self.calls.append(ChatCompletionMessageToolCall(id=event.id, type="function", function=function))
+            delta = ChoiceDelta(tool_calls=[_call_delta(event)])
+        elif isinstance(event, ToolCallDelta):
+            self.calls[event.index].function.arguments += event.arguments
+            delta = ChoiceDelta(tool_calls=[_call_delta(event)])
+        elif isinstance(event, Finish):
+            self.finish = event
+            out = [self._chunk(ChoiceDelta(), event.reason)]
+            if self.include_usage:
+                chunk = ChatCompletionChunk(
+                    id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=[]
+                )
+                out.append(chunk_usage(chunk, True, completion_usage(event)))
+            return out
+        return [] if delta is None else [self._chunk(delta)]
+
+    def close(self) -> list[WireEvent]:
+        return [DONE]
+
+    def _chunk(self, delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        logprobs, self.pending = self.pending, []
+        choice_logprobs = ChunkLogprobs(content=logprobs, refusal=None) if logprobs else None
+        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)
+        chunk = ChatCompletionChunk(
+            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=[choice]
+        )
+        return chunk_usage(chunk, self.include_usage)
+
+    def response(self) -> ChatCompletion:
+        finish = self.finish
+        assert finish is not None, "chat events always end with Finish"
+        parts, reasoning, calls = self.parts, self.reasoning, self.calls
+        # OpenAI sends content null, not "", when the reply is only tool calls (vLLM too when it is only reasoning).
+        content = "".join(parts) if parts or not (calls or reasoning) else None
+        # Not in OpenAI's schema (the SDK keeps extra fields): DeepSeek's API and older vLLM name it
+        # reasoning_content, newer vLLM and OpenRouter reasoning; clients read one or the other.
+        extra = dict.fromkeys(("reasoning_content", "reasoning"), "".join(reasoning)) if reasoning else {}
+        message = ChatCompletionMessage(role="assistant", content=content, refusal=None, **extra)
+        if calls:
+            message.tool_calls = calls
+        logprobs = ChoiceLogprobs(content=self.all_logprobs, refusal=None) if self.logprobs else None
+        return ChatCompletion(
+            id=self.id,
+            object="chat.completion",
+            created=self.created,
+            model=self.model,
+            choices=[Choice(index=0, message=message, finish_reason=finish.reason, logprobs=logprobs)],
+            usage=completion_usage(finish),
+        )
+
+    def stream_error(self, error: ServiceError) -> list[dict]:
+        return openai_stream_error(error)
+
+
+def openai_stream_error(error: ServiceError) -> list[dict]:
+    """OpenAI's in-band stream error (chat and completions): the status line is gone, so the envelope goes in a
+    data event and the stream ends as usual."""
+    return [{"data": json.dumps(error.body())}, {"data": DONE}]
+
+
+def _token_logprobs(event: Logprobs) -> list[ChatCompletionTokenLogprob]:
+    return [
+        ChatCompletionTokenLogprob(
+            token=t.token,
+            logprob=t.logprob,
+            bytes=list(t.token.encode()),
+            top_logprobs=[TopLogprob(token=token, logprob=lp, bytes=list(token.encode())) for token, lp in t.top],
+        )
+        for t in event.tokens
+    ]
+
+
+def _call_delta(event: ToolCallStart | ToolCallDelta) -> ChoiceDeltaToolCall:
+    """The first delta of a call carries its id, type and name; later ones only argument fragments."""
+    if isinstance(event, ToolCallStart):
+        function = ChoiceDeltaToolCallFunction(name=event.name, arguments="")
+        return ChoiceDeltaToolCall(index=event.index, id=event.id, type="function", function=function)
+    return ChoiceDeltaToolCall(index=event.index, function=ChoiceDeltaToolCallFunction(arguments=event.arguments))
+
+
+def router(serving: Serving) -> APIRouter:
+    api = APIRouter()
+    ok = ok_responses(
+        "A chat.completion object, or with `stream: true` server-sent chat.completion.chunk events.", False
+    )
+
+    @api.post("/v1/chat/completions", response_model=None, responses=ok)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
+    ) -> Response:
+        reply = ChatReply(serving.runtime.model_name, body.logprobs, include_usage(body.stream_options))
+        return await serving.respond(
+            request,
+            model=body.model,
+            build=lambda: to_chat_request(body),
+            reply=reply,
+            stream=body.stream,
+            job_id=job_id,
+            names=NAMES,
+        )
+
+    return api

@@ -1,0 +1,181 @@
+"""OpenAI legacy text completions: POST /v1/completions -> a raw-prompt ChatRequest (no chat template),
+ChatEvents -> one text_completion or its chunks."""
+
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from openai.types import Completion, CompletionChoice
+from openai.types.completion_choice import Logprobs as ChoiceLogprobs
+from pydantic import Field
+
+from hrserve import ServiceError, client_job_id
+from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, ok_responses, refuse_penalties
+from llmchat.api.openai_chat import openai_stream_error
+from llmchat.api.openai_types import INT64_MAX, INT64_MIN, StreamOptions, WireModel
+from llmchat.api.serving import Reply, Serving, WireEvent
+from llmchat.chat import ChatError, ChatEvent, ChatRequest, Finish, Logprobs, TextDelta
+
+
+class CompletionRequest(WireModel):
+    model: str = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="One text prompt.")
+    max_tokens: int | None = Field(16, ge=1, description="OpenAI's default, 16; null for the rest of the context.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, description="Only 1 is supported.")
+    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    echo: bool = False
+    suffix: str | None = Field(None, description="Not supported.")
+    logprobs: int | None = Field(None, ge=0, le=5)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+
+
+def to_chat_request(body: CompletionRequest) -> ChatRequest:
+    """The protocol-neutral request; raises ChatError (a 400) for anything that cannot be honoured."""
+    if body.n > 1 or (body.best_of or 1) > 1:
+        name = "n" if body.n > 1 else "best_of"
+        raise ChatError(f"{name} > 1 is not supported: one completion per request. Send several requests.", name)
+    if body.echo and body.logprobs is not None:
+        # OpenAI would score the prompt's tokens too; this engine scores only what it generates.
+        raise ChatError("echo with logprobs is not supported: prompt tokens are not scored.", "logprobs")
+    if body.suffix:
+        raise ChatError("suffix (insertion) is not supported by this server's model; leave it out.", "suffix")
+    refuse_penalties(body)
+    stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    return ChatRequest(
+        messages=[],
+        prompt=prompt_text(body),
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+        logprobs=body.logprobs,
+    )
+
+
+def prompt_text(body: CompletionRequest) -> str:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        raise ChatError("Only one prompt per request is supported; send one request per prompt.", "prompt")
+    if not prompt:
+        raise ChatError("The prompt is empty; send some text.", "prompt")
+    raise ChatError("Prompts as token ids are not supported; send the prompt as text.", "prompt")
+
+
+class LogprobsTable:
+    """The legacy logprobs columns (tokens, token_logprobs, top_logprobs, text_offset), filled as tokens come."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset  # where the next token starts in the choice's text
+        self.rows: list[tuple[str, float, dict[str, float], int]] = []
+
+    def add(self, event: Logprobs) -> None:
+        for t in event.tokens:
+            self.rows.append((t.token, t.logprob, dict(t.top), self.offset))
+            self.offset += len(t.token)
+
+    def take(self) -> ChoiceLogprobs:
+        rows, self.rows = self.rows, []
+        return ChoiceLogprobs(
+            tokens=[r[0] for r in rows],
+            token_logprobs=[r[1] for r in rows],
+            top_logprobs=[r[2] for r in rows],
+            text_offset=[r[3] for r in rows],
+        )
+
+
+class CompletionReply(Reply):
+    """Chat events -> text_completion chunks (the echoed prompt first, text, a last chunk with finish_reason,
+    usage if asked, then [DONE]), while collecting the same text and log-probabilities for the whole one."""
+
+    def __init__(self, body: CompletionRequest, model: str) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.body, self.model = body, model
+        self.logprobs, self.include_usage = body.logprobs is not None, include_usage(body.stream_options)
+        self.parts: list[str] = []
+        # A chunk's logprobs are those of the tokens sampled since the last chunk; the whole response has all.
+        self.table, self.all = LogprobsTable(), LogprobsTable()
+        self.finish: Finish | None = None
+
+    def start(self, num_prompt_tokens: int) -> list[WireEvent]:
+        # The request was built from the prompt by now, so it is valid text.
+        echo = prompt_text(self.body) if self.body.echo else ""
+        if not echo:
+            return []
+        self.parts.append(echo)
+        return [self._chunk(echo)]
+
+    def feed(self, event: ChatEvent) -> list[WireEvent]:
+        if isinstance(event, Logprobs):
+            self.table.add(event)
+            self.all.add(event)
+        elif isinstance(event, TextDelta) and event.text:
+            self.parts.append(event.text)
+            return [self._chunk(event.text, logprobs=self.table.take() if self.logprobs else None)]
+        elif isinstance(event, Finish):
+            self.finish = event
+            logprobs = self.table.take() if self.logprobs and self.table.rows else None
+            out = [self._chunk("", event.reason, logprobs)]
+            if self.include_usage:
+                out.append(chunk_usage(self._completion([]), True, completion_usage(event)))
+            return out
+        return []
+
+    def close(self) -> list[WireEvent]:
+        return [DONE]
+
+    def _chunk(self, text: str, finish_reason=None, logprobs: ChoiceLogprobs | None = None) -> Completion:
+        # The SDK's type requires finish_reason, but OpenAI streams null until the last chunk: built unvalidated.
+        choice = CompletionChoice.model_construct(text=text, index=0, logprobs=logprobs, finish_reason=finish_reason)
+        return chunk_usage(self._completion([choice]), self.include_usage)
+
+    def _completion(self, choices: list[CompletionChoice]) -> Completion:
+        return Completion(id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices)
+
+    def response(self) -> Completion:
+        finish = self.finish
+        assert finish is not None, "chat events always end with Finish"
+        logprobs = self.all.take() if self.logprobs else None
+        choice = CompletionChoice(text="".join(self.parts), index=0, logprobs=logprobs, finish_reason=finish.reason)
+        completion = self._completion([choice])
+        completion.usage = completion_usage(finish)
+        return completion
+
+    def stream_error(self, error: ServiceError) -> list[dict]:
+        return openai_stream_error(error)
+
+
+def router(serving: Serving) -> APIRouter:
+    api = APIRouter()
+    ok = ok_responses("A text_completion object, or with `stream: true` server-sent text_completion chunks.", False)
+
+    @api.post("/v1/completions", response_model=None, responses=ok)
+    async def completions(
+        body: CompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
+    ) -> Response:
+        return await serving.respond(
+            request,
+            model=body.model,
+            build=lambda: to_chat_request(body),
+            reply=CompletionReply(body, serving.runtime.model_name),
+            stream=body.stream,
+            job_id=job_id,
+            operation="text_completion",
+        )
+
+    return api

@@ -1,0 +1,388 @@
+"""Protocol-neutral chat: ChatRequest in, a stream of ChatEvents (text, reasoning, tool calls, finish) out.
+
+Protocol adapters build a ChatRequest, call Chat.prepare() (which checks everything that can fail
+before a response starts), Chat.start(), then turn Chat.events() into their own wire format.
+"""
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from llmchat.chat.events import (
+    ChatEvent,
+    Finish,
+    Logprobs,
+    ReasoningDelta,
+    TextDelta,
+)
+from llmchat.chat.grammar import (
+    MAX_PARALLEL_CALLS,
+    GrammarCompiler,
+    GrammarError,
+    GrammarProcessor,
+    json_grammar,
+    tool_call_grammar,
+)
+from llmchat.chat.prompt import RESERVED_TEMPLATE_KEYS, ChatMessage, PromptRenderer
+from llmchat.chat.reasoning import ReasoningSplitter, starts_in_reasoning, template_reasons
+from llmchat.chat.toolcalls import PARSERS, ToolParser, ToolSpec
+from llmchat.engine import Engine, Sequence
+from llmchat.engine.sampling import SamplingParams
+
+
+class ChatError(Exception):
+    """A request the model cannot serve as asked; `param` names the offending field.
+
+    The chat core names fields its own way (messages, prompt, max_tokens, tools, output_format); each adapter
+    maps those names to its wire's with `wire_message` and `wire_param`. A message that mentions fields is a
+    function of that map, so a Responses client reads max_output_tokens where a chat client reads max_tokens.
+    """
+
+    def __init__(
+        self, message: str | Callable[[Mapping[str, str]], str], param: str | None = None, code: str | None = None
+    ) -> None:
+        self._message = message
+        super().__init__(self.message)
+        self.param, self.code = param, code
+
+    @property
+    def message(self) -> str:
+        return self.wire_message({})
+
+    def wire_message(self, names: Mapping[str, str]) -> str:
+        if isinstance(self._message, str):
+            return self._message
+        return self._message(_Names(names))
+
+    def wire_param(self, names: Mapping[str, str]) -> str | None:
+        return None if self.param is None else names.get(self.param, self.param)
+
+
+class _Names(dict):
+    """A field-name map in which a field the adapter does not rename keeps its core name."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+class GenerationError(Exception):
+    """The engine failed while generating; the response is already under way."""
+
+
+# No tokenizer averages anywhere near 8 characters a token, so longer text cannot fit the context: it
+# is refused without tokenizing it (a few MiB of text would hold a worker thread for seconds).
+MAX_CHARS_PER_TOKEN = 8
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """What to generate; `messages` go through the chat template, unless `prompt` (raw text) is set."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"  # none | auto | required | function (then tool_name)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    json_schema: dict[str, Any] | None = None  # with json_output: the schema the output must match
+    json_output: bool = False
+    # Chat template variables: reasoning_effort (none | minimal | low | medium | high) is passed as one,
+    # and "none" also sets enable_thinking=False; template_kwargs are passed as given and win over both.
+    reasoning_effort: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None  # raw text, tokenized as is (legacy completions): no template, tools or JSON
+    logprobs: int | None = None  # None: off; N: each token's log-probability and the N likeliest alternatives
+
+    @property
+    def num_tools(self) -> int:
+        return len(self.tools)
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_variables(self) -> dict[str, Any]:
+        variables: dict[str, Any] = {}
+        if self.reasoning_effort is not None:
+            variables["reasoning_effort"] = self.reasoning_effort
+            if self.reasoning_effort == "none":
+                variables["enable_thinking"] = False
+        return variables | self.template_kwargs
+
+    @property
+    def text_field(self) -> str:
+        """The request field that holds the prompt's text, for errors about its size."""
+        return "prompt" if self.prompt is not None else "messages"
+
+    def num_chars(self) -> int:
+        """The characters of everything that goes into the prompt: messages, past calls and tools."""
+        if self.prompt is not None:
+            return len(self.prompt)
+        num = sum(len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls) for m in self.messages)
+        for tool in self.tools:
+            num += len(tool.name) + len(tool.description or "") + len(json.dumps(tool.parameters or {}))
+        return num
+
+
+@dataclass(slots=True)
+class ChatOptions:
+    """The chat layer's settings: which parser, whether to check call names, template overrides."""
+
+    tool_parser: str = "auto"
+    validate_tool_names: bool = True
+    tool_prompt: Path | None = None
+    chat_template: Path | None = None
+    reasoning_parser: str = "auto"  # auto (when the template knows <think>) | think | none
+
+
+@dataclass(slots=True)
+class PreparedChat:
+    prompt_ids: list[int]
+    params: SamplingParams
+    parser: ToolParser | None = None
+    reasoning: ReasoningSplitter | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def parse(self, text: str) -> list[ChatEvent]:
+        """Model text -> events. Reasoning is split off first, so only answer text can hold tool calls."""
+        parts = self.reasoning.feed(text) if self.reasoning else [TextDelta(text)]
+        return self._answer(parts)
+
+    def parse_end(self) -> list[ChatEvent]:
+        """Generation stopped: what the splitter and the tool parser held back."""
+        events = self._answer(self.reasoning.finish()) if self.reasoning else []
+        return events + (self.parser.finish() if self.parser else [])
+
+    def _answer(self, parts: list[ReasoningDelta | TextDelta]) -> list[ChatEvent]:
+        if self.parser is None:
+            return list(parts)
+        events: list[ChatEvent] = []
+        for part in parts:
+            events.extend(self.parser.feed(part.text) if isinstance(part, TextDelta) else [part])
+        return events
+
+
+def detect_family(template: str | None, knows_tools: bool) -> str:
+    """The tool-call family from the chat template; our built-in prompt teaches the Hermes syntax."""
+    if not knows_tools or not template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or "parameters" in template:
+        return "llama3"
+    return "hermes"
+
+
+class Chat:
+    """The chat core over one engine: prompt rendering, constrained decoding and tool-call parsing."""
+
+    def __init__(self, engine: Engine, options: ChatOptions | None = None) -> None:
+        options = options or ChatOptions()
+        self.engine = engine
+        tokenizer = engine.tokenizer
+        if options.chat_template is not None:
+            tokenizer.chat_template = options.chat_template.read_text()
+        self.renderer = PromptRenderer(tokenizer, options.tool_prompt)
+        family = options.tool_parser
+        if family == "auto":
+            family = detect_family(tokenizer.chat_template, self.renderer.knows_tools)
+        self.parser_class = PARSERS[family]
+        self.validate_tool_names = options.validate_tool_names
+        reasoning = options.reasoning_parser
+        self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(tokenizer.chat_template))
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+
+    @property
+    def grammar(self) -> GrammarCompiler:
+        """Built on first use (about a second); the server builds it while loading the model."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.engine.tokenizer, self.engine.vocab_size)
+            return self._grammar
+
+    def describe(self) -> dict:
+        """What /health shows of the chat layer: how tool calls and reasoning are parsed."""
+        return {"tool_parser": self.family, "reasoning_parser": "think" if self.reasons else "none"}
+
+    @property
+    def family(self) -> str:
+        return self.parser_class.family
+
+    async def prepare(self, request: ChatRequest) -> PreparedChat:
+        """Renders and tokenizes the conversation and builds its grammar (off the event loop); checks it fits."""
+        self._check(request)
+        prompt_ids, prompt_text, processor = await asyncio.to_thread(self._render, request)
+        source = request.text_field
+        if not prompt_ids:
+            raise ChatError("The prompt is empty; send some text.", source)
+        room = self.engine.max_context - len(prompt_ids)
+        if room <= 0:
+            raise ChatError(
+                lambda n: (
+                    f"The prompt is {len(prompt_ids)} tokens, which leaves no room in this model's context "
+                    f"of {self.engine.max_context} tokens. Shorten the {n[source]}."
+                ),
+                source,
+                "context_length_exceeded",
+            )
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise ChatError(
+                lambda n: (
+                    f"{n['max_tokens']} is {request.max_tokens}, but the prompt is {len(prompt_ids)} tokens "
+                    f"and the context is {self.engine.max_context}, so at most {room} tokens can be generated. "
+                    f"Lower {n['max_tokens']} or shorten the {n[source]}."
+                ),
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_tokens=request.max_tokens or room,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=request.stop,
+            logits_processors=(processor,) if processor else (),
+            # A family whose call marker is a special token must see it in the decoded text.
+            skip_special_tokens=not request.uses_tools or self._marker_token() is None,
+            logprobs=request.logprobs,
+        )
+        parser = None
+        if request.uses_tools:
+            names = frozenset(t.name for t in request.tools) if self.validate_tool_names else None
+            parser = self.parser_class(
+                names,
+                stream_arguments=processor is not None,
+                max_calls=MAX_PARALLEL_CALLS if request.parallel_tool_calls else 1,
+            )
+        reasoning = None
+        # Output constrained from its first token (a required call, JSON) leaves the model no room to think;
+        # after a prompt ending in <think> it would all count as reasoning and the call would be lost.
+        forced = request.json_output or request.tool_choice in ("required", "function")
+        if self.reasons and prompt_text is not None and not forced:
+            reasoning = ReasoningSplitter(in_reasoning=starts_in_reasoning(prompt_text))
+        return PreparedChat(prompt_ids, params, parser, reasoning)
+
+    def _check(self, request: ChatRequest) -> None:
+        """What is refused before rendering: the request's shape, and text too long to fit however it tokenizes."""
+        if request.prompt is not None:
+            if request.tools or request.json_output:
+                raise ChatError(
+                    "A raw text prompt cannot be combined with tools or JSON output; send messages instead.", "prompt"
+                )
+        elif not request.messages:
+            raise ChatError(lambda n: f"{n['messages']} is empty; send at least one message.", "messages")
+        if reserved := sorted(RESERVED_TEMPLATE_KEYS & request.template_kwargs.keys()):
+            raise ChatError(
+                f"chat_template_kwargs cannot set {', '.join(reserved)}: the server sets it from the request.",
+                f"chat_template_kwargs.{reserved[0]}",
+            )
+        limit = MAX_CHARS_PER_TOKEN * self.engine.max_context
+        if (num_chars := request.num_chars()) > limit:
+            source = request.text_field
+            raise ChatError(
+                lambda n: (
+                    f"The {n[source]} hold {num_chars} characters, more than the {limit} "
+                    f"({MAX_CHARS_PER_TOKEN} a token) that could fit this model's context of {self.engine.max_context} "
+                    f"tokens. Shorten the {n[source]}."
+                ),
+                source,
+                "context_length_exceeded",
+            )
+
+    def _render(self, request: ChatRequest) -> tuple[list[int], str | None, GrammarProcessor | None]:
+        """The prompt's tokens, its text (None for a raw prompt: it is never parsed for reasoning), the grammar."""
+        if request.prompt is not None:
+            return self.renderer.encode(request.prompt), None, None
+        tools = request.tools if request.uses_tools else ()
+        try:
+            prompt_text = self.renderer.render_text(request.messages, tools, request.template_variables())
+        except jinja2.TemplateError as exc:
+            # Templates reject conversations they cannot express (raise_exception), e.g. roles out of order.
+            raise ChatError(f"The chat template cannot render these messages: {exc}", "messages") from None
+        prompt_ids = self.renderer.tokenize(prompt_text)
+        grammar = self._grammar_text(request)
+        if grammar is None:
+            return prompt_ids, prompt_text, None
+        try:
+            return prompt_ids, prompt_text, self.grammar.processor(grammar)
+        except GrammarError as exc:
+            param, problem = ("tools" if request.uses_tools else "output_format"), str(exc)
+            raise ChatError(
+                lambda n: f"The {n[param]} cannot be enforced by constrained decoding: {problem}", param
+            ) from None
+
+    def _grammar_text(self, request: ChatRequest) -> str | None:
+        if request.uses_tools:
+            tools = request.tools
+            if request.tool_choice == "function":
+                tools = tuple(t for t in tools if t.name == request.tool_name)
+            return tool_call_grammar(
+                self.parser_class.syntax,
+                tools,
+                required=request.tool_choice in ("required", "function"),
+                parallel=request.parallel_tool_calls and request.tool_choice != "function",
+                special_token=self.grammar.special_token,
+            )
+        if request.json_output:
+            return json_grammar(request.json_schema)
+        return None
+
+    def _marker_token(self) -> int | None:
+        marker = self.parser_class.open
+        return self.grammar.special_token(marker) if marker else None
+
+    async def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """The prompt's length in tokens, checked and rendered exactly as prepare() does (off the event loop)."""
+        self._check(request)
+        prompt_ids, _, _ = await asyncio.to_thread(self._render, request)
+        return len(prompt_ids)
+
+    def start(self, prepared: PreparedChat) -> Sequence:
+        """Queues the generation; raises QueueFull when the engine's waiting queue is at its bound.
+
+        Separate from events() so the caller can refuse the request before a response starts.
+        """
+        return self.engine.submit(prepared.prompt_ids, prepared.params)
+
+    async def events(self, prepared: PreparedChat, seq: Sequence) -> AsyncIterator[ChatEvent]:
+        """Yields content, reasoning, tool-call events and notices, then one Finish; leaving early aborts."""
+        parser = prepared.parser
+        async for output in self.engine.stream(seq):
+            if output.error is not None:
+                raise GenerationError(output.error)
+            if output.logprobs:
+                yield Logprobs(output.logprobs)
+            if output.text:
+                for event in prepared.parse(output.text):
+                    yield event
+            if output.finish_reason is not None:
+                reason = output.finish_reason
+                for event in prepared.parse_end():
+                    yield event
+                if parser and parser.num_calls and reason == "stop":
+                    reason = "tool_calls"
+                yield Finish(
+                    reason,
+                    seq.num_prompt_tokens,
+                    output.num_completion_tokens,
+                    output.stop_sequence,
+                    cached_tokens=seq.num_cached_tokens,
+                )

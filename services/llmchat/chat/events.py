@@ -1,0 +1,61 @@
+"""The events of one generation, shared by every protocol adapter: text, reasoning, tool calls, notices, finish."""
+
+from dataclasses import dataclass
+
+from llmchat.engine.sampling import TokenLogprob
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class ReasoningDelta:
+    """A fragment of the model's reasoning (its <think> block), kept apart from the answer."""
+
+    text: str
+
+
+@dataclass(slots=True)
+class ToolCallStart:
+    """A tool call begins: its position among this response's calls, its id and the function's name."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A fragment of a call's arguments (JSON text); a call's fragments concatenate to its arguments."""
+
+    index: int
+    arguments: str
+
+
+@dataclass(slots=True)
+class Notice:
+    """Something worth recording on the request's span (a rejected tool call); never sent to clients."""
+
+    name: str
+    message: str
+
+
+@dataclass(slots=True)
+class Logprobs:
+    """Log-probabilities of the tokens behind the text events that follow (only when a request asks)."""
+
+    tokens: list[TokenLogprob]
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: str  # stop | length | tool_calls
+    prompt_tokens: int
+    completion_tokens: int
+    stop_sequence: str | None = None  # the request's stop string that ended generation
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (part of prompt_tokens)
+
+
+ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Notice | Logprobs | Finish

@@ -1,0 +1,148 @@
+"""Constrained decoding with llguidance: grammars for tool calls and JSON output, applied as logits processors.
+
+A request's grammar becomes a GrammarProcessor in its SamplingParams; the engine runs it on that
+request's row of logits only, so constrained and free requests share a batch.
+"""
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jsonschema
+import llguidance
+import llguidance.hf
+import torch
+
+from llmchat.chat.toolcalls import CallSyntax, ToolSpec
+
+# Compact JSON: one spelling per value, fewer tokens, and no room for a small model to loop on whitespace.
+_COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# Parallel calls per response. Bounded because a small model asked for calls may otherwise repeat them
+# until max_tokens (which defaults to the rest of the context).
+MAX_PARALLEL_CALLS = 8
+
+
+class GrammarError(Exception):
+    """A grammar llguidance cannot build (usually a JSON schema feature it does not support)."""
+
+
+def schema_problem(schema: Any, *, must_be_object: bool) -> str | None:
+    """Why `schema` is not a usable JSON Schema (None when it is)."""
+    if not isinstance(schema, dict):
+        return "it must be a JSON Schema object"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return f"it is not a valid JSON Schema: {exc.message}"
+    if must_be_object and schema.get("type", "object") != "object":
+        return "a tool's parameters must be a JSON Schema of type 'object'"
+    return None
+
+
+def _lit(text: str) -> str:
+    return json.dumps(text)
+
+
+def closed(schema: Any) -> Any:
+    """The schema with additionalProperties false on every object that lists properties but says nothing
+    about others. What the model writes still validates against the original; it just cannot invent keys
+    (small models otherwise copy the schema itself into the arguments)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed(value) if key != "enum" and key != "const" else value for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _schema(schema: dict[str, Any] | None) -> str:
+    merged = closed(schema or NO_PARAMETERS)
+    merged["x-guidance"] = {**_COMPACT, **merged.get("x-guidance", {})}
+    return json.dumps(merged)
+
+
+def tool_call_grammar(
+    syntax: CallSyntax,
+    tools: Sequence[ToolSpec],
+    *,
+    required: bool,
+    parallel: bool,
+    special_token: Callable[[str], int | None] = lambda _: None,
+) -> str:
+    """An llguidance grammar, written in Lark: free text or calls (required=False), or calls only; each
+    call names an offered tool and its arguments match that tool's schema."""
+    alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
+    lines = ["%llguidance {}"]
+    calls = "call" if not parallel else f"call ({_lit(syntax.sep)} call){{0,{MAX_PARALLEL_CALLS - 1}}}"
+    token = special_token(syntax.open) if syntax.open else None
+    trigger = f"<[{token}]>" if token is not None else _lit(syntax.open)
+    block = f"{_lit(syntax.list_open)} {calls} {_lit(syntax.close)}".replace('"" ', "").replace(' ""', "")
+    if required:
+        lines.append(f"start: {trigger if syntax.open else ''} {block}")
+    elif syntax.open:
+        # TEXT may not contain the trigger, so once the model starts a call it has to finish a valid one.
+        forbidden = "" if token is not None else f" & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
+        lines += [
+            f"start: TEXT | head {block} TEXT",
+            f"head[lazy]: TEXT {trigger}",
+            f"TEXT: /(.|\\n)*/{forbidden}",
+        ]
+    else:
+        lines += [f"start: PLAIN | {block}", "PLAIN: /\\s*([^{\\s](.|\\n)*)?/"]
+    lines.append(f'call: "{{\\"name\\": \\"" ({alternatives}) "}}"')
+    for n, tool in enumerate(tools):
+        head = _lit(f'{tool.name}", "{syntax.args_key}": ')
+        lines.append(f"tool_{n}: {head} %json {_schema(tool.parameters)}")
+    return llguidance.grammar_from("lark", "\n".join(lines))
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """Any JSON object (schema None), or JSON matching `schema`."""
+    return llguidance.LLMatcher.grammar_from_json_schema(_schema(schema or {"type": "object"}))
+
+
+class GrammarCompiler:
+    """Owns the llguidance view of the tokenizer (about a second to build, so one per model)."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self.vocab_size = max(vocab_size, len(tokenizer))
+        self.tokenizer = tokenizer
+        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size)
+
+    def special_token(self, text: str) -> int | None:
+        token = self.tokenizer.convert_tokens_to_ids(text)
+        return token if token is not None and token != self.tokenizer.unk_token_id else None
+
+    def processor(self, grammar: str) -> "GrammarProcessor":
+        """Raises GrammarError with llguidance's explanation when the grammar cannot be built."""
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        return GrammarProcessor(matcher, self.vocab_size)
+
+
+class GrammarProcessor:
+    """A logits processor: consumes the tokens sampled since its last call, then masks disallowed ones."""
+
+    _SHIFTS = torch.arange(32, dtype=torch.int32)
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.num_consumed = 0
+        self.words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+
+    def __call__(self, completion_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        new = completion_ids[self.num_consumed :]
+        if new and not self.matcher.consume_tokens(new):
+            raise GrammarError(f"the grammar refused a sampled token: {self.matcher.get_error()}")
+        self.num_consumed = len(completion_ids)
+        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        allowed = ((self.words.unsqueeze(1) >> self._SHIFTS) & 1).flatten()[: logits.shape[-1]].bool()
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))

@@ -1,0 +1,418 @@
+"""Tool-call parsers, one per model family: streamed model text in, content and tool-call events out.
+
+Every parser is character-driven, so the events concatenate to the same result however the text is
+chunked (a marker split across tokens included). Two modes:
+- stream_arguments=True (the output is grammar-constrained, so calls are known to be well formed): a
+  call starts as soon as its name is read, and its arguments stream as they are generated;
+- stream_arguments=False: each call is held until its JSON is complete and checked. Malformed or
+  unknown calls then fall back to plain content, with a Notice for the request's span.
+"""
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from llmchat.chat.events import ChatEvent, Notice, TextDelta, ToolCallDelta, ToolCallStart
+
+ARGUMENT_KEYS = ("arguments", "parameters")
+
+
+@dataclass(slots=True, frozen=True)
+class ToolSpec:
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CallSyntax:
+    """How a family spells a block of calls when we make the model write one (see grammar.py)."""
+
+    open: str  # the marker that starts a block; "" means calls only at the very start of the output
+    list_open: str
+    sep: str
+    close: str
+    args_key: str = "arguments"
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class CallObject:
+    """Scans one JSON object spelling a call, {"name": ..., "arguments": {...}}, one character at a time.
+
+    It knows the name once its string closes, which slice of the text is the arguments, and where the
+    object ends; `error` is set at the first character that cannot belong to such an object.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+        self.expect = "open"  # then, at depth 1: key | colon | value | nested | scalar | comma
+        self.key: str | None = None
+        self.start = 0  # where the current key or value began
+        self.name: str | None = None
+        self.args_start: int | None = None
+        self.args_end: int | None = None
+        self.is_done = False
+        self.error: str | None = None
+
+    def feed(self, ch: str) -> None:
+        i = len(self.text)
+        self.text += ch
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == '"':
+                self.in_string = False
+                if self.depth == 1:
+                    self._string_closed(i)
+            return
+        if ch.isspace():
+            if self.depth == 1 and self.expect == "scalar":
+                self._value_ended(i)
+            return
+        if self.depth == 0:
+            if ch != "{":
+                self.error = "a call must be a JSON object"
+                return
+            self.depth, self.expect = 1, "key"
+            return
+        if self.depth == 1:
+            self._at_top(ch, i)
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+            if self.depth == 1:
+                self._value_ended(i + 1)
+        elif ch == '"':
+            self.in_string = True
+
+    def _at_top(self, ch: str, i: int) -> None:
+        if self.expect == "scalar" and ch in ",}":
+            self._value_ended(i)
+        if ch == '"' and self.expect in ("key", "value"):
+            self.in_string, self.start = True, i
+        elif ch == ":" and self.expect == "colon":
+            self.expect = "value"
+        elif ch in "{[" and self.expect == "value":
+            self.start, self.depth = i, 2
+            self.expect = "nested"
+        elif ch == "," and self.expect == "comma":
+            self.expect = "key"
+        elif ch == "}" and self.expect in ("key", "comma"):
+            self._close()
+        elif self.expect == "value" and (ch.isalnum() or ch == "-"):
+            self.start, self.expect = i, "scalar"
+        elif self.expect != "scalar":
+            self.error = "a call object is not well-formed JSON"
+
+    def _string_closed(self, i: int) -> None:
+        try:
+            text = json.loads(self.text[self.start : i + 1])
+        except json.JSONDecodeError:
+            self.error = "a call object holds an invalid JSON string"
+            return
+        if self.expect == "key":
+            self.key, self.expect = text, "colon"
+            return
+        if self.key == "name":
+            self.name = text
+        self._value_ended(i + 1)
+
+    def _value_ended(self, end: int) -> None:
+        if self.key in ARGUMENT_KEYS and self.args_start is None:
+            self.args_start, self.args_end = self.start, end
+        self.expect = "comma"
+
+    def _close(self) -> None:
+        self.depth, self.is_done = 0, True
+        try:
+            call = json.loads(self.text)
+        except json.JSONDecodeError as exc:
+            self.error = f"the call is not valid JSON: {exc}"
+            return
+        if not isinstance(call.get("name"), str):
+            self.error = "the call has no string 'name'"
+        elif not isinstance(call.get(next((k for k in ARGUMENT_KEYS if k in call), "arguments"), {}), dict):
+            self.error = "the call's arguments are not a JSON object"
+
+    def streaming_args(self) -> str:
+        """The arguments text known so far: all of it once they ended, or a growing object's prefix."""
+        if self.args_start is not None:
+            return self.text[self.args_start : self.args_end]
+        if self.key in ARGUMENT_KEYS and self.expect == "nested" and self.text[self.start] == "{":
+            return self.text[self.start :]
+        return ""
+
+    def arguments(self) -> str:
+        return self.text[self.args_start : self.args_end] if self.args_start is not None else "{}"
+
+
+class ToolParser:
+    """Splits streamed model text into content and tool calls, for one family's call syntax.
+
+    The syntax: `open` starts a region of calls (empty: only at the very start of the output, after an
+    optional `alt_open`), `list_open` may follow, calls are JSON objects separated by `sep`, and `close`
+    ends the region (empty: the region runs to the end of the output).
+    """
+
+    family = ""
+    syntax: CallSyntax
+    open = ""
+    alt_open = ""
+    list_open = ""
+    sep = ""
+    close = ""
+
+    def __init__(
+        self, tool_names: frozenset[str] | None = None, *, stream_arguments: bool = False, max_calls: int | None = None
+    ) -> None:
+        self.tool_names = tool_names
+        self.stream_arguments = stream_arguments
+        self.max_calls = max_calls
+        self.state = "text" if self.open else "start"
+        self.buf = ""
+        self.ws = ""
+        self.raw = ""
+        self.out: list[ChatEvent] = []
+        self.num_calls = 0
+        self.call = CallObject()
+        self.started = False
+        self.sent = 0
+
+    def feed(self, text: str) -> list[ChatEvent]:
+        self.buf += text
+        while self._step(final=False):
+            pass
+        out, self.out = self.out, []
+        return out
+
+    def finish(self) -> list[ChatEvent]:
+        """Ends the stream: releases held text and settles a call left open."""
+        while self._step(final=True):
+            pass
+        if self.state in ("text", "plain", "start"):
+            self._content(self.buf)
+        elif self.state in ("list", "item", "call") and self.started:
+            self.out.append(Notice("tool_call.unterminated", "the output ended inside a tool call's arguments"))
+        elif self.state == "rejected" or (self.state in ("list", "item", "call") and not self.stream_arguments):
+            if self.state != "rejected":
+                self.out.append(Notice("tool_call.unterminated", "the output ended before the tool call was complete"))
+            self._content(self.raw + self.call.text + self.buf)
+        elif self.state in ("list", "item", "call"):
+            # Under a grammar (the streaming mode) this text could only become a call; cut short before its name
+            # was read it is dropped, never passed off as content.
+            self.out.append(Notice("tool_call.unterminated", "the output ended before the tool call's name"))
+        self.buf = ""
+        if not self.num_calls:
+            self._content(self.ws, keep_ws=False)
+        out, self.out = self.out, []
+        return out
+
+    def _step(self, final: bool) -> bool:
+        """Advances the state machine over self.buf; False when it needs more text (or the stream ended)."""
+        state = self.state
+        if state == "plain":
+            self._content(self.buf)
+            self.buf = ""
+            return False
+        if state == "text":
+            return self._find_open(final)
+        if state == "rejected":
+            return self._skip_rejected()
+        if state not in ("start", "call") and not self._skip_ws():
+            return False
+        if state == "start":
+            return self._at_start(final)
+        if state == "list":
+            return self._expect(self.list_open, "item", final)
+        if state == "item":
+            if not self.buf.startswith("{"):
+                return self._reject("expected a JSON object for the call")
+            self.call, self.started, self.sent, self.state = CallObject(), False, 0, "call"
+            return True
+        if state == "call":
+            return self._scan()
+        # after: a call is complete.
+        if self.sep and self.buf.startswith(self.sep):
+            self.buf, self.state = self.buf[len(self.sep) :], "item"
+            return True
+        if self.close and self.buf.startswith(self.close):
+            return self._expect(self.close, "text", final)
+        if self.close and self.close.startswith(self.buf):
+            if final:  # a close marker cut off by the end of the output is still marker text
+                self.buf = ""
+            return False
+        self.state = "text" if self.open else "plain"
+        return True
+
+    def _at_start(self, final: bool) -> bool:
+        body = self.buf.lstrip()
+        if not body and not final:
+            return False
+        if self.alt_open and body.startswith(self.alt_open):
+            self.buf, self.state = body[len(self.alt_open) :], "item"
+        elif self.alt_open and self.alt_open.startswith(body) and body and not final:
+            return False
+        elif body.startswith("{"):
+            self.buf, self.state = body, "item"
+        else:
+            self.state = "plain"
+        return True
+
+    def _find_open(self, final: bool) -> bool:
+        at = self.buf.find(self.open)
+        if at < 0:
+            keep = 0 if final else partial_suffix(self.buf, self.open)
+            self._content(self.buf[: len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep :]
+            return False
+        self._content(self.buf[:at], keep_ws=False, before_call=True)
+        self.raw, self.buf = self.open, self.buf[at + len(self.open) :]
+        self.state = "list" if self.list_open else "item"
+        return True
+
+    def _expect(self, literal: str, next_state: str, final: bool) -> bool:
+        if self.buf.startswith(literal):
+            self.raw += literal
+            self.buf, self.state = self.buf[len(literal) :], next_state
+            return True
+        if literal.startswith(self.buf) and not final:
+            return False
+        return self._reject(f"expected {literal!r} in the call block")
+
+    def _skip_ws(self) -> bool:
+        body = self.buf.lstrip()
+        self.raw += self.buf[: len(self.buf) - len(body)]
+        self.buf = body
+        return bool(body)
+
+    def _scan(self) -> bool:
+        call = self.call
+        for n, ch in enumerate(self.buf):
+            call.feed(ch)
+            if self.stream_arguments and not self.started and call.name is not None and call.error is None:
+                if problem := self._refusal(call.name):
+                    call.error = problem
+                else:
+                    self._start(call.name)
+            if call.error is not None or call.is_done:
+                self.buf = self.buf[n + 1 :]
+                if call.error is not None:
+                    self._send_args(call.streaming_args())
+                    return self._reject(call.error)
+                self._complete(call)
+                return True
+        self.buf = ""
+        self._send_args(call.streaming_args())
+        return False
+
+    def _send_args(self, args: str) -> None:
+        if self.started and len(args) > self.sent:
+            self.out.append(ToolCallDelta(self.num_calls - 1, args[self.sent :]))
+            self.sent = len(args)
+
+    def _complete(self, call: CallObject) -> None:
+        if not self.started:
+            if problem := self._refusal(call.name):
+                self._reject(problem)
+                return
+            self._start(call.name)
+        self._send_args(call.arguments())
+        self.raw, self.state = "", "after"
+        self.call, self.started = CallObject(), False
+
+    def _refusal(self, name: str) -> str | None:
+        if self.tool_names is not None and name not in self.tool_names:
+            return f"the model called {name!r}, which is not one of the offered tools"
+        if self.max_calls is not None and self.num_calls >= self.max_calls:
+            return f"the model made more than {self.max_calls} tool call(s), the most this request allows"
+        return None
+
+    def _start(self, name: str) -> None:
+        self.out.append(ToolCallStart(self.num_calls, new_call_id(), name))
+        self.num_calls += 1
+        self.started = True
+
+    def _reject(self, reason: str) -> bool:
+        self.out.append(Notice("tool_call.rejected", reason))
+        # What was already sent as a call stays a call; the rest of the region becomes content.
+        call = self.call
+        self.raw = call.text[call.args_end or len(call.text) - 1 :] if self.started else self.raw + call.text
+        self.call, self.started, self.state = CallObject(), False, "rejected"
+        return True
+
+    def _skip_rejected(self) -> bool:
+        self.raw, self.buf = self.raw + self.buf, ""
+        skip = len(self.open) if self.raw.startswith(self.open) else 0
+        at = self.raw.find(self.close, skip) if self.close else -1
+        if at < 0:
+            return False
+        end = at + len(self.close)
+        self._content(self.raw[:end])
+        self.buf, self.raw, self.state = self.raw[end:], "", "text" if self.open else "plain"
+        return True
+
+    def _content(self, text: str, keep_ws: bool = True, before_call: bool = False) -> None:
+        """Emits content, holding trailing whitespace until it is known not to sit just before a call."""
+        text, self.ws = self.ws + text, ""
+        if before_call:
+            text = text.rstrip()
+        elif keep_ws:
+            body = text.rstrip()
+            text, self.ws = body, text[len(body) :]
+        if text:
+            self.out.append(TextDelta(text))
+
+
+class HermesParser(ToolParser):
+    """Hermes, Qwen 2.5/3 and our built-in prompt: <tool_call>{"name": ..., "arguments": {...}}</tool_call>."""
+
+    family = "hermes"
+    open = "<tool_call>"
+    close = "</tool_call>"
+    syntax = CallSyntax("<tool_call>", "\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>")
+
+
+class MistralParser(ToolParser):
+    """Mistral: [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]."""
+
+    family = "mistral"
+    open = "[TOOL_CALLS]"
+    list_open = "["
+    sep = ","
+    close = "]"
+    syntax = CallSyntax("[TOOL_CALLS]", "[", ", ", "]")
+
+
+class Llama3Parser(ToolParser):
+    """Llama 3.x JSON calls: the whole output is {"name": ..., "parameters": {...}}; several are joined by ';'."""
+
+    family = "llama3"
+    alt_open = "<|python_tag|>"
+    sep = ";"
+    syntax = CallSyntax("", "", "; ", "", "parameters")
+
+
+PARSERS: dict[str, type[ToolParser]] = {p.family: p for p in (HermesParser, Llama3Parser, MistralParser)}
+
+
+def parse_all(parser: ToolParser, text: str) -> list[ChatEvent]:
+    """One-shot parse of a whole output; the streamed events of the same text concatenate to the same."""
+    return parser.feed(text) + parser.finish()

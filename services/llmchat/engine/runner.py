@@ -1,0 +1,385 @@
+"""The model runner: one KV cache for the whole running batch, rows added by prefill and dropped on finish.
+
+Rows are left-padded to a common length; the attention mask hides the padding and position ids
+count each row's real tokens, the same layout `generate()` uses for a padded batch. Padding is
+trimmed when the rows that needed it leave. The forward pass is llmchat's fused one where the model
+allows (llama.py), else transformers'; both read and write the same cache.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from llmchat.engine.cuda_graphs import GraphedDecode
+from llmchat.engine.fused_forward import FusedForward, unsupported_reason
+from llmchat.engine.prefix_cache import PrefixCache
+from llmchat.engine.scheduler import Sequence
+
+log = logging.getLogger("llmchat.engine.runner")
+
+SPARE_COLUMNS = 64
+# Computed tokens up to which a prefilling sequence is batched with others (its KV copied into the batch).
+MAX_BATCHED_PAST = 256
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer with spare columns: a decode step writes one column instead of copying the cache.
+
+    The stock layer concatenates on every update, which copies the whole batch's keys and values
+    each step; measured on this CPU that was a quarter of a 16-row decode step.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self._keys = self._values = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self._keys is None:
+            empty = key_states[..., :0, :]
+            self.replace(empty, empty, extra=n)
+        elif self.length + n > self._keys.shape[-2]:
+            self.replace(self.keys, self.values, extra=n)
+        self._keys[..., self.length : self.length + n, :] = key_states
+        self._values[..., self.length : self.length + n, :] = value_states
+        self.length += n
+        self.keys = self._keys[..., : self.length, :]
+        self.values = self._values[..., : self.length, :]
+        return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, extra: int = 0) -> None:
+        """Sets the cached keys and values (after rows were added or dropped), with fresh spare room."""
+        shape = list(keys.shape)
+        shape[-2] += extra + SPARE_COLUMNS
+        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+        self.length = keys.shape[-2]
+        self._keys[..., : self.length, :] = keys
+        self._values[..., : self.length, :] = values
+        self.keys = self._keys[..., : self.length, :]
+        self.values = self._values[..., : self.length, :]
+
+    def reserve(self, num_columns: int) -> None:
+        """Makes room for `num_columns` in all (plus the spare ones), so a chunked prefill grows in place."""
+        if self._keys is not None and self._keys.shape[-2] < num_columns:
+            self.replace(self.keys, self.values, extra=num_columns - self.length)
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go and logits come back: the main device of an accelerate device map, else the model's.
+
+    Under a device map the first parameter may be offloaded (on the meta device); accelerate's
+    top-level hook runs the model on its main device and returns outputs on the inputs' device.
+    """
+    hook = getattr(model, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return model.device if device is None else torch.device(device)
+
+
+class TransformersForward:
+    """The model's own forward pass, for any architecture and placement transformers supports."""
+
+    extra_bytes = 0
+
+    def __init__(self, model: torch.nn.Module, why: str) -> None:
+        self.model = model
+        self.kind = f"transformers ({why})"
+
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+
+def pick_forward(
+    model: torch.nn.Module,
+    fused: bool,
+    cuda_graphs: bool = False,
+    max_rows: int = 16,
+    checkpoint: Path | None = None,
+) -> FusedForward | GraphedDecode | TransformersForward:
+    reason = unsupported_reason(model) if fused else "chosen in the settings"
+    forward = FusedForward(model, checkpoint=checkpoint) if reason is None else TransformersForward(model, reason)
+    if cuda_graphs:
+        if reason is not None:
+            log.warning("CUDA graphs need the fused forward pass (%s); not used", reason)
+        elif model.device.type != "cuda":
+            log.info("CUDA graphs are for a GPU; not used on the %s", model.device.type)
+        else:
+            forward = GraphedDecode(forward, max_rows, capture=True)
+    log.info("forward pass: %s", forward.kind)
+    return forward
+
+
+class BatchRunner:
+    """Prefills sequences chunk by chunk in caches of their own, then decodes them together in one batch cache.
+
+    A sequence's prompt may start with blocks from the prefix cache (copied in when it starts) and is
+    computed in chunks the scheduler sizes; each chunk's full blocks are copied into the prefix cache at
+    once, and a finished sequence's reply too, so the next turn of a conversation reuses both.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pad_token_id: int,
+        fused: bool = True,
+        cuda_graphs: bool = False,
+        max_rows: int = 16,
+        checkpoint: Path | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
+        self.model = model
+        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint)
+        self.device = input_device(model)
+        self.pad_token_id = pad_token_id
+        self.prefix_cache = prefix_cache
+        self.rows: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cached columns], 1 = real token
+        self.positions: torch.Tensor | None = None  # [rows], position of each row's pending token
+
+    @property
+    def num_columns(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def start(self, seq: Sequence) -> None:
+        """Seeds the sequence's own cache with the cached blocks its prompt starts with."""
+        seq.num_computed = seq.num_cached_tokens = 0
+        seq.kv = None
+        if self.prefix_cache is None:
+            return
+        blocks = self.prefix_cache.match(seq.prompt_ids)
+        if not blocks:
+            return
+        kv = self.prefix_cache.load(blocks)
+        seq.kv = new_cache(self.model)
+        for i, layer in enumerate(seq.kv.layers):
+            layer.update(kv[i, 0, None], kv[i, 1, None])
+            layer.reserve(seq.num_prompt_tokens)
+        seq.num_computed = seq.num_cached_tokens = kv.shape[3]
+
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Computes the next `n` prompt tokens of each (sequence, n); those whose prompt is done join the batch.
+
+        Returns the sequences that joined and their next-token logits [joined, V]. The fused forward
+        runs every chunk in one pass, each over its own cache. Through transformers' forward, sequences
+        with few tokens computed so far are prefilled together as one padded batch; one with many (a
+        long cached prefix, or a long prompt's later chunks) runs alone rather than have its cache copied.
+        """
+        ragged = getattr(self.forward, "ragged", None)
+        if ragged is not None and len(chunks) > 1:
+            logits = self._prefill_ragged(chunks, ragged)
+        else:
+            few = [(s, n) for s, n in chunks if s.num_computed <= MAX_BATCHED_PAST]
+            logits = self._prefill_batch(few) if len(few) > 1 else {}
+        for seq, n in chunks:
+            if id(seq) not in logits:
+                logits[id(seq)] = self._prefill_one(seq, n)
+        for seq, n in chunks:
+            seq.num_computed += n
+            for layer in seq.kv.layers:
+                layer.reserve(seq.num_prompt_tokens)  # so later chunks write in place
+            self._cache_prefix(seq)
+        joined = [s for s, _ in chunks if s.num_computed == s.num_prompt_tokens]
+        if not joined:
+            return [], torch.empty(0)
+        self._join(joined)
+        return joined, torch.stack([logits[id(s)] for s in joined])
+
+    def _prefill_one(self, seq: Sequence, n: int) -> torch.Tensor:
+        start = seq.num_computed
+        if seq.kv is None:
+            seq.kv = new_cache(self.model)
+        ids = torch.tensor([seq.prompt_ids[start : start + n]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, start + n), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)[None]
+        return self.forward(ids, mask, positions, seq.kv)[0]
+
+    def _prefill_ragged(self, chunks: list[tuple[Sequence, int]], ragged) -> dict[int, torch.Tensor]:
+        """All chunks in one pass of the fused forward, each sequence attending over its own cache."""
+        ids = [t for seq, n in chunks for t in seq.prompt_ids[seq.num_computed : seq.num_computed + n]]
+        positions = [p for seq, n in chunks for p in range(seq.num_computed, seq.num_computed + n)]
+        for seq, _ in chunks:
+            if seq.kv is None:
+                seq.kv = new_cache(self.model)
+        logits = ragged(
+            torch.tensor([ids], device=self.device),
+            torch.tensor([positions], device=self.device),
+            [n for _, n in chunks],
+            [seq.kv for seq, _ in chunks],
+        )
+        return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
+
+    def _prefill_batch(self, chunks: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
+        """Chunks of several sequences as one batch; each row then gets its own cache back.
+
+        Rows are left-padded twice: their computed tokens (copied in) end where the chunk region
+        starts, and their chunks end at the last column, so every row's last position is real.
+        """
+        past = max(s.num_computed for s, _ in chunks)
+        longest = max(n for _, n in chunks)
+        ids = torch.full((len(chunks), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), past + longest), dtype=torch.long)
+        positions = torch.zeros((len(chunks), longest), dtype=torch.long)
+        for i, (seq, n) in enumerate(chunks):
+            done = seq.num_computed
+            ids[i, longest - n :] = torch.tensor(seq.prompt_ids[done : done + n])
+            mask[i, past - done : past] = 1
+            mask[i, past + longest - n :] = 1
+            positions[i, longest - n :] = torch.arange(done, done + n)
+        cache = new_cache(self.model)
+        if past:
+            self._fill_past(cache, chunks, past)
+        logits = self.forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache)
+        for i, (seq, n) in enumerate(chunks):
+            done = seq.num_computed
+            columns = torch.cat([torch.arange(past - done, past), torch.arange(past + longest - n, past + longest)])
+            seq.kv = new_cache(self.model)
+            for own, batch in zip(seq.kv.layers, cache.layers, strict=True):
+                index = columns.to(batch.keys.device)
+                own.update(batch.keys[i : i + 1, :, index], batch.values[i : i + 1, :, index])
+        return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
+
+    @staticmethod
+    def _fill_past(cache: DynamicCache, chunks: list[tuple[Sequence, int]], past: int) -> None:
+        """Copies each row's computed keys and values into `cache`, right-aligned at column `past`."""
+        owners = [(i, s) for i, (s, _) in enumerate(chunks) if s.kv is not None]
+        for layer_index, layer in enumerate(cache.layers):
+            like = owners[0][1].kv.layers[layer_index].keys
+            keys = like.new_zeros((len(chunks), like.shape[1], past, like.shape[3]))
+            values = torch.zeros_like(keys)
+            for i, seq in owners:
+                own = seq.kv.layers[layer_index]
+                keys[i, :, past - seq.num_computed :] = own.keys[0]
+                values[i, :, past - seq.num_computed :] = own.values[0]
+            layer.update(keys, values)
+            layer.reserve(past + max(n for _, n in chunks))
+
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Moves prefilled sequences from their own caches into the batch cache as new rows."""
+        if self.cache is None and len(seqs) == 1:
+            seq = seqs[0]
+            self.rows, self.cache = [seq], seq.kv
+            self.mask = torch.ones((1, seq.num_computed), dtype=torch.long, device=self.device)
+            self.positions = torch.tensor([seq.num_computed], device=self.device)
+            seq.kv = None
+            return
+        width = max(self.num_columns, *(s.num_computed for s in seqs))
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        for i, seq in enumerate(seqs):
+            mask[i, width - seq.num_computed :] = 1
+        old, had_rows = self.num_columns, bool(self.rows)
+        layers = zip(*(s.kv.layers for s in seqs), strict=True)
+        if self.cache is None:
+            self.cache = new_cache(self.model)
+            self.mask = mask[:0, :0]
+            self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        for batch, own in zip(self.cache.layers, layers, strict=True):
+            keys = [_left_pad(layer.keys, width - layer.keys.shape[2]) for layer in own]
+            values = [_left_pad(layer.values, width - layer.values.shape[2]) for layer in own]
+            if had_rows:
+                keys.insert(0, _left_pad(batch.keys, width - old))
+                values.insert(0, _left_pad(batch.values, width - old))
+                batch.replace(torch.cat(keys), torch.cat(values))
+            else:
+                batch.update(torch.cat(keys), torch.cat(values))
+        self.mask = torch.cat([_left_pad(self.mask, width - old), mask])
+        self.positions = torch.cat([self.positions, mask.sum(dim=1)])
+        self.rows.extend(seqs)
+        for seq in seqs:
+            seq.kv = None
+
+    def _cache_prefix(self, seq: Sequence) -> None:
+        """Copies the sequence's newly computed full blocks into the prefix cache."""
+        if self.prefix_cache is not None:
+            layers = seq.kv.layers
+            tokens = seq.prompt_ids[: seq.num_computed]
+            self.prefix_cache.insert(tokens, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
+
+    def decode(self) -> torch.Tensor:
+        """Feeds every row its pending token; returns the next-token logits [rows, V]."""
+        ids = torch.tensor([[s.pending_token] for s in self.rows], dtype=torch.long, device=self.device)
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        logits = self.forward(ids, mask, self.positions[:, None], self.cache)
+        self.mask = mask
+        self.positions = self.positions + 1
+        return logits
+
+    def drop(self, seqs: list[Sequence]) -> None:
+        """Frees the rows of `seqs` (caching the prompt and reply of those that ended well) and unneeded padding."""
+        for seq in seqs:
+            seq.kv = None  # a sequence that ended while prefilling
+        gone = set(map(id, seqs))
+        keep = [i for i, s in enumerate(self.rows) if id(s) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if self.prefix_cache is not None:
+            for i, seq in enumerate(self.rows):
+                if id(seq) in gone and seq.finish_reason in ("stop", "length"):
+                    self._cache_row(i, seq)
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        first_used = int(self.mask.any(dim=0).int().argmax())
+        self.mask = self.mask[:, first_used:]
+        for layer in self.cache.layers:
+            # Under a device map split over GPUs each layer's cache lives on that layer's GPU.
+            rows = index.to(layer.keys.device)
+            layer.replace(layer.keys[rows, :, first_used:, :], layer.values[rows, :, first_used:, :])
+
+    def _cache_row(self, i: int, seq: Sequence) -> None:
+        """Caches a finished row's prompt and reply: its real tokens are the last columns of the row."""
+        num_real = int(self.mask[i].sum())
+        tokens = (seq.prompt_ids + seq.completion_ids)[:num_real]
+        first = self.num_columns - num_real
+        layers = self.cache.layers
+        self.prefix_cache.insert(
+            tokens, [layer.keys[i, :, first:] for layer in layers], [layer.values[i, :, first:] for layer in layers]
+        )
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes allocated for the batch's keys and values, spare columns included (read by metrics)."""
+        cache = self.cache
+        if cache is None:
+            return 0
+        layers = [layer for layer in cache.layers if getattr(layer, "_keys", None) is not None]
+        return sum(layer._keys.nbytes + layer._values.nbytes for layer in layers)
+
+    def reset(self) -> None:
+        self.rows, self.cache, self.mask, self.positions = [], None, None, None
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Pads dimension 2 of a KV tensor [B, H, T, D] (or dimension 1 of a mask [B, T]) with n zeros in front."""
+    if n == 0:
+        return t
+    dim = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,0 +1,218 @@
+"""Continuous batching bookkeeping: waiting and running sequences, schedule(), plan_prefill() and postprocess().
+
+Admitted sequences prefill in chunks sized by a per-step token budget, then decode with the running
+batch until they finish; the waiting queue is bounded so memory cannot grow without limit. No torch
+here: the runner owns the tensors.
+"""
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from llmchat.engine.sampling import SamplingParams, StopChecker, TokenLogprob
+
+_ids = itertools.count()
+# The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances.
+MIN_CHUNK = 16
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Output:
+    """One step's news for a sequence: new text, the completion's token count so far, and why it ended."""
+
+    text: str
+    num_completion_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it
+    logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the last output, when asked for
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    completion_ids: list[int] = field(default_factory=list)
+    pending_token: int | None = None  # sampled but not yet in the KV cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent with an output
+    is_aborted: bool = False
+    submitted_ns: int = field(default_factory=time.time_ns)  # wall clock, for span events
+    admitted_ns: int | None = None  # when its prefill started
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set when admitted)
+    num_computed: int = 0  # prompt tokens in its KV so far: it is prefilling until all are
+    kv: object = None  # its own KV cache while it is prefilling (the runner's)
+    finish_reason: str | None = None
+    # Per-sequence decoding state, made by the engine thread when the sequence is admitted.
+    generator: object = None
+    decoder: object = None
+    stops: StopChecker | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def emit(self, output: Output) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt_tokens
+
+    def finish(self, output: Output) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = output.finish_reason
+        self.emit(output)
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_running: int = 16
+    max_batched_tokens: int = 512
+    max_waiting: int = 64
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._lock = threading.Lock()
+        self.has_work = threading.Event()
+        # How many newcomers joined a batch that was already running (continuous batching at work).
+        self.num_admitted_while_running = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a sequence; called from the event loop thread."""
+        with self._lock:
+            if len(self.waiting) >= self.config.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(seq)
+        self.has_work.set()
+
+    def remove_waiting(self, seq: Sequence) -> bool:
+        """Takes a sequence out of the waiting queue; False if it was not there (already admitted)."""
+        with self._lock:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                return False
+            return True
+
+    def reap_aborted(self) -> list[Sequence]:
+        """Ends aborted waiting sequences and returns the aborted running ones, for the engine to finish."""
+        with self._lock:
+            dropped = [s for s in self.waiting if s.is_aborted]
+            for seq in dropped:
+                self.waiting.remove(seq)
+        for seq in dropped:
+            seq.finish(Output("", 0, "abort"))
+        return [s for s in self.running if s.is_aborted]
+
+    def schedule(self, hold_shared: bool = False) -> list[Sequence]:
+        """Admits waiting sequences, in order, while the running batch has room; they prefill from the next step.
+
+        With `hold_shared` (a prefix cache is on), a sequence whose prompt shares at least a step's worth
+        of tokens with one still computing them waits for it (others may pass it meanwhile), and then
+        reads those tokens from the prefix cache instead of computing them again.
+        """
+        admitted: list[Sequence] = []
+        with self._lock:
+            for seq in list(self.waiting):
+                if len(self.running) + len(admitted) >= self.config.max_running:
+                    break
+                if hold_shared and self._should_wait(seq, [*self.running, *admitted]):
+                    continue
+                self.waiting.remove(seq)
+                admitted.append(seq)
+        if admitted and self.running:
+            self.num_admitted_while_running += len(admitted)
+        for seq in admitted:
+            seq.status = Status.RUNNING
+        self.running.extend(admitted)
+        return admitted
+
+    def _should_wait(self, seq: Sequence, others: list[Sequence]) -> bool:
+        """Whether a sequence still prefilling will compute at least a step's worth of this one's prompt."""
+        for leader in others:
+            if leader.is_prefilling and not leader.is_finished:
+                shared = _common_prefix(seq.prompt_ids, leader.prompt_ids)
+                if shared >= self.config.max_batched_tokens and leader.num_computed < shared:
+                    return True
+        return False
+
+    def plan_prefill(self, num_decoding: int, max_chunk: int | None = None) -> list[tuple[Sequence, int]]:
+        """How many prompt tokens each prefilling sequence computes this step, within the step's token budget.
+
+        The budget is what the decoding rows leave of max_batched_tokens, and at most `max_chunk`
+        tokens (the engine's bound on how long running streams may wait). Shortest remaining prompt
+        first, so a short newcomer is not stuck behind a long one; the longest-waiting sequence always
+        gets at least an equal share, so a long prompt still advances every step.
+        """
+        pending = [s for s in self.running if s.is_prefilling and not s.is_finished and not s.is_aborted]
+        if not pending:
+            return []
+        budget = self.config.max_batched_tokens - num_decoding
+        budget = max(budget if max_chunk is None else min(budget, max_chunk), MIN_CHUNK)
+        plan = {id(pending[0]): min(_remaining(pending[0]), max(budget // len(pending), 1))}
+        left = budget - plan[id(pending[0])]
+        for seq in sorted(pending, key=_remaining):
+            if left <= 0:
+                break
+            take = min(_remaining(seq) - plan.get(id(seq), 0), left)
+            plan[id(seq)] = plan.get(id(seq), 0) + take
+            left -= take
+        return [(s, plan[id(s)]) for s in pending if plan.get(id(s))]
+
+    def postprocess(self) -> list[Sequence]:
+        """Drops finished sequences from the running batch and returns them."""
+        # Aborted but unfinished sequences stay until reap_aborted() has told their consumers.
+        done = [s for s in self.running if s.is_finished]
+        if done:
+            self.running = [s for s in self.running if not s.is_finished]
+        with self._lock:
+            # Under the lock, so a request added right now cannot have its wake-up cleared.
+            if not self.running and not self.waiting:
+                self.has_work.clear()
+        return done
+
+
+def _remaining(seq: Sequence) -> int:
+    return seq.num_prompt_tokens - seq.num_computed
+
+
+def _common_prefix(a: list[int], b: list[int], step: int = 16) -> int:
+    """Length of the common start of two token lists, to the nearest `step` below (slices compare in C)."""
+    n = 0
+    while n + step <= min(len(a), len(b)) and a[n : n + step] == b[n : n + step]:
+        n += step
+    return n

@@ -1,0 +1,37 @@
+"""Scripted chat events through a protocol's Reply without a model or a server: the server-sent events the
+route would stream, read back by the official SDK from a mock transport, and the whole response."""
+
+import asyncio
+
+import httpx2
+from pydantic import BaseModel
+
+from llmchat.api.serving import stream_events, whole_response
+
+MODEL = "scripted-model"
+
+
+def replay(make_reply, chat_events, num_prompt_tokens: int = 7) -> tuple[list[dict], BaseModel]:
+    """(the server-sent events, the whole response), each from a fresh reply fed the same events, through the
+    functions the routes use."""
+
+    async def events():
+        for event in chat_events:
+            yield event
+
+    async def run():
+        sse = [item async for item in stream_events(make_reply(), events(), num_prompt_tokens)]
+        return sse, await whole_response(make_reply(), events(), num_prompt_tokens)
+
+    return asyncio.run(run())
+
+
+def sdk_http_client(sse: list[dict]) -> httpx2.Client:
+    """An HTTP client for an official SDK whose every request is answered with these server-sent events."""
+    body = "".join(
+        ("" if "event" not in item else f"event: {item['event']}\n") + f"data: {item['data']}\n\n" for item in sse
+    )
+    transport = httpx2.MockTransport(
+        lambda request: httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
+    )
+    return httpx2.Client(transport=transport)

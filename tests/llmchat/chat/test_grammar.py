@@ -1,0 +1,104 @@
+"""Grammars for tool calls and JSON output, checked token by token against the bundled model's tokenizer."""
+
+import copy
+
+import pytest
+
+from llmchat.chat.grammar import MAX_PARALLEL_CALLS, closed, json_grammar, tool_call_grammar
+from llmchat.chat.prompt import CallRecord, ChatMessage, PromptRenderer
+from llmchat.chat.toolcalls import PARSERS, ToolSpec
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = (ToolSpec("get_weather", "Weather in a city", WEATHER), ToolSpec("now"))
+
+
+@pytest.fixture(scope="module")
+def chat(live):
+    return live.app.state.runtime.chat
+
+
+def accepts(chat, grammar: str, text: str) -> bool:
+    matcher = chat.grammar.processor(grammar).matcher
+    ids = chat.engine.tokenizer.encode(text, add_special_tokens=False)
+    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+
+def call_text(family: str, *calls: tuple[str, str]) -> str:
+    s = PARSERS[family].syntax
+    bodies = [f'{{"name": "{name}", "{s.args_key}": {args}}}' for name, args in calls]
+    return s.open + s.list_open + s.sep.join(bodies) + s.close
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+def test_required_accepts_only_valid_calls_to_offered_tools(chat, family):
+    syntax = PARSERS[family].syntax
+    many = tool_call_grammar(syntax, TOOLS, required=True, parallel=True)
+    one = tool_call_grammar(syntax, TOOLS, required=True, parallel=False)
+    weather, now = ("get_weather", '{"city": "Paris"}'), ("now", "{}")
+    assert accepts(chat, many, call_text(family, weather))
+    assert accepts(chat, many, call_text(family, weather, now))
+    assert not accepts(chat, one, call_text(family, weather, now))
+    assert accepts(chat, many, call_text(family, *[now] * MAX_PARALLEL_CALLS))
+    assert not accepts(chat, many, call_text(family, *[now] * (MAX_PARALLEL_CALLS + 1)))
+    assert not accepts(chat, many, call_text(family, ("get_weather", '{"town": "Paris"}')))
+    assert not accepts(chat, many, call_text(family, ("get_weather", "{}")))
+    assert not accepts(chat, many, call_text(family, ("delete_all", "{}")))
+    assert not accepts(chat, many, call_text(family, ("now", '{"extra": 1}')))
+    assert not accepts(chat, many, "Sure, here you go.")
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+def test_auto_allows_text_or_valid_calls(chat, family):
+    auto = tool_call_grammar(PARSERS[family].syntax, TOOLS, required=False, parallel=True)
+    assert accepts(chat, auto, "It is sunny in Paris.")
+    assert accepts(chat, auto, call_text(family, ("get_weather", '{"city": "Paris"}')))
+    if PARSERS[family].open:
+        assert not accepts(chat, auto, PARSERS[family].open + " not a call")
+
+
+def test_json_grammar(chat):
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    assert accepts(chat, json_grammar(None), '{"anything": [1, 2]}')
+    assert not accepts(chat, json_grammar(None), "[1, 2]")
+    assert accepts(chat, json_grammar(schema), '{"age": 3}')
+    assert not accepts(chat, json_grammar(schema), '{"age": "three"}')
+
+
+def test_closed_keeps_the_schema_but_forbids_invented_keys():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"enum": [{"x": 1}]}}}}}
+    out = closed(copy.deepcopy(schema))
+    assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["a"]["properties"]["b"] == {"enum": [{"x": 1}]}
+    assert closed({"type": "object", "additionalProperties": True, "properties": {}})["additionalProperties"] is True
+
+
+CONVERSATION = [
+    ChatMessage("user", "Weather in Paris?"),
+    ChatMessage("assistant", "", (CallRecord("call_1", "get_weather", '{"city": "Paris"}'),)),
+    ChatMessage("tool", '{"temp": 18}', tool_call_id="call_1"),
+]
+
+
+def test_builtin_prompt_renders_tools_calls_and_results(chat):
+    tokenizer = chat.engine.tokenizer
+    text = tokenizer.decode(PromptRenderer(tokenizer).render(CONVERSATION, TOOLS))
+    assert "<tools>" in text and '"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 18}\n</tool_response>' in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tool_aware_template_gets_tools_and_mapping_arguments(chat):
+    tokenizer = copy.copy(chat.engine.tokenizer)
+    tokenizer.chat_template = (
+        "{% for t in tools %}TOOL {{ t.function.name }}\n{% endfor %}"
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %} CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}"
+        "{% if m.name %} FROM {{ m.name }}{% endif %}\n{% endfor %}"
+    )
+    renderer = PromptRenderer(tokenizer)
+    assert renderer.knows_tools
+    text = tokenizer.decode(renderer.render(CONVERSATION, TOOLS))
+    assert "TOOL get_weather\nTOOL now\n" in text
+    assert "CALL get_weather Paris" in text
+    assert 'tool:{"temp": 18} FROM get_weather' in text

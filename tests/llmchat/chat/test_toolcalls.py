@@ -1,0 +1,272 @@
+"""Tool-call parser conformance: a table of outputs per family, each parsed whole and under several chunkings."""
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from llmchat.chat.core import detect_family
+from llmchat.chat.events import Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.chat.prompt import template_knows_tools
+from llmchat.chat.toolcalls import PARSERS, parse_all
+
+TOOLS = frozenset({"get_weather", "now", "search"})
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+NOW = '{"name": "now", "arguments": {}}'
+
+
+@dataclass
+class Result:
+    content: str = ""
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def collect(events) -> Result:
+    result, ids = Result(), []
+    for event in events:
+        if isinstance(event, TextDelta):
+            assert event.text, "no empty content deltas"
+            result.content += event.text
+        elif isinstance(event, ToolCallStart):
+            assert event.index == len(result.calls) and event.id.startswith("call_")
+            ids.append(event.id)
+            result.calls.append((event.name, ""))
+        elif isinstance(event, ToolCallDelta):
+            assert event.index == len(result.calls) - 1, "argument fragments belong to the newest call"
+            name, args = result.calls[event.index]
+            result.calls[event.index] = (name, args + event.arguments)
+        else:
+            assert isinstance(event, Notice)
+            result.notices.append(event.name)
+    assert len(set(ids)) == len(ids), "every call has its own id"
+    return result
+
+
+def chunkings(text: str, markers: tuple[str, ...]):
+    yield "whole", [text]
+    yield "per-char", list(text)
+    for seed in range(3):
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, 6))) if len(text) > 1 else []
+        yield f"random-{seed}", [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    cuts = sorted({i + len(m) // 2 for m in markers if m for i in _find_all(text, m)})
+    if cuts:
+        yield "split-markers", [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+def _find_all(text: str, marker: str):
+    at = text.find(marker)
+    while at >= 0:
+        yield at
+        at = text.find(marker, at + 1)
+
+
+# (family, output, expected content, expected calls, expected notices, modes the expectation holds for)
+BOTH, HOLD, EAGER = ("hold", "eager"), ("hold",), ("eager",)
+CASES = [
+    ("hermes", "The capital of France is Paris.", "The capital of France is Paris.", [], [], BOTH),
+    ("hermes", f"<tool_call>\n{WEATHER}\n</tool_call>", "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
+    (
+        "hermes",
+        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{NOW}\n</tool_call>",
+        "",
+        [("get_weather", '{"city": "Paris"}'), ("now", "{}")],
+        [],
+        BOTH,
+    ),
+    ("hermes", '<tool_call>{"name": "now"}</tool_call>', "", [("now", "{}")], [], BOTH),
+    (
+        "hermes",
+        f"Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>\nDone.",
+        "Let me check.\nDone.",
+        [("get_weather", '{"city": "Paris"}')],
+        [],
+        BOTH,
+    ),
+    (
+        "hermes",
+        '<tool_call>{"name": "search", "arguments": {"q": "say \\"hi\\" {x} [y] \\\\ </tool_call>"}}</tool_call>',
+        "",
+        [("search", '{"q": "say \\"hi\\" {x} [y] \\\\ </tool_call>"}')],
+        [],
+        BOTH,
+    ),
+    (
+        "hermes",
+        '<tool_call>{"name": "search", "arguments": {"q": "Eiffel Tower", "n": 3, "nested": {"a": [1, {"b": null}]}}}'
+        "</tool_call>",
+        "",
+        [("search", '{"q": "Eiffel Tower", "n": 3, "nested": {"a": [1, {"b": null}]}}')],
+        [],
+        BOTH,
+    ),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+        [],
+        ["tool_call.unterminated"],
+        HOLD,
+    ),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+        "",
+        [("get_weather", '{"city": "Par')],
+        ["tool_call.unterminated"],
+        EAGER,
+    ),
+    (
+        "hermes",
+        "<tool_call>not json</tool_call> after",
+        "<tool_call>not json</tool_call> after",
+        [],
+        ["tool_call.rejected"],
+        BOTH,
+    ),
+    (
+        "hermes",
+        '<tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>',
+        [],
+        ["tool_call.rejected"],
+        HOLD,
+    ),
+    (
+        "hermes",
+        '<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>',
+        '<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>',
+        [],
+        ["tool_call.rejected"],
+        BOTH,
+    ),
+    ("hermes", "Hello <tool_", "Hello <tool_", [], [], BOTH),
+    (
+        "hermes",
+        '<tool_call>{"name": "now", "arguments": {"a": 1}, "x": ]}</tool_call>',
+        ', "x": ]}</tool_call>',
+        [("now", '{"a": 1}')],
+        ["tool_call.rejected"],
+        EAGER,
+    ),
+    (
+        "hermes",
+        '<tool_call>{"na\\qme": "now"}</tool_call>',
+        '<tool_call>{"na\\qme": "now"}</tool_call>',
+        [],
+        ["tool_call.rejected"],
+        BOTH,
+    ),
+    ("hermes", f"<tool_call>{WEATHER}</tool_", "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
+    ("llama3", WEATHER.replace("arguments", "parameters"), "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
+    (
+        "llama3",
+        f"<|python_tag|>{WEATHER}; {NOW}",
+        "",
+        [("get_weather", '{"city": "Paris"}'), ("now", "{}")],
+        [],
+        BOTH,
+    ),
+    ("llama3", "  Paris is the capital of {France}.", "  Paris is the capital of {France}.", [], [], BOTH),
+    ("llama3", '{"answer": 42}', '{"answer": 42}', [], ["tool_call.rejected"], BOTH),
+    (
+        "mistral",
+        f"[TOOL_CALLS][{WEATHER}, {NOW}]",
+        "",
+        [("get_weather", '{"city": "Paris"}'), ("now", "{}")],
+        [],
+        BOTH,
+    ),
+    ("mistral", f"Sure. [TOOL_CALLS] [{WEATHER}]", "Sure.", [("get_weather", '{"city": "Paris"}')], [], BOTH),
+    ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", [], ["tool_call.rejected"], BOTH),
+]
+
+
+def _cases():
+    for n, (family, text, content, calls, notices, modes) in enumerate(CASES):
+        for mode in modes:
+            yield pytest.param(
+                family, text, Result(content, calls, notices), mode == "eager", id=f"{family}-{n}-{mode}"
+            )
+
+
+@pytest.mark.parametrize(("family", "text", "expected", "eager"), list(_cases()))
+def test_streamed_equals_one_shot_equals_expected(family, text, expected, eager):
+    parser_class = PARSERS[family]
+    one_shot = collect(parse_all(parser_class(TOOLS, stream_arguments=eager), text))
+    assert one_shot == expected
+    markers = (parser_class.open, parser_class.close, parser_class.alt_open, "</tool_call>")
+    for name, chunks in chunkings(text, markers):
+        parser = parser_class(TOOLS, stream_arguments=eager)
+        events = [e for chunk in chunks for e in parser.feed(chunk)] + parser.finish()
+        assert collect(events) == expected, name
+        for event in events:
+            if isinstance(event, TextDelta):
+                assert "<tool_call>" not in event.text or expected.notices, f"{name}: marker leaked"
+
+
+def test_arguments_stream_before_the_call_ends():
+    parser = PARSERS["hermes"](TOOLS, stream_arguments=True)
+    events = parser.feed('<tool_call>{"name": "search", "arguments": {"q": "Eiff')
+    assert [type(e) for e in events] == [ToolCallStart, ToolCallDelta]
+    assert events[1].arguments == '{"q": "Eiff'
+    assert not PARSERS["hermes"](TOOLS).feed('<tool_call>{"name": "search", "arguments": {"q": "Eiff')
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+def test_a_call_cut_off_before_its_name_is_not_content_under_a_grammar(family):
+    # max_tokens can end a grammar-forced second call early; its marker text must not reach the client.
+    first = {"hermes": f"<tool_call>{WEATHER}</tool_call>", "llama3": WEATHER, "mistral": f"[TOOL_CALLS][{WEATHER}"}
+    cut = {"hermes": '<tool_call>\n{"na', "llama3": '; {"na', "mistral": ', {"na'}
+    text = first[family] + cut[family]
+    streamed = collect(parse_all(PARSERS[family](TOOLS, stream_arguments=True), text))
+    assert streamed.calls == [("get_weather", '{"city": "Paris"}')] and streamed.content == ""
+    assert streamed.notices == ["tool_call.unterminated"]
+    held = collect(parse_all(PARSERS[family](TOOLS), text))
+    assert held.calls == streamed.calls and held.notices == ["tool_call.unterminated"]
+
+
+def test_at_most_max_calls():
+    parser = PARSERS["hermes"](TOOLS, max_calls=1)
+    result = collect(parse_all(parser, f"<tool_call>{WEATHER}</tool_call><tool_call>{NOW}</tool_call>"))
+    assert result.calls == [("get_weather", '{"city": "Paris"}')]
+    assert result.content == f"<tool_call>{NOW}</tool_call>"
+    assert result.notices == ["tool_call.rejected"]
+
+
+def test_name_validation_can_be_off():
+    result = collect(parse_all(PARSERS["hermes"](None), '<tool_call>{"name": "x", "arguments": {"a": 1}}</tool_call>'))
+    assert result.calls == [("x", '{"a": 1}')]
+    assert json.loads(result.calls[0][1]) == {"a": 1}
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+@pytest.mark.parametrize("eager", [False, True])
+def test_random_text_never_raises_and_chunking_never_matters(family, eager):
+    """Seeded noise made of JSON punctuation and marker pieces: no exception, and every chunking agrees."""
+    parser_class = PARSERS[family]
+    pieces = ['{"name": "now"', '"arguments": {', "}", "]", "[", ",", ";", '"', "\\", " ", "x", ":", "\n"]
+    pieces += [parser_class.open, parser_class.close, parser_class.alt_open, "<tool_", "call>"]
+    rng = random.Random(family)
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        expected = collect(parse_all(parser_class(TOOLS, stream_arguments=eager), text))
+        for name, chunks in chunkings(text, ()):
+            parser = parser_class(TOOLS, stream_arguments=eager)
+            assert collect([e for c in chunks for e in parser.feed(c)] + parser.finish()) == expected, (name, text)
+
+
+@pytest.mark.parametrize(
+    ("template", "family"),
+    [
+        (None, "hermes"),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", "hermes"),  # no tools: our Hermes prompt
+        ("{% if tools %}<tools>{{ tools }}</tools>{% endif %}<tool_call>", "hermes"),  # Qwen 2.5 / Hermes
+        ("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]", "mistral"),
+        ('{% if tools %}{{ tools }}{% endif %}{"name": ..., "parameters": ...}<|python_tag|>', "llama3"),
+    ],
+)
+def test_family_is_detected_from_the_chat_template(template, family):
+    assert detect_family(template, template_knows_tools(template)) == family

@@ -1,0 +1,211 @@
+"""llmchat's fused forward pass computes what transformers' does, for every family it claims, and only for those."""
+
+import httpx
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+from llmchat.engine import Engine
+from llmchat.engine.cuda_graphs import GraphedDecode, buckets_for
+from llmchat.engine.fused_forward import FusedForward, unsupported_reason, uses_packed_bf16
+from llmchat.engine.loader import ModelConfig, load_model
+from llmchat.engine.runner import TransformersForward, new_cache, pick_forward
+from llmchat.server import create_app
+from llmchat.settings import Settings
+from tests.conftest import start_server
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+# Each family's own twist: Llama3 rope scaling, Mistral, Qwen2's q/k/v biases, Qwen3's per-head q/k norms.
+FAMILIES = {
+    "llama": dict(
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(use_sliding_window=False),
+    "qwen3": dict(use_sliding_window=False, attention_bias=False),
+}
+
+
+def tiny_model(model_type: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **(TINY | FAMILIES.get(model_type, {}) | overrides))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if model_type == "qwen2":  # randomly initialised biases are zeros; make them count
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_proj.bias, std=0.5)
+            torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=0.5)
+    return model
+
+
+def left_padded(rows: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    longest = max(rows)
+    ids = torch.randint(3, vocab, (len(rows), longest))
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, n in enumerate(rows):
+        mask[i, longest - n :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def run(forward, model, ids, mask, positions, tokens: list[torch.Tensor] | None = None, steps: int = 4):
+    """Logits of a prefill and decode steps: feeding `tokens` (teacher forcing) or else the greedy ones."""
+    cache = new_cache(model)
+    logits = [forward(ids, mask, positions, cache)]
+    positions = positions[:, -1:]
+    for step in range(len(tokens) if tokens is not None else steps):
+        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], dim=1)
+        positions = positions + 1
+        token = tokens[step] if tokens is not None else logits[-1].argmax(-1, keepdim=True)
+        logits.append(forward(token, mask, positions, cache))
+    return logits
+
+
+def compare(model, rows: list[int], steps: int, ours=None, theirs=None) -> tuple[list, list]:
+    """(ours, theirs) logits for the same left-padded batch and the same fed-back tokens.
+
+    By default ours is the fused pass and theirs transformers' forward.
+    """
+    ours = ours or FusedForward(model)
+    theirs = theirs or TransformersForward(model, "reference")
+    ids, mask, positions = left_padded(rows, model.config.vocab_size)
+    with torch.inference_mode():
+        reference = run(theirs, model, ids, mask, positions, steps=steps)
+        tokens = [t.argmax(-1, keepdim=True) for t in reference[:-1]]
+        return run(ours, model, ids, mask, positions, tokens), reference
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_fused_pass_matches_transformers_for_each_family(model_type):
+    model = tiny_model(model_type)
+    assert unsupported_reason(model) is None
+    ours, theirs = compare(model, [9, 4, 13], steps=4)
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    # The model's own projections now view the fused weights instead of holding a second copy.
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_ragged_chunks_match_one_sequence_at_a_time(model_type):
+    """Chunks of several sequences in one pass, each over its own cache (some empty, some with tokens)."""
+    model = tiny_model(model_type)
+    fused = FusedForward(model)
+    pasts, sizes = [0, 7, 3], [5, 4, 1]
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, model.config.vocab_size, (1, p + n)) for p, n in zip(pasts, sizes, strict=True)]
+
+    def cache_after(prompt: torch.Tensor, past: int):
+        cache = new_cache(model)
+        if past:
+            fused(prompt[:, :past], torch.ones(1, past), torch.arange(past)[None], cache)
+        return cache
+
+    with torch.inference_mode():
+        alone, alone_caches = [], []
+        for prompt, past, n in zip(prompts, pasts, sizes, strict=True):
+            cache = cache_after(prompt, past)
+            alone.append(fused(prompt[:, past:], torch.ones(1, past + n), torch.arange(past, past + n)[None], cache))
+            alone_caches.append(cache)
+        caches = [cache_after(prompt, past) for prompt, past in zip(prompts, pasts, strict=True)]
+        ids = torch.cat([prompt[:, past:] for prompt, past in zip(prompts, pasts, strict=True)], dim=1)
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(pasts, sizes, strict=True)])[None]
+        together = fused.ragged(ids, positions, sizes, caches)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-4)
+    for a, b in zip(caches, alone_caches, strict=True):
+        torch.testing.assert_close(a.layers[-1].keys, b.layers[-1].keys, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bundled_bf16():
+    return load_model(ModelConfig("bundled", device="cpu", dtype="bfloat16", cache_dir=Settings().cache_dir))
+
+
+def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
+    """The real weights in bfloat16 (prepacked matmuls where the CPU has AMX): as close to float32 as transformers'."""
+    model = bundled_bf16.model
+    fused = FusedForward(model)
+    assert fused.kind == ("fused, prepacked bfloat16" if uses_packed_bf16(model) else "fused")
+    # Prepacked, every matmul is a second copy of its weights; unpacked, the model views the fused weights.
+    linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert fused.extra_bytes == (linear_bytes if uses_packed_bf16(model) else 0)
+    torch.manual_seed(1)
+    rows = [30, 12, 21]
+    ours, theirs = compare(model, rows, steps=8)
+    # Both round differently from float32 (by how much depends on the CPU's bfloat16 kernels); the
+    # fused pass may not drift further from the float32 logits than transformers' own bfloat16 pass.
+    exact = load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir)).model
+    torch.manual_seed(1)  # the same ids as compare() drew
+    ids, mask, positions = left_padded(rows, model.config.vocab_size)
+    tokens = [t.argmax(-1, keepdim=True) for t in theirs[:-1]]
+    with torch.inference_mode():
+        reference = run(TransformersForward(exact, "reference"), exact, ids, mask, positions, tokens)
+    for a, b, r in zip(ours, theirs, reference, strict=True):
+        ours_error, theirs_error = (a.float() - r).abs().max(), (b.float() - r).abs().max()
+        assert ours_error <= 1.5 * theirs_error + 0.01 * r.abs().max()
+
+
+def test_models_it_cannot_run_say_why(tmp_path):
+    assert "model type 'gpt2'" in unsupported_reason(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    )
+    assert unsupported_reason(tiny_model("mistral", sliding_window=16)) == "sliding-window attention"
+    assert "activation" in unsupported_reason(tiny_model("llama", hidden_act="gelu"))
+    tiny_model("llama").save_pretrained(tmp_path)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+    )
+    assert unsupported_reason(quantized) == "the projections are quantized"
+
+
+def test_the_setting_chooses_the_pass_and_health_says_which():
+    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
+    assert Engine(loaded).runner.forward.kind.startswith("fused")
+    live = start_server(create_app(Settings(port=0, device="cpu", forward="transformers")))
+    try:
+        health = httpx.get(f"{live.base_url}/health").json()
+        reply = httpx.post(
+            f"{live.base_url}/v1/chat/completions",
+            json={"model": health["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+    finally:
+        live.stop()
+    assert health["forward"] == "transformers (chosen in the settings)" and health["forward_memory_bytes"] == 0
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
+
+
+def test_bucketed_decode_pieces_compute_the_fused_pass():
+    """On a GPU, LLMCHAT_CUDA_GRAPHS replays these pieces; here they run eagerly over the same static buffers."""
+    model = tiny_model("qwen3")  # per-head q/k norms: every piece there is
+    fused = FusedForward(model)
+    graphed = GraphedDecode(fused, max_rows=4, capture=False)
+    ours, theirs = compare(model, [9, 4, 13], steps=5, ours=graphed, theirs=fused)  # 3 rows pad to a bucket of 4
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert set(graphed.buckets) == {4}
+    compare(model, [3, 5, 7, 9, 11], steps=1, ours=graphed, theirs=fused)  # more rows than any bucket: plain fused
+    assert set(graphed.buckets) == {4}
+    assert buckets_for(16) == [1, 2, 4, 8, 16] and buckets_for(5) == [1, 2, 4, 8]
+
+
+def test_cuda_graphs_are_not_used_off_the_gpu():
+    model = tiny_model("llama")
+    assert pick_forward(model, fused=True, cuda_graphs=True).kind == "fused"
+    assert pick_forward(model, fused=False, cuda_graphs=True).kind == "transformers (chosen in the settings)"
