@@ -173,10 +173,7 @@ class ChatReply(Reply):
             self.finish = event
             out = [self._chunk(ChoiceDelta(), event.reason)]
             if self.include_usage:
-                chunk = ChatCompletionChunk(
-                    id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=[]
-                )
-                out.append(chunk_usage(chunk, True, completion_usage(event)))
+                out.append(chunk_usage(self._chunk_of([]), True, completion_usage(event)))
             return out
         return [] if delta is None else [self._chunk(delta)]
 
@@ -187,10 +184,12 @@ class ChatReply(Reply):
         logprobs, self.pending = self.pending, []
         choice_logprobs = ChunkLogprobs(content=logprobs, refusal=None) if logprobs else None
         choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)
-        chunk = ChatCompletionChunk(
-            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=[choice]
+        return chunk_usage(self._chunk_of([choice]), self.include_usage)
+
+    def _chunk_of(self, choices: list[ChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices
         )
-        return chunk_usage(chunk, self.include_usage)
 
     def response(self) -> ChatCompletion:
         finish = self.finish
