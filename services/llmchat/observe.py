@@ -26,6 +26,7 @@ from llmchat.chat import (
     Notice,
     ReasoningDelta,
     TextDelta,
+    ToolCallCut,
     ToolCallDelta,
     ToolCallStart,
 )
@@ -206,10 +207,12 @@ class ChatObservation:
 
     def event(self, event: ChatEvent) -> None:
         """Sees every chat event on its way to the client."""
-        if isinstance(event, Notice):
-            log.warning("%s: %s", event.name, event.message)
+        if isinstance(event, Notice | ToolCallCut):
+            expected = isinstance(event, Notice) and event.expected
+            log.log(logging.INFO if expected else logging.WARNING, "%s: %s", event.name, event.message)
             self.span.add_event(event.name, {"message": event.message})
-            return
+            if isinstance(event, Notice):
+                return
         if isinstance(event, Finish):
             self.finish(event)
             return

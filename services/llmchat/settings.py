@@ -102,6 +102,13 @@ class Settings(ServiceSettings):
     validate_tool_names: bool = Field(
         True, description="Return a parsed call only if it names an offered tool; others become content."
     )
+    max_tool_calls: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most tool calls in one reply when the request allows parallel calls; the grammar ends "
+        "the reply's calls there.",
+    )
     tool_prompt: Path | None = Field(
         None, description="Jinja file replacing the built-in Hermes tool prompt (for templates without tools)."
     )

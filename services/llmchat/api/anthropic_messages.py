@@ -46,6 +46,7 @@ from llmchat.chat import (
     Finish,
     ReasoningDelta,
     TextDelta,
+    ToolCallCut,
     ToolCallDelta,
     ToolCallStart,
     ToolSpec,
@@ -279,6 +280,7 @@ class MessageReply(Reply):
         self.open: list[int] = []  # indices of started, not yet stopped blocks
         self.blocks: dict[int, int] = {}  # tool call index -> block index
         self.arguments: dict[int, str] = {}  # block index -> the tool input's JSON so far
+        self.cut: set[int] = set()  # tool_use blocks the output ended inside: streamed, left out of the message
 
     def start(self, num_prompt_tokens: int) -> list[WireEvent]:
         self.message.usage.input_tokens = num_prompt_tokens
@@ -303,13 +305,21 @@ class MessageReply(Reply):
                 return []
             delta = InputJSONDelta(type="input_json_delta", partial_json=event.arguments)
             return [RawContentBlockDeltaEvent(type="content_block_delta", index=index, delta=delta)]
+        if isinstance(event, ToolCallCut):
+            self.cut.add(self.blocks[event.index])
+            return []
         if isinstance(event, Finish):
             out = [self._stop(index) for index in list(self.open)]
             return out + [self._finish(event), RawMessageStopEvent(type="message_stop")]
         return []
 
     def response(self) -> Message:
-        return self.message
+        # A tool_use cut by max_tokens has only part of its input; a client would run it with what parsed.
+        # The message leaves it out, and stop_reason max_tokens tells why.
+        if not self.cut:
+            return self.message
+        content = [block for index, block in enumerate(self.message.content) if index not in self.cut]
+        return self.message.model_copy(update={"content": content})
 
     def stream_error(self, error: ServiceError) -> list[dict]:
         # The status line is gone: Anthropic reports in-band as an `error` event, then the stream ends.

@@ -85,7 +85,8 @@ class Message(WireModel):
 
 
 class Tool(WireModel):
-    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+    # Anthropic's pattern, plus dots: function-calling data sets and OpenAI-format clients name tools math.sqrt.
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str | None = None
     # Optional here so that a server tool (which has none) is refused for what it is, not for this.
     input_schema: dict[str, Any] | None = None

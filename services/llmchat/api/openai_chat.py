@@ -50,6 +50,7 @@ from llmchat.chat import (
     Logprobs,
     ReasoningDelta,
     TextDelta,
+    ToolCallCut,
     ToolCallDelta,
     ToolCallStart,
     ToolSpec,
@@ -142,6 +143,7 @@ class ChatReply(Reply):
         self.parts: list[str] = []
         self.reasoning: list[str] = []
         self.calls: list[ChatCompletionMessageToolCall] = []
+        self.cut: set[int] = set()  # calls the output ended inside: streamed, but left out of the whole message
         self.all_logprobs: list[ChatCompletionTokenLogprob] = []
         # Log-probabilities ride on the next chunk that carries output (text may be held back a while).
         self.pending: list[ChatCompletionTokenLogprob] = []
@@ -169,6 +171,8 @@ class ChatReply(Reply):
         elif isinstance(event, ToolCallDelta):
             self.calls[event.index].function.arguments += event.arguments
             delta = ChoiceDelta(tool_calls=[_call_delta(event)])
+        elif isinstance(event, ToolCallCut):
+            self.cut.add(event.index)
         elif isinstance(event, Finish):
             self.finish = event
             out = [self._chunk(ChoiceDelta(), event.reason)]
@@ -194,7 +198,10 @@ class ChatReply(Reply):
     def response(self) -> ChatCompletion:
         finish = self.finish
         assert finish is not None, "chat events always end with Finish"
-        parts, reasoning, calls = self.parts, self.reasoning, self.calls
+        parts, reasoning = self.parts, self.reasoning
+        # A call cut by max_tokens has arguments that are not JSON; clients (LiteLLM, agent SDKs) parse every
+        # call they are handed, so the whole message leaves it out and finish_reason "length" tells why.
+        calls = [call for index, call in enumerate(self.calls) if index not in self.cut]
         # OpenAI sends content null, not "", when the reply is only tool calls (vLLM too when it is only reasoning).
         content = "".join(parts) if parts or not (calls or reasoning) else None
         # Not in OpenAI's schema (the SDK keeps extra fields): DeepSeek's API and older vLLM name it

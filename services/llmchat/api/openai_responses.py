@@ -47,6 +47,7 @@ from llmchat.chat import (
     Finish,
     ReasoningDelta,
     TextDelta,
+    ToolCallCut,
     ToolCallDelta,
     ToolCallStart,
 )
@@ -109,6 +110,7 @@ class ResponseReply(Reply):
     items: list[_Item] = field(default_factory=list)
     open: _Item | None = None
     calls: dict[int, _Item] = field(default_factory=dict)
+    cut: set[int] = field(default_factory=set)  # output indices of calls the output ended inside
     finish: Finish | None = None
     sequence_number: int = 0
     named_events = True
@@ -128,7 +130,9 @@ class ResponseReply(Reply):
                 "status": "incomplete" if is_cut else "completed",
                 "incomplete_details": {"reason": "max_output_tokens"} if is_cut else None,
                 "completed_at": None if is_cut else time.time(),
-                "output": [item.model() for item in self.items],
+                # A call cut by max_output_tokens has arguments that are not JSON: streamed as an incomplete
+                # item, but left out of the response's output (finish status incomplete tells why).
+                "output": [item.model() for item in self.items if item.index not in self.cut],
                 "usage": ResponseUsage(
                     input_tokens=finish.prompt_tokens,
                     input_tokens_details=InputTokensDetails(cached_tokens=finish.cached_tokens, cache_write_tokens=0),
@@ -170,6 +174,9 @@ class ResponseReply(Reply):
             item.text += event.arguments
             ids = {"item_id": item.id, "output_index": item.index}
             return [self._event(ResponseFunctionCallArgumentsDeltaEvent, delta=event.arguments, **ids)]
+        if isinstance(event, ToolCallCut):
+            self.cut.add(self.calls[event.index].index)
+            return []
         if isinstance(event, Finish):
             out = self._close("incomplete" if event.reason == "length" else "completed")
             self.finish = event

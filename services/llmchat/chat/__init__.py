@@ -13,6 +13,7 @@ from llmchat.chat.events import (
     Notice,
     ReasoningDelta,
     TextDelta,
+    ToolCallCut,
     ToolCallDelta,
     ToolCallStart,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "PreparedChat",
     "ReasoningDelta",
     "TextDelta",
+    "ToolCallCut",
     "ToolCallDelta",
     "ToolCallStart",
     "ToolSpec",

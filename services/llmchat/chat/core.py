@@ -5,6 +5,8 @@ before a response starts), Chat.start(), then turn Chat.events() into their own 
 """
 
 import asyncio
+import contextlib
+import itertools
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,11 +20,11 @@ from llmchat.chat.events import (
     ChatEvent,
     Finish,
     Logprobs,
+    Notice,
     ReasoningDelta,
     TextDelta,
 )
 from llmchat.chat.grammar import (
-    MAX_PARALLEL_CALLS,
     GrammarCompiler,
     GrammarError,
     GrammarProcessor,
@@ -144,6 +146,9 @@ class ChatOptions:
     tool_prompt: Path | None = None
     chat_template: Path | None = None
     reasoning_parser: str = "auto"  # auto (when the template knows <think>) | think | none
+    # The most calls in one reply when parallel_tool_calls is true. Bounded because a small model asked for
+    # calls may otherwise go on making them until max_tokens (which defaults to the rest of the context).
+    max_tool_calls: int = 8
 
 
 @dataclass(slots=True)
@@ -152,10 +157,32 @@ class PreparedChat:
     params: SamplingParams
     parser: ToolParser | None = None
     reasoning: ReasoningSplitter | None = None
+    call_ends: list[int] = field(default_factory=list)  # the completion tokens when each call was complete
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    def ending(self, num_tokens: int) -> list[ChatEvent] | None:
+        """Whether the reply ends here, `num_tokens` into it, though the model would go on (None: it goes on;
+        else what to record first). It ends at a repeated call (the parser dropped it), and after a call when
+        what is left of max_tokens is less than the longest call so far took: the next call would most likely
+        be cut short, and a reply of whole calls serves a client better than one ending in a broken call."""
+        parser = self.parser
+        if parser is None:
+            return None
+        if parser.ended:
+            return []
+        if parser.num_complete == len(self.call_ends):
+            return None
+        self.call_ends += [num_tokens] * (parser.num_complete - len(self.call_ends))
+        longest = max(end - begin for begin, end in itertools.pairwise([0, *self.call_ends]))
+        left = self.params.max_tokens - num_tokens
+        if left >= longest:
+            return None
+        parser.end()
+        message = f"{left} tokens were left of max_tokens, fewer than the longest call took ({longest}); ended there"
+        return [Notice("tool_call.budget", message, expected=True)]
 
     def parse(self, text: str) -> list[ChatEvent]:
         """Model text -> events. Reasoning is split off first, so only answer text can hold tool calls."""
@@ -204,6 +231,7 @@ class Chat:
             family = detect_family(tokenizer.chat_template, self.renderer.knows_tools)
         self.parser_class = PARSERS[family]
         self.validate_tool_names = options.validate_tool_names
+        self.max_tool_calls = options.max_tool_calls
         reasoning = options.reasoning_parser
         self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(tokenizer.chat_template))
         self._grammar: GrammarCompiler | None = None
@@ -270,7 +298,7 @@ class Chat:
             parser = self.parser_class(
                 names,
                 stream_arguments=processor is not None,
-                max_calls=MAX_PARALLEL_CALLS if request.parallel_tool_calls else 1,
+                max_calls=self.max_tool_calls if request.parallel_tool_calls else 1,
             )
         reasoning = None
         # Output constrained from its first token (a required call, JSON) leaves the model no room to think;
@@ -338,7 +366,9 @@ class Chat:
                 self.parser_class.syntax,
                 tools,
                 required=request.tool_choice in ("required", "function"),
-                parallel=request.parallel_tool_calls and request.tool_choice != "function",
+                max_calls=self.max_tool_calls
+                if request.parallel_tool_calls and request.tool_choice != "function"
+                else 1,
                 special_token=self.grammar.special_token,
             )
         if request.json_output:
@@ -365,16 +395,24 @@ class Chat:
     async def events(self, prepared: PreparedChat, seq: Sequence) -> AsyncIterator[ChatEvent]:
         """Yields content, reasoning, tool-call events and notices, then one Finish; leaving early aborts."""
         parser = prepared.parser
-        async for output in self.engine.stream(seq):
-            if output.error is not None:
-                raise GenerationError(output.error)
-            if output.logprobs:
-                yield Logprobs(output.logprobs)
-            if output.text:
-                for event in prepared.parse(output.text):
-                    yield event
-            if output.finish_reason is not None:
+        async with contextlib.aclosing(self.engine.stream(seq)) as outputs:
+            async for output in outputs:
+                if output.error is not None:
+                    raise GenerationError(output.error)
+                if output.logprobs:
+                    yield Logprobs(output.logprobs)
+                if output.text:
+                    for event in prepared.parse(output.text):
+                        yield event
                 reason = output.finish_reason
+                if reason is None:
+                    # Ending here leaves the loop, which aborts the sequence; the tokens counted are those up to
+                    # this output, so a stream and a whole response agree.
+                    if (ending := prepared.ending(output.num_completion_tokens)) is None:
+                        continue
+                    for event in ending:
+                        yield event
+                    reason = "stop"
                 for event in prepared.parse_end():
                     yield event
                 if parser and parser.num_calls and reason == "stop":
@@ -383,6 +421,7 @@ class Chat:
                     reason,
                     seq.num_prompt_tokens,
                     output.num_completion_tokens,
-                    output.stop_sequence,
+                    None if output.finish_reason is None else output.stop_sequence,
                     cached_tokens=seq.num_cached_tokens,
                 )
+                return

@@ -35,11 +35,23 @@ class ToolCallDelta:
 
 
 @dataclass(slots=True)
+class ToolCallCut:
+    """The output ended inside this call (max_tokens or a stop string), so its arguments are not whole JSON.
+    A stream has already sent its fragments; whole responses leave the call out."""
+
+    index: int
+    message: str
+    name = "tool_call.unterminated"  # the span event that records it
+
+
+@dataclass(slots=True)
 class Notice:
-    """Something worth recording on the request's span (a rejected tool call); never sent to clients."""
+    """Something worth recording on the request's span (a rejected tool call); never sent to clients.
+    `expected` marks a routine one (a reply ended at a repeated call), logged at info rather than warning."""
 
     name: str
     message: str
+    expected: bool = False
 
 
 @dataclass(slots=True)
@@ -58,4 +70,4 @@ class Finish:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (part of prompt_tokens)
 
 
-ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Notice | Logprobs | Finish
+ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | ToolCallCut | Notice | Logprobs | Finish

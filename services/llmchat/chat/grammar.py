@@ -19,9 +19,6 @@ from llmchat.chat.toolcalls import CallSyntax, ToolSpec
 # Compact JSON: one spelling per value, fewer tokens, and no room for a small model to loop on whitespace.
 _COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
-# Parallel calls per response. Bounded because a small model asked for calls may otherwise repeat them
-# until max_tokens (which defaults to the rest of the context).
-MAX_PARALLEL_CALLS = 8
 
 
 class GrammarError(Exception):
@@ -29,7 +26,8 @@ class GrammarError(Exception):
 
 
 def schema_problem(schema: Any, *, must_be_object: bool) -> str | None:
-    """Why `schema` is not a usable JSON Schema (None when it is)."""
+    """Why `schema` is not a usable JSON Schema (None when it is): not valid JSON Schema, or using a keyword
+    constrained decoding cannot enforce (llguidance names it), which is refused rather than ignored."""
     if not isinstance(schema, dict):
         return "it must be a JSON Schema object"
     try:
@@ -38,6 +36,10 @@ def schema_problem(schema: Any, *, must_be_object: bool) -> str | None:
         return f"it is not a valid JSON Schema: {exc.message}"
     if must_be_object and schema.get("type", "object") != "object":
         return "a tool's parameters must be a JSON Schema of type 'object'"
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(_schema(schema))
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        return f"constrained decoding cannot enforce it: {'; '.join(messages)}"
     return None
 
 
@@ -45,17 +47,38 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def closed(schema: Any) -> Any:
+# Where JSON Schema nests schemas: a keyword's value is one schema, a list of them, or a map of names to them.
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames", "additionalItems")
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# An object beside these may hold keys its own properties do not name, so it is not closed.
+_OPENERS = {"additionalProperties", "patternProperties", "anyOf", "oneOf", "$ref"}
+
+
+def closed(schema: Any, close: bool = True) -> Any:
     """The schema with additionalProperties false on every object that lists properties but says nothing
     about others. What the model writes still validates against the original; it just cannot invent keys
-    (small models otherwise copy the schema itself into the arguments)."""
-    if isinstance(schema, list):
-        return [closed(item) for item in schema]
+    (small models otherwise copy the schema itself into the arguments). Only schemas are walked, never
+    values (enum, const, default, examples). allOf's parts stay open (closing each would forbid the keys
+    the others add); the object holding them is closed over the keys they all name."""
     if not isinstance(schema, dict):
         return schema
-    out = {key: closed(value) if key != "enum" and key != "const" else value for key, value in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
-        out["additionalProperties"] = False
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _ONE and isinstance(value, dict):
+            out[key] = closed(value)
+        elif key in _LISTS and isinstance(value, list):
+            out[key] = [closed(item, close=key != "allOf") for item in value]
+        elif key in _MAPS and isinstance(value, dict):
+            out[key] = {name: closed(item) for name, item in value.items()}
+    if close and not _OPENERS & out.keys():
+        parts = out.get("allOf", [])
+        if all(isinstance(part, dict) and not (_OPENERS | {"allOf"}) & part.keys() for part in parts):
+            # allOf's parts together name the keys: the whole is closed over all of them.
+            names = [name for part in parts for name in part.get("properties", {})]
+            if "properties" in out or names:
+                out["properties"] = dict.fromkeys(names, {}) | out.get("properties", {})
+                out["additionalProperties"] = False
     return out
 
 
@@ -70,14 +93,15 @@ def tool_call_grammar(
     tools: Sequence[ToolSpec],
     *,
     required: bool,
-    parallel: bool,
+    max_calls: int,
     special_token: Callable[[str], int | None] = lambda _: None,
 ) -> str:
     """An llguidance grammar, written in Lark: free text or calls (required=False), or calls only; each
-    call names an offered tool and its arguments match that tool's schema."""
+    call names an offered tool and its arguments match that tool's schema. After each call the model may
+    end the block, up to `max_calls` calls in it."""
     alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
     lines = ["%llguidance {}"]
-    calls = "call" if not parallel else f"call ({_lit(syntax.sep)} call){{0,{MAX_PARALLEL_CALLS - 1}}}"
+    calls = "call" if max_calls == 1 else f"call ({_lit(syntax.sep)} call){{0,{max_calls - 1}}}"
     token = special_token(syntax.open) if syntax.open else None
     trigger = f"<[{token}]>" if token is not None else _lit(syntax.open)
     block = f"{_lit(syntax.list_open)} {calls} {_lit(syntax.close)}".replace('"" ', "").replace(' ""', "")

@@ -6,6 +6,11 @@ chunked (a marker split across tokens included). Two modes:
   call starts as soon as its name is read, and its arguments stream as they are generated;
 - stream_arguments=False: each call is held until its JSON is complete and checked. Malformed or
   unknown calls then fall back to plain content, with a Notice for the request's span.
+
+A call identical to an earlier one of the same output (same name, same arguments as JSON values) ends the
+output there: it is dropped and `ended` is set, so the caller stops generating. In the streaming mode a
+call whose name an earlier call already used is held until its arguments are complete, so a repeat never
+sends a fragment; a call under a new name streams at once.
 """
 
 import json
@@ -13,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from llmchat.chat.events import ChatEvent, Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.chat.events import ChatEvent, Notice, TextDelta, ToolCallCut, ToolCallDelta, ToolCallStart
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -38,6 +43,26 @@ class CallSyntax:
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def call_key(name: str, arguments: str) -> tuple[str, str]:
+    """What makes two calls the same: the name, and the arguments as JSON values (key order, spacing and
+    1 versus 1.0 aside). Arguments that are not JSON compare as text."""
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return name, arguments
+    return name, json.dumps(_integral(value), sort_keys=True, ensure_ascii=False)
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
 
 
 def partial_suffix(text: str, marker: str) -> int:
@@ -195,6 +220,17 @@ class ToolParser:
         self.call = CallObject()
         self.started = False
         self.sent = 0
+        self.keys: set[tuple[str, str]] = set()  # the calls made so far, as call_key()s
+        self.ended = False  # the reply ended (a repeated call, or end()); the rest of the output is ignored
+
+    def end(self) -> None:
+        """Stops reading: the reply ends here, though the model may go on (what follows is ignored)."""
+        self.state, self.ended, self.buf = "ended", True, ""
+
+    @property
+    def num_complete(self) -> int:
+        """The calls made and complete so far."""
+        return len(self.keys)
 
     def feed(self, text: str) -> list[ChatEvent]:
         self.buf += text
@@ -205,20 +241,22 @@ class ToolParser:
 
     def finish(self) -> list[ChatEvent]:
         """Ends the stream: releases held text and settles a call left open."""
+        if self.ended:
+            return []
         while self._step(final=True):
             pass
         if self.state in ("text", "plain", "start"):
             self._content(self.buf)
         elif self.state in ("list", "item", "call") and self.started:
-            self.out.append(Notice("tool_call.unterminated", "the output ended inside a tool call's arguments"))
+            self.out.append(ToolCallCut(self.num_calls - 1, "the output ended inside a tool call's arguments"))
         elif self.state == "rejected" or (self.state in ("list", "item", "call") and not self.stream_arguments):
             if self.state != "rejected":
                 self.out.append(Notice("tool_call.unterminated", "the output ended before the tool call was complete"))
             self._content(self.raw + self.call.text + self.buf)
         elif self.state in ("list", "item", "call"):
-            # Under a grammar (the streaming mode) this text could only become a call; cut short before its name
-            # was read it is dropped, never passed off as content.
-            self.out.append(Notice("tool_call.unterminated", "the output ended before the tool call's name"))
+            # Under a grammar (the streaming mode) this text could only become a call; cut short before it was
+            # sent (its name unread, or held as a possible repeat) it is dropped, never passed off as content.
+            self.out.append(Notice("tool_call.unterminated", "the output ended inside a tool call not yet sent"))
         self.buf = ""
         if not self.num_calls:
             self._content(self.ws, keep_ws=False)
@@ -228,6 +266,9 @@ class ToolParser:
     def _step(self, final: bool) -> bool:
         """Advances the state machine over self.buf; False when it needs more text (or the stream ended)."""
         state = self.state
+        if state == "ended":
+            self.buf = ""
+            return False
         if state == "plain":
             self._content(self.buf)
             self.buf = ""
@@ -310,7 +351,7 @@ class ToolParser:
             if self.stream_arguments and not self.started and call.name is not None and call.error is None:
                 if problem := self._refusal(call.name):
                     call.error = problem
-                else:
+                elif all(name != call.name for name, _ in self.keys):
                     self._start(call.name)
             if call.error is not None or call.is_done:
                 self.buf = self.buf[n + 1 :]
@@ -329,11 +370,18 @@ class ToolParser:
             self.sent = len(args)
 
     def _complete(self, call: CallObject) -> None:
+        key = call_key(call.name, call.arguments())
+        if key in self.keys:
+            message = f"the model repeated its call to {call.name!r}; the reply ends there"
+            self.out.append(Notice("tool_call.repeated", message, expected=True))
+            self.end()
+            return
         if not self.started:
             if problem := self._refusal(call.name):
                 self._reject(problem)
                 return
             self._start(call.name)
+        self.keys.add(key)
         self._send_args(call.arguments())
         self.raw, self.state = "", "after"
         self.call, self.started = CallObject(), False

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from llmchat.chat.grammar import MAX_PARALLEL_CALLS, closed, json_grammar, tool_call_grammar
+from llmchat.chat.grammar import closed, json_grammar, tool_call_grammar
 from llmchat.chat.prompt import CallRecord, ChatMessage, PromptRenderer
 from llmchat.chat.toolcalls import PARSERS, ToolSpec
 
@@ -32,14 +32,14 @@ def call_text(family: str, *calls: tuple[str, str]) -> str:
 @pytest.mark.parametrize("family", sorted(PARSERS))
 def test_required_accepts_only_valid_calls_to_offered_tools(chat, family):
     syntax = PARSERS[family].syntax
-    many = tool_call_grammar(syntax, TOOLS, required=True, parallel=True)
-    one = tool_call_grammar(syntax, TOOLS, required=True, parallel=False)
+    many = tool_call_grammar(syntax, TOOLS, required=True, max_calls=3)
+    one = tool_call_grammar(syntax, TOOLS, required=True, max_calls=1)
     weather, now = ("get_weather", '{"city": "Paris"}'), ("now", "{}")
     assert accepts(chat, many, call_text(family, weather))
     assert accepts(chat, many, call_text(family, weather, now))
     assert not accepts(chat, one, call_text(family, weather, now))
-    assert accepts(chat, many, call_text(family, *[now] * MAX_PARALLEL_CALLS))
-    assert not accepts(chat, many, call_text(family, *[now] * (MAX_PARALLEL_CALLS + 1)))
+    assert accepts(chat, many, call_text(family, weather, now, weather))
+    assert not accepts(chat, many, call_text(family, weather, now, weather, now))
     assert not accepts(chat, many, call_text(family, ("get_weather", '{"town": "Paris"}')))
     assert not accepts(chat, many, call_text(family, ("get_weather", "{}")))
     assert not accepts(chat, many, call_text(family, ("delete_all", "{}")))
@@ -49,7 +49,7 @@ def test_required_accepts_only_valid_calls_to_offered_tools(chat, family):
 
 @pytest.mark.parametrize("family", sorted(PARSERS))
 def test_auto_allows_text_or_valid_calls(chat, family):
-    auto = tool_call_grammar(PARSERS[family].syntax, TOOLS, required=False, parallel=True)
+    auto = tool_call_grammar(PARSERS[family].syntax, TOOLS, required=False, max_calls=8)
     assert accepts(chat, auto, "It is sunny in Paris.")
     assert accepts(chat, auto, call_text(family, ("get_weather", '{"city": "Paris"}')))
     if PARSERS[family].open:
@@ -70,6 +70,26 @@ def test_closed_keeps_the_schema_but_forbids_invented_keys():
     assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
     assert out["properties"]["a"]["properties"]["b"] == {"enum": [{"x": 1}]}
     assert closed({"type": "object", "additionalProperties": True, "properties": {}})["additionalProperties"] is True
+
+
+def test_closed_walks_schemas_not_values():
+    """A property named like a keyword is a schema; default and examples are values, left as sent."""
+    value = {"properties": {"x": {}}}
+    schema = {"properties": {"properties": {"type": "object", "properties": {}}, "opts": {"default": value}}}
+    out = closed(schema)
+    assert set(out["properties"]) == {"properties", "opts"} and out["additionalProperties"] is False
+    assert out["properties"]["properties"]["additionalProperties"] is False
+    assert out["properties"]["opts"]["default"] == value
+    nested = closed({"$defs": {"p": {"properties": {"x": {}}}}, "items": [{"properties": {}}]})
+    assert nested["$defs"]["p"]["additionalProperties"] is False and nested["items"][0]["additionalProperties"] is False
+
+
+def test_closed_closes_an_all_of_over_the_keys_of_all_its_parts(chat):
+    schema = {"allOf": [{"properties": {"a": {"type": "string"}}, "required": ["a"]}, {"properties": {"b": {}}}]}
+    grammar = json_grammar(schema)
+    assert accepts(chat, grammar, '{"a": "x", "b": 1}')
+    assert not accepts(chat, grammar, '{"a": "x", "c": 1}')
+    assert closed({"anyOf": [{"properties": {"a": {}}}], "properties": {}}).get("additionalProperties") is None
 
 
 CONVERSATION = [

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from llmchat.chat.core import detect_family
-from llmchat.chat.events import Notice, TextDelta, ToolCallDelta, ToolCallStart
+from llmchat.chat.events import Notice, TextDelta, ToolCallCut, ToolCallDelta, ToolCallStart
 from llmchat.chat.prompt import template_knows_tools
-from llmchat.chat.toolcalls import PARSERS, parse_all
+from llmchat.chat.toolcalls import PARSERS, call_key, parse_all
 
 TOOLS = frozenset({"get_weather", "now", "search"})
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -38,7 +38,9 @@ def collect(events) -> Result:
             name, args = result.calls[event.index]
             result.calls[event.index] = (name, args + event.arguments)
         else:
-            assert isinstance(event, Notice)
+            assert isinstance(event, Notice | ToolCallCut)
+            if isinstance(event, ToolCallCut):
+                assert event.index == len(result.calls) - 1, "only the newest call can be cut"
             result.notices.append(event.name)
     assert len(set(ids)) == len(ids), "every call has its own id"
     return result
@@ -256,6 +258,71 @@ def test_random_text_never_raises_and_chunking_never_matters(family, eager):
         for name, chunks in chunkings(text, ()):
             parser = parser_class(TOOLS, stream_arguments=eager)
             assert collect([e for c in chunks for e in parser.feed(c)] + parser.finish()) == expected, (name, text)
+
+
+def spell(family: str, *calls: str) -> str:
+    """Calls as a family writes them, with the separator the grammar makes the model use."""
+    syntax = PARSERS[family].syntax
+    if family == "llama3":
+        calls = tuple(c.replace('"arguments"', '"parameters"') for c in calls)
+    return syntax.open + syntax.list_open + syntax.sep.join(calls) + syntax.close
+
+
+LYON = '{"name": "get_weather", "arguments": {"city": "Lyon"}}'
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_repeated_call_ends_the_output(family, eager):
+    """The repeat is dropped with everything after it, whatever its spelling, under every chunking."""
+    again = '{"name": "get_weather", "arguments": {"city":"Paris"}}'  # other spacing, same call
+    text = spell(family, WEATHER, LYON, NOW, again, NOW) + " and some text"
+    for name, chunks in chunkings(text, (PARSERS[family].open, PARSERS[family].close)):
+        parser = PARSERS[family](TOOLS, stream_arguments=eager)
+        result = collect([e for c in chunks for e in parser.feed(c)] + parser.finish())
+        assert result.calls == [
+            ("get_weather", '{"city": "Paris"}'),
+            ("get_weather", '{"city": "Lyon"}'),
+            ("now", "{}"),
+        ], name
+        assert result.notices == ["tool_call.repeated"] and result.content == "", name
+        assert parser.ended and parser.num_complete == 3
+
+
+def test_a_call_under_a_used_name_streams_only_once_it_differs():
+    """Streaming, a call whose name an earlier call used is held until whole (it might be a repeat); a new
+    name streams at once."""
+    parser = PARSERS["hermes"](TOOLS, stream_arguments=True)
+    events = parser.feed(spell("hermes", WEATHER, NOW)[:-30])
+    assert [e.name for e in events if isinstance(e, ToolCallStart)] == ["get_weather", "now"]
+    parser = PARSERS["hermes"](TOOLS, stream_arguments=True)
+    text = spell("hermes", WEATHER, LYON)
+    held = parser.feed(text[: text.index("Lyon")])
+    assert [type(e) for e in held if not isinstance(e, ToolCallDelta)] == [ToolCallStart]
+    rest = parser.feed(text[text.index("Lyon") :]) + parser.finish()
+    assert isinstance(rest[0], ToolCallStart) and rest[0].index == 1
+    assert "".join(e.arguments for e in rest if isinstance(e, ToolCallDelta)) == '{"city": "Lyon"}'
+
+
+def test_call_key_compares_json_values():
+    assert call_key("f", '{"a": 1, "b": [1.0, "x"]}') == call_key("f", '{"b":[1,"x"],"a":1.0}')
+    assert call_key("f", '{"a": 1}') != call_key("g", '{"a": 1}')
+    assert call_key("f", '{"a": 1}') != call_key("f", '{"a": "1"}')
+    assert call_key("f", '{"a": 1}') != call_key("f", '{"a": true}')
+    assert call_key("f", r'{"a": "caf\u00e9"}') == call_key("f", '{"a": "café"}')
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+def test_a_call_cut_inside_its_arguments_is_marked(family):
+    """ToolCallCut names the call whose fragments were streamed but whose arguments are not whole."""
+    text = spell(family, WEATHER, LYON)
+    text = text[: text.index("Lyon")]
+    events = parse_all(PARSERS[family](TOOLS, stream_arguments=True), text)
+    assert not [e for e in events if isinstance(e, ToolCallCut)], "a held call was never sent: nothing to cut"
+    text = spell(family, WEATHER, NOW.replace("{}", '{"zone": "CET"}'))
+    events = parse_all(PARSERS[family](TOOLS, stream_arguments=True), text[: text.index("CET")])
+    (cut,) = [e for e in events if isinstance(e, ToolCallCut)]
+    assert cut.index == 1
 
 
 @pytest.mark.parametrize(
