@@ -6,7 +6,8 @@ installed) on the same weights: each server is started in turn and every chosen 
     just bench --scenarios agent,arrival        # only the agent sessions and the long prompt arrival
 
 Scenarios: throughput (the same streaming load at several concurrencies), constrained and protocols (llmchat
-only), agent (bench/agent.py) and arrival (bench/arrival.py). Each prints a table and writes
+only), agent (bench/agent.py), arrival (bench/arrival.py) and tools (bench/tools.py: tool replies on public
+function-calling data). Each prints a table and writes
 bench/results/<scenario>.json; throughput also plots throughput.png.
 """
 
@@ -21,14 +22,14 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from bench import agent, arrival, constrained, protocols, servers
+from bench import agent, arrival, constrained, protocols, servers, tools
 from bench.report import percentile, ratio, table
 from bench.stream import one_request
 from llmchat.engine.loader import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
 # constrained and protocols compare llmchat with itself, so they run against llmchat only.
-SCENARIOS = ("throughput", "constrained", "protocols", "agent", "arrival")
+SCENARIOS = ("throughput", "constrained", "protocols", "agent", "arrival", "tools")
 PROMPTS = [
     "Explain how a rainbow forms.",
     "Write a short story about a lighthouse keeper.",
@@ -216,6 +217,7 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="a comma list of " + ", ".join(SCENARIOS))
     agent.add_arguments(parser)
     arrival.add_arguments(parser)
+    tools.add_arguments(parser)
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
     if unknown := set(scenarios) - set(SCENARIOS):
@@ -237,12 +239,13 @@ def main() -> None:
         "llmchat": lambda: servers.llmchat(args.llmchat_args.split()),
         "transformers": lambda: servers.transformers_serve(weights),
         "transformers-bf16": lambda: servers.transformers_serve(weights, "bfloat16"),
-        "llama.cpp": lambda: servers.llama_cpp(bundled_gguf(), args.llama_cpp_python),
+        "llama.cpp": lambda: servers.llama_cpp(bundled_gguf(), args.llama_cpp_python, tools="tools" in scenarios),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
     results: list[Result] = []
     agent_rows: list[agent.TurnResult] = []
     arrival_rows: list[arrival.ArrivalResult] = []
+    tool_rows: list[tools.ReplyResult] = []
     for key in wanted:
         server = candidates[key]()
         if server is None:
@@ -269,6 +272,8 @@ def main() -> None:
                 agent_rows += agent.run(server, count, args, console)
             if "arrival" in scenarios:
                 arrival_rows.append(arrival.run(server, count, args, console))
+            if "tools" in scenarios:
+                tool_rows += tools.run(server, args, console)
         finally:
             server.stop()
     if "throughput" in scenarios:
@@ -282,6 +287,9 @@ def main() -> None:
     if "arrival" in scenarios:
         arrival.report(arrival_rows, args, console, args.out / "arrival.json")
         console.print(f"wrote {args.out / 'arrival.json'}")
+    if "tools" in scenarios:
+        tools.report(tool_rows, args, console, args.out / "tools.json")
+        console.print(f"wrote {args.out / 'tools.json'}")
 
 
 if __name__ == "__main__":

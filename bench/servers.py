@@ -90,8 +90,12 @@ def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:
     return Server(name, cmd, str(weights_dir), "/health", port=port)
 
 
-def llama_cpp(gguf: Path, python: str | None = None) -> Server | None:
-    """llama.cpp's server on the GGUF itself, run by `python` (an interpreter with llama-cpp-python[server])."""
+def llama_cpp(gguf: Path, python: str | None = None, tools: bool = False) -> Server | None:
+    """llama.cpp's server on the GGUF itself, run by `python` (an interpreter with llama-cpp-python[server]).
+
+    With `tools`, its chatml-function-calling chat format: the GGUF's own template ignores tools, and this is
+    the ChatML format (SmolLM2's) that honours tools and tool_choice, with a grammar for named calls. Without
+    tools in a request it renders plain ChatML, but without the template's default system prompt."""
     python = python or sys.executable
     probe = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True)
     if probe.returncode != 0:
@@ -117,4 +121,6 @@ def llama_cpp(gguf: Path, python: str | None = None) -> Server | None:
         "--cache",
         "True",
     ]
+    if tools:
+        cmd += ["--chat_format", "chatml-function-calling"]
     return Server("llama.cpp", cmd, gguf.name, "/v1/models", port=port)
