@@ -175,23 +175,29 @@ def score(server: str, case: Case, mode: str, status: int, body: dict) -> ReplyR
     return result
 
 
-async def ask_all(server: servers.Server, cases: list[Case], max_tokens: int, concurrency: int) -> list[ReplyResult]:
+async def ask_all(
+    server: servers.Server, cases: list[Case], max_tokens: int, concurrency: int, timeout_s: float
+) -> list[ReplyResult]:
     work = [(case, mode) for mode in MODES for case in cases]
     results: list[ReplyResult] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
         while work:
             case, mode = work.pop(0)
-            response = await client.post(
-                "/v1/chat/completions", json=request_body(case, mode, server.model, max_tokens)
-            )
+            body = request_body(case, mode, server.model, max_tokens)
             try:
-                body = response.json()
+                response = await asyncio.wait_for(client.post("/v1/chat/completions", json=body), timeout_s)
+            except TimeoutError:
+                # A server that ignores max_tokens (llama-cpp-python's tool path) would hold the run for minutes.
+                results.append(score(server.name, case, mode, 0, {"error": f"no reply within {timeout_s:.0f} s"}))
+                continue
+            try:
+                answer = response.json()
             except ValueError:
-                body = {"error": response.text}
-            results.append(score(server.name, case, mode, response.status_code, body))
+                answer = {"error": response.text}
+            results.append(score(server.name, case, mode, response.status_code, answer))
 
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=None) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return results
 
@@ -200,6 +206,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tools-per-category", type=int, default=12, help="BFCL entries per category (8 of them)")
     parser.add_argument("--tools-max-tokens", type=int, default=200)
     parser.add_argument("--tools-concurrency", type=int, default=4)
+    parser.add_argument("--tools-timeout", type=float, default=90, help="seconds a reply may take (else an error)")
 
 
 def run(server: servers.Server, args, console: Console) -> list[ReplyResult]:
@@ -207,7 +214,7 @@ def run(server: servers.Server, args, console: Console) -> list[ReplyResult]:
         console.print("[yellow]tools: bfcl-eval is not installed (bin/sync installs it); skipped[/yellow]")
         return []
     cases = load_cases(args.tools_per_category)
-    results = asyncio.run(ask_all(server, cases, args.tools_max_tokens, args.tools_concurrency))
+    results = asyncio.run(ask_all(server, cases, args.tools_max_tokens, args.tools_concurrency, args.tools_timeout))
     whole = sum(r.whole for r in results)
     console.print(f"  {server.name} tools: {whole}/{len(results)} whole replies")
     return results

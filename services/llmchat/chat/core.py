@@ -298,7 +298,7 @@ class Chat:
             parser = self.parser_class(
                 names,
                 stream_arguments=processor is not None,
-                max_calls=self.max_tool_calls if request.parallel_tool_calls else 1,
+                max_calls=self._max_calls(request),
             )
         reasoning = None
         # Output constrained from its first token (a required call, JSON) leaves the model no room to think;
@@ -366,14 +366,16 @@ class Chat:
                 self.parser_class.syntax,
                 tools,
                 required=request.tool_choice in ("required", "function"),
-                max_calls=self.max_tool_calls
-                if request.parallel_tool_calls and request.tool_choice != "function"
-                else 1,
+                max_calls=self._max_calls(request),
                 special_token=self.grammar.special_token,
             )
         if request.json_output:
             return json_grammar(request.json_schema)
         return None
+
+    def _max_calls(self, request: ChatRequest) -> int:
+        """The most calls one reply may make: one for a named function or without parallel calls."""
+        return self.max_tool_calls if request.parallel_tool_calls and request.tool_choice != "function" else 1
 
     def _marker_token(self) -> int | None:
         marker = self.parser_class.open
