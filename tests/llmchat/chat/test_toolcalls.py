@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from llmchat.chat.call_object import call_key
 from llmchat.chat.core import detect_family
 from llmchat.chat.events import Notice, TextDelta, ToolCallCut, ToolCallDelta, ToolCallStart
 from llmchat.chat.prompt import template_knows_tools
-from llmchat.chat.toolcalls import PARSERS, call_key, parse_all
+from llmchat.chat.toolcalls import PARSERS, parse_all
 
 TOOLS = frozenset({"get_weather", "now", "search"})
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'

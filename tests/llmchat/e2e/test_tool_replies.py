@@ -11,7 +11,7 @@ import openai
 import pytest
 from opentelemetry import trace
 
-from llmchat.chat.toolcalls import call_key
+from llmchat.chat.call_object import call_key
 from tests.conftest import WEATHER_SCHEMA
 
 MODEL = "SmolLM2-135M-Instruct"
