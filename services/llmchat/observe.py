@@ -208,11 +208,9 @@ class ChatObservation:
     def event(self, event: ChatEvent) -> None:
         """Sees every chat event on its way to the client."""
         if isinstance(event, Notice | ToolCallCut):
-            expected = isinstance(event, Notice) and event.expected
-            log.log(logging.INFO if expected else logging.WARNING, "%s: %s", event.name, event.message)
+            log.log(logging.INFO if event.expected else logging.WARNING, "%s: %s", event.name, event.message)
             self.span.add_event(event.name, {"message": event.message})
-            if isinstance(event, Notice):
-                return
+            return
         if isinstance(event, Finish):
             self.finish(event)
             return

@@ -42,6 +42,7 @@ class ToolCallCut:
     index: int
     message: str
     name = "tool_call.unterminated"  # the span event that records it
+    expected = False  # logged as a warning, like a Notice that is not routine
 
 
 @dataclass(slots=True)
