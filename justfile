@@ -6,39 +6,51 @@
 default:
     @{{just_executable()}} --list --justfile {{justfile()}}
 
-# create .venv and install the platform (one venv serves every service), torch and the bundled model
+# create .venv from bin/locks/runtime.txt: the platform (one venv serves every service), torch and the bundled model
 sync service="llmchat":
     @python3 hrserve/registry.py port {{service}} > /dev/null
     bin/sync
+
+# .venv plus .venv-dev, the test and bench tools (bin/locks/dev.txt), which the units never see
+sync-dev:
+    bin/sync --dev
+
+# refresh bin/locks/ from pyproject.toml and the package index (commit the result)
+lock: sync-dev
+    bin/lock
+
+# install the lowest version pyproject.toml allows of every direct dependency and run a short test subset
+lowest: sync-dev
+    bin/lowest
 
 # run a service in the foreground on its registry port, llmchat@1 on port + 1 (flags pass through: --port 8000)
 serve service="llmchat" *args: (sync service)
     .venv/bin/python $(python3 hrserve/registry.py serve-args {{service}}) {{args}}
 
 # run the test suite (pytest flags pass through)
-test *args: sync
-    .venv/bin/pytest {{args}}
+test *args: sync-dev
+    .venv-dev/bin/pytest {{args}}
 
 # a longer schemathesis run against the service's own /openapi.json (the suite runs 30 cases per operation)
-fuzz examples="300" *args: sync
-    LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv/bin/pytest -s tests/llmchat/e2e/test_fuzz.py {{args}}
+fuzz examples="300" *args: sync-dev
+    LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv-dev/bin/pytest -s tests/llmchat/e2e/test_fuzz.py {{args}}
 
 # lint the tree
-lint: sync
-    .venv/bin/ruff check .
-    .venv/bin/lint-imports
+lint: sync-dev
+    .venv-dev/bin/ruff check .
+    .venv-dev/bin/lint-imports
 
 # throughput benchmark against transformers serve (and llama.cpp when installed); flags pass through
-bench *args: sync
-    .venv/bin/python -m bench.run {{args}}
+bench *args: sync-dev
+    .venv-dev/bin/python -m bench.run {{args}}
 
 # mixed load (streams, tools, JSON, disconnects) for a while; reports errors, latency and memory over time
-soak *args: sync
-    .venv/bin/python -m bench.soak {{args}}
+soak *args: sync-dev
+    .venv-dev/bin/python -m bench.soak {{args}}
 
 # decode-step timings of the engine's speed levers (cache kind, dtype; --compile adds torch.compile)
-levers *args: sync
-    .venv/bin/python -m bench.levers {{args}}
+levers *args: sync-dev
+    .venv-dev/bin/python -m bench.levers {{args}}
 
 # regenerate systemd/*.service from the registry and check them
 units:

@@ -1,7 +1,7 @@
 """Decode-step timings for the engine's speed levers, on the bundled model's converted weights.
 
-    .venv/bin/python -m bench.levers                 # dtype x cache kind x forward pass, rows 1/4/8/16
-    .venv/bin/python -m bench.levers --compile       # adds torch.compile (minutes of compiling on 2 cores)
+    .venv-dev/bin/python -m bench.levers                 # dtype x cache kind x forward pass, rows 1/4/8/16
+    .venv-dev/bin/python -m bench.levers --compile       # adds torch.compile (minutes of compiling on 2 cores)
 
 Each case prefills `--context` tokens per row, then times `--steps` decode steps of the whole batch.
 """

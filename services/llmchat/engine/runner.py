@@ -6,6 +6,7 @@ trimmed when the rows that needed it leave. The forward pass is llmchat's fused 
 allows (llama.py), else transformers'; both read and write the same cache.
 """
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -97,6 +98,9 @@ class TransformersForward:
     def __init__(self, model: torch.nn.Module, why: str) -> None:
         self.model = model
         self.kind = f"transformers ({why})"
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40);
+        # releases before 5.24 know only the old one.
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
@@ -105,8 +109,8 @@ class TransformersForward:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_arg: cache},
             logits_to_keep=1,
         )
         return out.logits[:, -1, :]

@@ -2,8 +2,9 @@
 route would stream, read back by the official SDK from a mock transport, and the whole response."""
 
 import asyncio
+import importlib
+from types import ModuleType
 
-import httpx2
 from pydantic import BaseModel
 
 from llmchat.api.serving import stream_events, whole_response
@@ -26,12 +27,19 @@ def replay(make_reply, chat_events, num_prompt_tokens: int = 7) -> tuple[list[di
     return asyncio.run(run())
 
 
-def sdk_http_client(sse: list[dict]) -> httpx2.Client:
+def sdk_http(sdk: ModuleType) -> ModuleType:
+    """The HTTP library an official SDK is built on: httpx, or httpx2 in newer releases."""
+    base = importlib.import_module(f"{sdk.__name__}._base_client")
+    return getattr(base, "httpx2", None) or base.httpx
+
+
+def sdk_http_client(sdk: ModuleType, sse: list[dict]):
     """An HTTP client for an official SDK whose every request is answered with these server-sent events."""
+    http = sdk_http(sdk)
     body = "".join(
         ("" if "event" not in item else f"event: {item['event']}\n") + f"data: {item['data']}\n\n" for item in sse
     )
-    transport = httpx2.MockTransport(
-        lambda request: httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
+    transport = http.MockTransport(
+        lambda request: http.Response(200, text=body, headers={"content-type": "text/event-stream"})
     )
-    return httpx2.Client(transport=transport)
+    return http.Client(transport=transport)

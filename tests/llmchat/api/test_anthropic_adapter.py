@@ -22,7 +22,7 @@ from tests.llmchat.e2e.test_anthropic import MODEL, QUESTION, TOOLS, WEATHER_SCH
 def replay(chat_events) -> tuple[anthropic.types.Message, list[dict], anthropic.types.Message]:
     """(the SDK's message from our stream, the raw events, the whole response built from the same chat events)."""
     sse, whole = replay_reply(lambda: MessageReply(MODEL), chat_events)
-    sdk = anthropic.Anthropic(api_key="unused", max_retries=0, http_client=sdk_http_client(sse))
+    sdk = anthropic.Anthropic(api_key="unused", max_retries=0, http_client=sdk_http_client(anthropic, sse))
     with sdk.messages.stream(model=MODEL, messages=QUESTION, max_tokens=50) as s:
         streamed = s.get_final_message()
     # Each reply draws its own id; everything else must agree.

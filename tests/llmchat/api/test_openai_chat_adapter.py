@@ -29,7 +29,7 @@ def play(chat_events, logprobs: bool = False, include_usage: bool = True):
     """(the completion the SDK folds from our stream, the chunks as JSON, the whole response)."""
     sse, whole = replay(lambda: ChatReply(MODEL, logprobs, include_usage), chat_events)
     assert sse[-1] == {"data": DONE}
-    client = openai.OpenAI(api_key="unused", max_retries=0, http_client=sdk_http_client(sse))
+    client = openai.OpenAI(api_key="unused", max_retries=0, http_client=sdk_http_client(openai, sse))
     state = ChatCompletionStreamState()
     for chunk in client.chat.completions.create(model=MODEL, messages=QUESTION, stream=True):
         state.handle_chunk(chunk)

@@ -1,5 +1,7 @@
 """llmchat's fused forward pass computes what transformers' does, for every family it claims, and only for those."""
 
+import warnings
+
 import httpx
 import pytest
 import torch
@@ -209,3 +211,13 @@ def test_cuda_graphs_are_not_used_off_the_gpu():
     model = tiny_model("llama")
     assert pick_forward(model, fused=True, cuda_graphs=True).kind == "fused"
     assert pick_forward(model, fused=False, cuda_graphs=True).kind == "transformers (chosen in the settings)"
+
+
+def test_transformers_forward_uses_no_deprecated_argument():
+    """transformers warns (FutureWarning) for arguments it is about to remove, `past_key_values` among them."""
+    model = tiny_model("llama")
+    ids, mask, positions = left_padded([5, 3], model.config.vocab_size)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        run(TransformersForward(model, "reference"), model, ids, mask, positions, steps=2)
