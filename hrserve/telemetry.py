@@ -6,6 +6,8 @@ down costs a request nothing.
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 
 from opentelemetry import metrics, trace
@@ -19,9 +21,15 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from hrserve.exporters import Guard, GuardedMetricExporter, GuardedSpanExporter
+
 log = logging.getLogger("hrserve.telemetry")
 
 _SIGNAL_PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+_DEFAULT_WHERE = {"grpc": "localhost:4317", "http": "localhost:4318"}
+
+# The OTLP exporters in use, for shutdown_otel to interrupt.
+_guards: list[Guard] = []
 
 
 def _env_true(env: Mapping[str, str], name: str) -> bool:
@@ -72,7 +80,13 @@ def _span_exporter(name: str) -> SpanExporter:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter(**kwargs)
+    exporter = GuardedSpanExporter(OTLPSpanExporter(**kwargs), _where(protocol, kwargs))
+    _guards.append(exporter.guard)
+    return exporter
+
+
+def _where(protocol: str, kwargs: dict) -> str:
+    return kwargs.get("endpoint") or _DEFAULT_WHERE["grpc" if protocol == "grpc" else "http"]
 
 
 def _metric_reader(name: str) -> MetricReader:
@@ -90,7 +104,9 @@ def _metric_reader(name: str) -> MetricReader:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return PeriodicExportingMetricReader(OTLPMetricExporter(**kwargs))
+    exporter = GuardedMetricExporter(OTLPMetricExporter(**kwargs), _where(protocol, kwargs))
+    _guards.append(exporter.guard)
+    return PeriodicExportingMetricReader(exporter)
 
 
 def setup_otel(
@@ -113,7 +129,8 @@ def setup_otel(
         resource = Resource.create({"service.name": service_name, "service.version": version})
         if os.environ.get("OTEL_SERVICE_NAME"):
             resource = resource.merge(Resource({"service.name": os.environ["OTEL_SERVICE_NAME"]}))
-        tracer_provider = TracerProvider(resource=resource)
+        # No exit hooks: they would flush with no bound on a down collector; shutdown_otel() bounds it.
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         if span_exporters is None:
             span_exporters = [_span_exporter(n) for n in _selected(os.environ, "traces")]
         for exporter in span_exporters:
@@ -121,19 +138,39 @@ def setup_otel(
         if metric_readers is None:
             metric_readers = [_metric_reader(n) for n in _selected(os.environ, "metrics")]
         trace.set_tracer_provider(tracer_provider)
-        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=metric_readers))
+        metrics.set_meter_provider(
+            MeterProvider(resource=resource, metric_readers=metric_readers, shutdown_on_exit=False)
+        )
         log.info("telemetry: %d span exporter(s), %d metric reader(s)", len(span_exporters), len(metric_readers))
     return trace.get_tracer(service_name, version), metrics.get_meter(service_name, version)
 
 
-def shutdown_otel(timeout_s: float = 5.0) -> None:
-    """Flushes what is buffered, waiting at most `timeout_s` for a collector that may be down."""
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.force_flush(int(timeout_s * 1000))
-    meter_provider = metrics.get_meter_provider()
-    if isinstance(meter_provider, MeterProvider):
-        meter_provider.force_flush(int(timeout_s * 1000))
+def shutdown_otel(timeout_s: float = 3.0) -> None:
+    """Flushes what is buffered, then closes the OTLP exporters, all within `timeout_s`: a collector that is
+    down or slow costs a restart no more than that. Once the collector is known to be down, or an export is
+    stuck retrying, the exporters are closed at once, which ends the retries. What is unsent then is lost.
+
+    The providers stay installed (their export threads are daemons and their exit hooks are off), so an app
+    served again in the same process, as the tests do, still records."""
+    providers = [p for p in (trace.get_tracer_provider(), metrics.get_meter_provider()) if hasattr(p, "force_flush")]
+    deadline = time.monotonic() + timeout_s
+
+    def flush() -> None:
+        for provider in providers:
+            provider.force_flush(max(0, int((deadline - time.monotonic()) * 1000)))
+
+    # On a daemon thread of our own, a hung export cannot keep the process alive past the deadline.
+    worker = threading.Thread(target=flush, name="otel-flush", daemon=True)
+    worker.start()
+    while worker.is_alive() and time.monotonic() < deadline:
+        if any(guard.stuck() for guard in _guards):
+            break
+        worker.join(0.05)
+    for guard in _guards:
+        guard.close()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive():
+        log.warning("telemetry: the exporters did not finish within %.0f s; what they held is lost", timeout_s)
 
 
 def prometheus_enabled(env: Mapping[str, str] | None = None) -> bool:

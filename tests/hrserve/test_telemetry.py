@@ -1,11 +1,14 @@
 """setup_otel: exporter arguments from OTEL_* and real OTLP export to a plain-text gRPC receiver."""
 
+import logging
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from hrserve.exporters import GuardedSpanExporter
 from hrserve.telemetry import otlp_exporter_args, setup_otel
 from tests.hrserve.otlp_receiver import OTLPReceiver
 
@@ -95,3 +98,44 @@ def test_collector_down_does_not_fail_the_work():
     result = emit_span({"OTEL_EXPORTER_OTLP_ENDPOINT": f"localhost:{port}", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) == 32
+
+
+class Flaky(SpanExporter):
+    """An exporter whose answers are scripted: SUCCESS, FAILURE, or an exception to raise."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.shut = False
+
+    def export(self, spans):
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def shutdown(self):
+        self.shut = True
+
+
+def test_an_outage_is_one_warning_when_it_starts_and_one_line_when_it_ends(caplog):
+    ok, failed = SpanExportResult.SUCCESS, SpanExportResult.FAILURE
+    inner = Flaky([ok, failed, ConnectionError("refused"), failed, ok, ok, failed])
+    exporter = GuardedSpanExporter(inner, "collector:4317")
+    with caplog.at_level(logging.INFO, logger="hrserve.telemetry"):
+        results = [exporter.export([]) for _ in range(7)]
+    assert results == [ok, failed, failed, failed, ok, ok, failed]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == ["WARNING", "INFO", "WARNING"]
+    assert "cannot export traces to collector:4317" in lines[0][1]
+    assert lines[1][1] == "telemetry: exporting traces to collector:4317 again"
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_closed_exporter_shuts_the_inner_one_once_and_sends_nothing_more():
+    inner = Flaky([SpanExportResult.SUCCESS])
+    exporter = GuardedSpanExporter(inner, "collector:4317")
+    exporter.shutdown()
+    exporter.shutdown()
+    assert inner.shut
+    assert exporter.export([]) == SpanExportResult.FAILURE
+    assert inner.answers == [SpanExportResult.SUCCESS]

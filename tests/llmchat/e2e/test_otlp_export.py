@@ -192,3 +192,24 @@ def test_prometheus_metrics_endpoint_for_users_without_a_collector(tmp_path):
     assert 'gen_ai_server_request_duration_seconds_bucket{gen_ai_operation_name="chat"' in text
     assert 'le="81.92"' in text
     assert "gen_ai_client_token_usage" in text and "llmchat_engine_running" in text
+
+
+@pytest.mark.parametrize("idle_s", [0, 7], ids=["before-the-first-export", "while-an-export-retries"])
+def test_sigterm_exits_quickly_with_no_collector_and_logs_one_warning(tmp_path, idle_s):
+    """The units' settings (the default batch delay and exporter timeout) against an endpoint nobody listens
+    on: before, SIGTERM took about 20 s while the exporters retried. 7 s idle lets the first batch export
+    (5 s delay) start retrying."""
+    with OTLPReceiver() as receiver:
+        port = receiver.port
+    server = spawn_llmchat(tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"127.0.0.1:{port}"})
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4).choices[0].message.content
+    time.sleep(idle_s)
+    started = time.monotonic()
+    assert server.stop(timeout_s=60) == 0
+    took_s = time.monotonic() - started
+    assert took_s < 5, f"SIGTERM to exit took {took_s:.1f}s"
+    log = server.log.read_text()
+    assert "Traceback" not in log
+    assert "opentelemetry.exporter" not in log, "the exporters' own line per retry and per batch"
+    assert log.count("cannot export traces") == 1
