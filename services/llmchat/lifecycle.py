@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hrserve import ServiceError, Watchdog, not_ready, notify
+from hrserve.systemd import extending_start_timeout
 from llmchat.chat import Chat, ChatMessage, ChatOptions, ChatRequest
 from llmchat.engine import Engine, SchedulerConfig
 from llmchat.engine.loader import ModelConfig, ModelLoadError, load_model, resolve_source
@@ -148,7 +149,8 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
 
     def work() -> None:
         try:
-            loaded = load_model(model_config(settings), stage)
+            # A large model's first conversion can outlast the unit's start timeout.
+            loaded = load_model(model_config(settings), stage, while_converting=extending_start_timeout)
             stage("preparing the forward pass")
             engine = Engine(
                 loaded,

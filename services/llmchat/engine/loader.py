@@ -6,9 +6,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,27 +279,54 @@ def convert_gguf(source: ModelSource, target: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    start = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        log.info("converting: dequantizing %s to float32", source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
         # The GGUF quantizer marks the model unsaveable, but the weights are already plain tensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        log.info("converting: writing safetensors to %s", target)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting: done in %.0fs", time.perf_counter() - start)
 
 
-def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: None) -> LoadedModel:
-    """Loads model and tokenizer as `config` says; `on_stage` hears each step (for /health and logs)."""
+def quiet_progress_bars() -> None:
+    """Turns the download, conversion and loading progress bars off unless stderr is a terminal.
+
+    A bar redraws one line with carriage returns: in the journal or a log file that is one unreadable
+    line. The stages still log.
+    """
+    if sys.stderr.isatty():
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # also huggingface_hub's download bars
+    # The GGUF converter calls tqdm itself; its name there then points at transformers' switchable wrapper.
+    if hasattr(gguf_utils, "tqdm"):
+        gguf_utils.tqdm = transformers_logging.tqdm
+
+
+def load_model(
+    config: ModelConfig,
+    on_stage: Callable[[str], None] = lambda s: None,
+    while_converting: Callable[[], AbstractContextManager] = nullcontext,
+) -> LoadedModel:
+    """Loads model and tokenizer as `config` says; `on_stage` hears each step (for /health and logs), and
+    a GGUF's first conversion runs inside `while_converting()` (the service extends its start timeout)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
+    quiet_progress_bars()
     source = resolve_source(config.model)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
@@ -309,7 +338,8 @@ def load_model(config: ModelConfig, on_stage: Callable[[str], None] = lambda s: 
         cache_hit = cached.is_dir()
         if not cache_hit:
             on_stage(f"converting {source.gguf_file} to safetensors in {cached} (first start only)")
-            convert_gguf(source, cached)
+            with while_converting():
+                convert_gguf(source, cached)
         path = str(cached)
     where = device if config.device_map == "single" else f"{device}, device_map={config.device_map}"
     on_stage(f"loading weights from {path} ({where}, {str(dtype).removeprefix('torch.')}, quantization={quantization})")

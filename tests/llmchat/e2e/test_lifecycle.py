@@ -20,7 +20,7 @@ BODY = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content
 def test_503_while_loading_then_error_after_failed_load(monkeypatch):
     release = threading.Event()
 
-    def slow_failing_load(config, on_stage):
+    def slow_failing_load(config, on_stage, **options):
         on_stage("pretending to load")
         release.wait(30)
         raise ModelLoadError("weights are corrupt")
