@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from openai.pagination import SyncPage
 from openai.types import Model
 
 from hrserve import (
@@ -33,6 +34,18 @@ from llmchat.observe import Instruments, register_engine_gauges
 from llmchat.settings import Settings
 
 SERVICE = "llmchat"
+# /health's body: these fields always, then what the engine and the chat layer describe of themselves.
+HEALTH = {
+    "type": "object",
+    "required": ["status", "service", "version", "model", "stage"],
+    "properties": {
+        "status": {"enum": ["ok", "loading", "draining", "error"]},
+        "service": {"const": SERVICE},
+        "version": {"type": "string"},
+        "model": {"type": "string"},
+        "stage": {"type": "string"},
+    },
+}
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -74,7 +87,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     document_errors(app)
 
     @app.get(
-        "/health", responses={503: {"description": "Loading, draining or failed: the same body, with the reason."}}
+        "/health",
+        responses={
+            200: {"content": {"application/json": {"schema": HEALTH}}},
+            503: {
+                "description": "Loading, draining or failed: the same body, with the reason.",
+                "content": {"application/json": {"schema": HEALTH}},
+            },
+        },
     )
     async def health() -> JSONResponse:
         body = {"status": "", "service": SERVICE, "version": __version__} | runtime.describe()
@@ -86,12 +106,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         created = int(time.time() - (time.monotonic() - runtime.started_at))
         return Model(id=runtime.model_name, object="model", created=created, owned_by=SERVICE).model_dump()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": SyncPage[Model]}})
     async def list_models() -> dict:
         runtime.require_engine()
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=None, responses={200: {"model": Model}})
     async def get_model(model_id: str) -> dict:
         runtime.require_engine()
         serving.check_model(model_id)

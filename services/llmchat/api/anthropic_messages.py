@@ -6,10 +6,11 @@ whole message, so streamed and whole responses cannot disagree. Errors on these 
 
 import json
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 import jiter
 from anthropic.types import (
+    ErrorResponse,
     InputJSONDelta,
     Message,
     MessageDeltaUsage,
@@ -35,7 +36,8 @@ from pydantic import BaseModel
 
 from hrserve import Dialect, DialectRouter, ServiceError, client_job_id
 from llmchat.api import anthropic_types as wire
-from llmchat.api.common import ToolSet, dump, json_output, ok_responses, tool_choice
+from llmchat.api.common import ToolSet, dump, json_output, tool_choice
+from llmchat.api.openapi import JsonText, ok_responses
 from llmchat.api.serving import Reply, Serving, WireEvent, invalid
 from llmchat.chat import (
     CallRecord,
@@ -63,21 +65,29 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "overloaded_error",
 }
+# Anthropic documents 413 as `request_too_large`; the SDK's union of error objects leaves it out.
+_TOO_LARGE = {
+    "type": "object",
+    "required": ["type", "message"],
+    "properties": {"type": {"const": "request_too_large"}, "message": {"type": "string"}},
+}
+ERROR_ENVELOPE = "AnthropicErrorEnvelope"
+
+
+def _error_envelope_schema() -> dict:
+    """The SDK's ErrorResponse, its error objects kept in its own $defs (the envelope is one component of
+    /openapi.json), plus the 413 error."""
+    schema = ErrorResponse.model_json_schema(
+        ref_template=f"#/components/schemas/{ERROR_ENVELOPE}/$defs/{{model}}", mode="serialization"
+    )
+    schema["properties"]["error"]["anyOf"].append(_TOO_LARGE)
+    return schema
+
+
 # Anthropic's error body, on every route of this adapter's router (and the x-api-key header its SDK sends).
 DIALECT = Dialect(
-    "AnthropicErrorEnvelope",
-    {
-        "type": "object",
-        "required": ["type", "error"],
-        "properties": {
-            "type": {"const": "error"},
-            "error": {
-                "type": "object",
-                "required": ["type", "message"],
-                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-            },
-        },
-    },
+    ERROR_ENVELOPE,
+    _error_envelope_schema(),
     lambda e: {
         "type": "error",
         "error": {
@@ -385,9 +395,19 @@ class MessageReply(Reply):
         )
 
 
+# Never built: it describes the stream's events in /openapi.json (its docstring is the schema's description).
+class MessageSSE(BaseModel):
+    """One server-sent event of a streamed message, named by its `type`; an error after the status line went
+    out is an `error` event with the error envelope."""
+
+    event: str
+    # The SDK's union of stream events leaves out the ping, which its stream reader skips.
+    data: Annotated[RawMessageStreamEvent | Ping, JsonText((DIALECT.name,))]
+
+
 def router(serving: Serving) -> APIRouter:
     api = DialectRouter(DIALECT)
-    ok = ok_responses("A message object, or with `stream: true` the Messages server-sent events.", True)
+    ok = ok_responses("A message object, or with `stream: true` the Messages server-sent events.", Message, MessageSSE)
 
     @api.post(PATH, response_model=None, responses=ok)
     async def messages(
@@ -403,7 +423,11 @@ def router(serving: Serving) -> APIRouter:
             names=NAMES,
         )
 
-    @api.post(f"{PATH}/count_tokens")
+    @api.post(
+        f"{PATH}/count_tokens",
+        response_model=None,
+        responses={200: {"description": "The prompt's token count.", "model": MessageTokensCount}},
+    )
     async def count_tokens(body: wire.MessagesInput) -> dict:
         serving.check_model(body.model)
         chat = serving.runtime.require_chat()

@@ -100,14 +100,3 @@ def sse(item: BaseModel | str, named: bool) -> dict:
         return {"data": item}
     data = item.model_dump_json(exclude_unset=True)
     return {"event": item.type, "data": data} if named else {"data": data}
-
-
-def ok_responses(description: str, named_events: bool) -> dict:
-    """The OpenAPI 200 of a generating route: a JSON object, or with `stream: true` server-sent events."""
-    properties = {"data": {"type": "string"}}
-    if named_events:
-        properties = {"event": {"type": "string"}} | properties
-    event = {"type": "object", "required": list(properties), "properties": properties}
-    return {
-        200: {"description": description, "content": {"application/json": {}, "text/event-stream": {"schema": event}}}
-    }

@@ -4,6 +4,7 @@ chat.completion.chunk events, and the chat.completion folded from the same state
 import json
 import time
 import uuid
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -24,8 +25,9 @@ from openai.types.chat.chat_completion_chunk import (
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_message_tool_call import Function
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
+from pydantic import BaseModel
 
-from hrserve import ServiceError, client_job_id
+from hrserve import OPENAI, ServiceError, client_job_id
 from llmchat.api.common import (
     DONE,
     ROLES,
@@ -34,11 +36,11 @@ from llmchat.api.common import (
     completion_usage,
     include_usage,
     json_output,
-    ok_responses,
     refuse_penalties,
     tool_choice,
 )
 from llmchat.api.openai_types import ChatCompletionRequest, Message, NamedToolChoice
+from llmchat.api.openapi import JsonText, ok_responses
 from llmchat.api.serving import Reply, Serving, WireEvent
 from llmchat.chat import (
     CallRecord,
@@ -250,10 +252,20 @@ def _call_delta(event: ToolCallStart | ToolCallDelta) -> ChoiceDeltaToolCall:
     return ChoiceDeltaToolCall(index=event.index, function=ChoiceDeltaToolCallFunction(arguments=event.arguments))
 
 
+# Never built: it describes the stream's events in /openapi.json (its docstring is the schema's description).
+class ChatCompletionSSE(BaseModel):
+    """One server-sent event of a streamed chat completion: a chat.completion.chunk, an error (after the
+    status line went out), or the closing [DONE]."""
+
+    data: Annotated[ChatCompletionChunk, JsonText((OPENAI.name,))] | Literal["[DONE]"]
+
+
 def router(serving: Serving) -> APIRouter:
     api = APIRouter()
     ok = ok_responses(
-        "A chat.completion object, or with `stream: true` server-sent chat.completion.chunk events.", False
+        "A chat.completion object, or with `stream: true` server-sent chat.completion.chunk events.",
+        ChatCompletion,
+        ChatCompletionSSE,
     )
 
     @api.post("/v1/chat/completions", response_model=None, responses=ok)

@@ -3,18 +3,19 @@ ChatEvents -> one text_completion or its chunks."""
 
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from openai.types import Completion, CompletionChoice
 from openai.types.completion_choice import Logprobs as ChoiceLogprobs
-from pydantic import Field
+from pydantic import BaseModel, Field
 
-from hrserve import ServiceError, client_job_id
-from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, ok_responses, refuse_penalties
+from hrserve import OPENAI, ServiceError, client_job_id
+from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, refuse_penalties
 from llmchat.api.openai_chat import openai_stream_error
 from llmchat.api.openai_types import INT64_MAX, INT64_MIN, StreamOptions, WireModel
+from llmchat.api.openapi import JsonText, ok_responses
 from llmchat.api.serving import Reply, Serving, WireEvent
 from llmchat.chat import ChatError, ChatEvent, ChatRequest, Finish, Logprobs, TextDelta
 
@@ -160,9 +161,33 @@ class CompletionReply(Reply):
         return openai_stream_error(error)
 
 
+# Never built, like the two below: they describe the stream's events in /openapi.json.
+class CompletionChunkChoice(CompletionChoice):
+    # OpenAI streams finish_reason null until the last chunk; the SDK's type, which its stream reader also
+    # parses chunks into, says it is always set.
+    finish_reason: Literal["stop", "length", "content_filter"] | None
+
+
+class CompletionChunk(Completion):
+    """A text_completion chunk: finish_reason is null until the last one."""
+
+    choices: list[CompletionChunkChoice]
+
+
+class CompletionSSE(BaseModel):
+    """One server-sent event of a streamed completion: a text_completion chunk, an error (after the status
+    line went out), or the closing [DONE]."""
+
+    data: Annotated[CompletionChunk, JsonText((OPENAI.name,))] | Literal["[DONE]"]
+
+
 def router(serving: Serving) -> APIRouter:
     api = APIRouter()
-    ok = ok_responses("A text_completion object, or with `stream: true` server-sent text_completion chunks.", False)
+    ok = ok_responses(
+        "A text_completion object, or with `stream: true` server-sent text_completion chunks.",
+        Completion,
+        CompletionSSE,
+    )
 
     @api.post("/v1/completions", response_model=None, responses=ok)
     async def completions(

@@ -4,7 +4,7 @@ stream of typed events. The stored-response routes answer that nothing is stored
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Request
 from fastapi import Response as HTTPResponse
@@ -27,6 +27,7 @@ from openai.types.responses import (
     ResponseReasoningItem,
     ResponseReasoningTextDeltaEvent,
     ResponseReasoningTextDoneEvent,
+    ResponseStreamEvent,
     ResponseTextDeltaEvent,
     ResponseTextDoneEvent,
     ResponseUsage,
@@ -36,7 +37,8 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 from pydantic import BaseModel
 
 from hrserve import ServiceError, client_job_id
-from llmchat.api.common import ok_responses, sse
+from llmchat.api.common import sse
+from llmchat.api.openapi import JsonText, ok_responses
 from llmchat.api.responses_request import NAMES, STATELESS, echo_settings, to_chat_request
 from llmchat.api.responses_types import (
     ResponsesRequest,
@@ -230,9 +232,20 @@ def _not_stored(response_id: str, status: int = 404) -> ServiceError:
     )
 
 
+# Never built: it describes the stream's events in /openapi.json (its docstring is the schema's description).
+class ResponseSSE(BaseModel):
+    """One server-sent event of a streamed response, named by its `type`; an error after the status line
+    went out is an `error` event."""
+
+    event: str
+    data: Annotated[ResponseStreamEvent, JsonText()]
+
+
 def router(serving: Serving) -> APIRouter:
     api = APIRouter()
-    ok = ok_responses("A response object, or with `stream: true` server-sent events named by their `type`.", True)
+    ok = ok_responses(
+        "A response object, or with `stream: true` server-sent events named by their `type`.", Response, ResponseSSE
+    )
 
     @api.post("/v1/responses", response_model=None, responses=ok)
     async def create_response(
