@@ -75,12 +75,16 @@ def _option(name: str, field: FieldInfo, alias: Alias | None, own_flag: bool) ->
 
 
 def setting_flags(
-    settings: type[BaseSettings], exclude: Collection[str] = (), aliases: Mapping[str, Alias] | None = None
+    settings: type[BaseSettings],
+    exclude: Collection[str] = (),
+    aliases: Mapping[str, Alias] | None = None,
+    no_ops: Mapping[str, str] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Gives a typer command one flag per setting (booleans as --x/--no-x), each None unless given, so an unset
     flag leaves the environment or the default in charge; the command receives the given ones as keywords.
-    `exclude` names settings without a flag of their own; an alias in `aliases` (by setting) still adds one."""
-    aliases = aliases or {}
+    `exclude` names settings without a flag of their own; an alias in `aliases` (by setting) still adds one.
+    `no_ops` are another server's switches for what is always on here (flag: help): accepted, and dropped."""
+    aliases, no_ops = aliases or {}, no_ops or {}
 
     def decorate(command: Callable) -> Callable:
         parameters = []
@@ -95,8 +99,18 @@ def setting_flags(
                 )
             )
 
+        dropped = []
+        for flag, note in no_ops.items():
+            dropped.append(flag.lstrip("-").replace("-", "_"))
+            option = typer.Option(flag, help=note, show_default=False)
+            parameters.append(
+                inspect.Parameter(
+                    dropped[-1], inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, option]
+                )
+            )
+
         def run(**flags) -> None:
-            command(**{name: value for name, value in flags.items() if value is not None})
+            command(**{name: value for name, value in flags.items() if value is not None and name not in dropped})
 
         run.__signature__ = inspect.Signature(parameters)
         run.__name__, run.__doc__ = command.__name__, command.__doc__

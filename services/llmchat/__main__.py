@@ -74,7 +74,12 @@ VLLM_FLAGS = {
 
 # Flags come from the settings model (API keys only from the environment, so they never show in `ps`, unless
 # vLLM's --api-key is given).
-serve_flags = setting_flags(Settings, exclude={"api_keys"}, aliases=VLLM_FLAGS)
+serve_flags = setting_flags(
+    Settings,
+    exclude={"api_keys"},
+    aliases=VLLM_FLAGS,
+    no_ops={"--enable-auto-tool-choice": "vLLM's switch; tool calling is always on here, so it changes nothing"},
+)
 
 
 @app.command()

@@ -99,3 +99,7 @@ def test_a_vllm_value_without_an_equivalent_is_a_clear_usage_error(args, error):
     result = CliRunner().invoke(app, ["serve", *args])
     assert result.exit_code == 2
     assert error in result.output and "Traceback" not in result.output
+
+
+def test_enable_auto_tool_choice_is_accepted_and_changes_nothing():
+    assert parse("--enable-auto-tool-choice", "--tool-call-parser", "hermes") == parse("--tool-parser", "hermes")
