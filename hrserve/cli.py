@@ -99,13 +99,12 @@ def setting_flags(
                 )
             )
 
-        dropped = []
-        for flag, note in no_ops.items():
-            dropped.append(flag.lstrip("-").replace("-", "_"))
-            option = typer.Option(flag, help=note, show_default=False)
+        dropped = {flag.lstrip("-").replace("-", "_"): flag for flag in no_ops}
+        for name, flag in dropped.items():
+            option = typer.Option(flag, help=no_ops[flag], show_default=False)
             parameters.append(
                 inspect.Parameter(
-                    dropped[-1], inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, option]
+                    name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[bool, option]
                 )
             )
 

@@ -44,8 +44,6 @@ class LastWords(logging.Filter):
 
 
 last_words = LastWords()
-for name in EXPORTER_LOGGERS:
-    logging.getLogger(name).addFilter(last_words)
 
 
 class Outage:
@@ -75,6 +73,9 @@ class Guard:
     """What the span and metric wrappers share: the outage, and close() that stops further attempts."""
 
     def __init__(self, inner, signal: str, where: str) -> None:
+        # Only once an exporter is guarded do its modules' lines go unlogged (addFilter adds a filter once).
+        for name in EXPORTER_LOGGERS:
+            logging.getLogger(name).addFilter(last_words)
         self.inner = inner
         self.outage = Outage(signal, where)
         self.closed = threading.Event()
