@@ -158,6 +158,7 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
                 fused_forward=settings.forward == "auto",
                 cuda_graphs=settings.cuda_graphs,
                 prefix_cache_bytes=prefix_cache_bytes(settings),
+                jump_forward=settings.jump_forward,
             )
             chat = Chat(engine, chat_options(settings))
             stage(f"preparing constrained decoding ({chat.family} tool calls)")

@@ -66,6 +66,7 @@ NUM_MESSAGES = "llm.request.num_messages"
 NUM_TOOLS = "llm.request.num_tools"
 TIME_TO_FIRST_TOKEN = "llm.response.time_to_first_token_s"
 TIME_IN_QUEUE = "llm.request.time_in_queue_s"
+MODEL_STEPS = "llmchat.response.model_steps"
 
 # Bucket boundaries the GenAI metric conventions recommend.
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
@@ -240,6 +241,7 @@ class ChatObservation:
                 USAGE_INPUT_TOKENS: finish.prompt_tokens,
                 USAGE_OUTPUT_TOKENS: finish.completion_tokens,
                 USAGE_CACHE_READ_INPUT_TOKENS: finish.cached_tokens,
+                MODEL_STEPS: finish.model_steps,
             }
         )
         usage = self.instruments.token_usage

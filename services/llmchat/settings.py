@@ -48,6 +48,12 @@ class Settings(ServiceSettings):
         description="On a GPU with the fused forward pass, replay each decode step's pieces between attentions "
         "from CUDA graphs, captured once per batch-size bucket (1, 2, 4, ...). Ignored on the CPU.",
     )
+    jump_forward: bool = Field(
+        True,
+        description="In constrained output (JSON schemas, tool calls), append the tokens the grammar allows as the "
+        "only continuation without a model step each; greedy output is the same either way. Requests that ask for "
+        "logprobs decode every token.",
+    )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
         "auto", description="bitsandbytes quantization; auto is nf4 on a GPU and none on the CPU."
     )

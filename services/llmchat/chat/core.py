@@ -27,7 +27,6 @@ from llmchat.chat.events import (
 from llmchat.chat.grammar import (
     GrammarCompiler,
     GrammarError,
-    GrammarProcessor,
     json_grammar,
     tool_call_grammar,
 )
@@ -35,6 +34,7 @@ from llmchat.chat.prompt import RESERVED_TEMPLATE_KEYS, ChatMessage, PromptRende
 from llmchat.chat.reasoning import ReasoningSplitter, starts_in_reasoning, template_reasons
 from llmchat.chat.toolcalls import PARSERS, ToolParser, ToolSpec
 from llmchat.engine import Engine, Sequence
+from llmchat.engine.constraints import Constraint
 from llmchat.engine.sampling import SamplingParams
 
 
@@ -256,7 +256,7 @@ class Chat:
     async def prepare(self, request: ChatRequest) -> PreparedChat:
         """Renders and tokenizes the conversation and builds its grammar (off the event loop); checks it fits."""
         self._check(request)
-        prompt_ids, prompt_text, processor = await asyncio.to_thread(self._render, request)
+        prompt_ids, prompt_text, constraint = await asyncio.to_thread(self._render, request)
         source = request.text_field
         if not prompt_ids:
             raise ChatError("The prompt is empty; send some text.", source)
@@ -287,7 +287,7 @@ class Chat:
             top_k=request.top_k,
             seed=request.seed,
             stop=request.stop,
-            logits_processors=(processor,) if processor else (),
+            constraint=constraint,
             # A family whose call marker is a special token must see it in the decoded text.
             skip_special_tokens=not request.uses_tools or self._marker_token() is None,
             logprobs=request.logprobs,
@@ -297,7 +297,7 @@ class Chat:
             names = frozenset(t.name for t in request.tools) if self.validate_tool_names else None
             parser = self.parser_class(
                 names,
-                stream_arguments=processor is not None,
+                stream_arguments=constraint is not None,
                 max_calls=self._max_calls(request),
             )
         reasoning = None
@@ -335,7 +335,7 @@ class Chat:
                 "context_length_exceeded",
             )
 
-    def _render(self, request: ChatRequest) -> tuple[list[int], str | None, GrammarProcessor | None]:
+    def _render(self, request: ChatRequest) -> tuple[list[int], str | None, Constraint | None]:
         """The prompt's tokens, its text (None for a raw prompt: it is never parsed for reasoning), the grammar."""
         if request.prompt is not None:
             return self.renderer.encode(request.prompt), None, None
@@ -350,7 +350,7 @@ class Chat:
         if grammar is None:
             return prompt_ids, prompt_text, None
         try:
-            return prompt_ids, prompt_text, self.grammar.processor(grammar)
+            return prompt_ids, prompt_text, self.grammar.constraint(grammar)
         except GrammarError as exc:
             param, problem = ("tools" if request.uses_tools else "output_format"), str(exc)
             raise ChatError(
@@ -425,5 +425,6 @@ class Chat:
                     output.num_completion_tokens,
                     None if output.finish_reason is None else output.stop_sequence,
                     cached_tokens=seq.num_cached_tokens,
+                    model_steps=seq.num_steps,
                 )
                 return

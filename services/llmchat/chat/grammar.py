@@ -1,7 +1,7 @@
-"""Constrained decoding with llguidance: grammars for tool calls and JSON output, applied as logits processors.
+"""Constrained decoding with llguidance: grammars for tool calls and JSON output.
 
-A request's grammar becomes a GrammarProcessor in its SamplingParams; the engine runs it on that
-request's row of logits only, so constrained and free requests share a batch.
+A request's grammar becomes a Constraint in its SamplingParams; the engine masks that request's row of
+logits only, so constrained and free requests share a batch.
 """
 
 import json
@@ -12,17 +12,13 @@ from typing import Any
 import jsonschema
 import llguidance
 import llguidance.hf
-import torch
 
 from llmchat.chat.toolcalls import CallSyntax, ToolSpec
+from llmchat.engine.constraints import Constraint, GrammarError
 
 # Compact JSON: one spelling per value, fewer tokens, and no room for a small model to loop on whitespace.
 _COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
-
-
-class GrammarError(Exception):
-    """A grammar llguidance cannot build (usually a JSON schema feature it does not support)."""
 
 
 def schema_problem(schema: Any, *, must_be_object: bool) -> str | None:
@@ -141,32 +137,9 @@ class GrammarCompiler:
         token = self.tokenizer.convert_tokens_to_ids(text)
         return token if token is not None and token != self.tokenizer.unk_token_id else None
 
-    def processor(self, grammar: str) -> "GrammarProcessor":
+    def constraint(self, grammar: str) -> Constraint:
         """Raises GrammarError with llguidance's explanation when the grammar cannot be built."""
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
-        return GrammarProcessor(matcher, self.vocab_size)
-
-
-class GrammarProcessor:
-    """A logits processor: consumes the tokens sampled since its last call, then masks disallowed ones."""
-
-    _SHIFTS = torch.arange(32, dtype=torch.int32)
-
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
-        self.matcher = matcher
-        self.vocab_size = vocab_size
-        self.num_consumed = 0
-        self.words = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-
-    def __call__(self, completion_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        new = completion_ids[self.num_consumed :]
-        if new and not self.matcher.consume_tokens(new):
-            raise GrammarError(f"the grammar refused a sampled token: {self.matcher.get_error()}")
-        self.num_consumed = len(completion_ids)
-        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
-        if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
-        allowed = ((self.words.unsqueeze(1) >> self._SHIFTS) & 1).flatten()[: logits.shape[-1]].bool()
-        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        return Constraint(matcher, self.vocab_size)

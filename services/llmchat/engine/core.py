@@ -15,10 +15,11 @@ import psutil
 import torch
 from tokenizers.decoders import DecodeStream
 
+from llmchat.engine.constraints import GrammarMasks
 from llmchat.engine.loader import LoadedModel
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner
-from llmchat.engine.sampling import SamplingParams, StopChecker, sample_next, token_logprob
+from llmchat.engine.sampling import MIN_TEMPERATURE, SamplingParams, StopChecker, sample_next, token_logprob
 from llmchat.engine.scheduler import Output, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger("llmchat.engine")
@@ -38,8 +39,10 @@ class Engine:
         fused_forward: bool = True,
         cuda_graphs: bool = False,
         prefix_cache_bytes: int | None = None,
+        jump_forward: bool = True,
     ) -> None:
-        """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache)."""
+        """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache).
+        `jump_forward`: append the tokens a grammar forces without a model step for each."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
@@ -62,6 +65,11 @@ class Engine:
             checkpoint=loaded.checkpoint,
             prefix_cache=self.prefix_cache,
         )
+        self.masks = GrammarMasks()
+        self.jump_forward = jump_forward
+        # Since start: tokens generated, and model steps whose logits chose one (fewer when tokens were forced).
+        self.num_output_tokens = 0
+        self.num_model_steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
@@ -104,6 +112,11 @@ class Engine:
             "forward_memory_bytes": self.runner.forward.extra_bytes,
             "prefix_cache": cache,
             "max_batched_tokens": self.scheduler.config.max_batched_tokens,
+            "decoding": {
+                "jump_forward": self.jump_forward,
+                "output_tokens": self.num_output_tokens,
+                "model_steps": self.num_model_steps,
+            },
             "engine_alive": self.is_alive,
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
@@ -118,6 +131,7 @@ class Engine:
         self.scheduler.has_work.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self.masks.shutdown()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queues a request; raises QueueFull when the waiting queue is at its bound."""
@@ -187,7 +201,7 @@ class Engine:
         self._reap()
         for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
             self._admit(seq)
-        chunks = self.scheduler.plan_prefill(len(self.runner.rows), self._max_chunk())
+        chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), self._max_chunk())
         if chunks:
             start = time.perf_counter()
             joined, logits = self.runner.prefill(chunks)
@@ -226,40 +240,85 @@ class Engine:
         # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
         seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=seq.params.skip_special_tokens)
         seq.stops = StopChecker(seq.params.stop)
+        if seq.params.constraint is not None:  # its first mask is computed while its prompt prefills
+            self.masks.start([seq.params.constraint])
         self.runner.start(seq)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Picks each sequence's next token with its own processors and sampling, then records it."""
-        for seq, raw in zip(seqs, logits, strict=True):
+        """Picks each sequence's next token (grammar masks for all constrained rows at once, greedy rows by one
+        argmax), appends it and any tokens its grammar then forces, and starts the constrained rows' next masks."""
+        constraints = [seq.params.constraint for seq in seqs]
+        raw = {i: logits[i].clone() for i, seq in enumerate(seqs) if seq.params.logprobs is not None and constraints[i]}
+        errors = self.masks.apply(constraints, logits)
+        greedy = logits.argmax(dim=-1).tolist()
+        self.num_model_steps += len(seqs)
+        for i, seq in enumerate(seqs):
+            seq.num_steps += 1
             try:
-                row = raw
+                if errors[i] is not None:
+                    raise errors[i]
+                row = logits[i]
                 for processor in seq.params.logits_processors:
                     row = processor(seq.completion_ids, row)
-                token = sample_next(row, seq.params, seq.generator)
+                if seq.params.temperature < MIN_TEMPERATURE and not seq.params.logits_processors:
+                    token = greedy[i]
+                else:
+                    token = sample_next(row, seq.params, seq.generator)
                 if seq.params.logprobs is not None and token not in self.eos_ids:
-                    seq.logprobs.append(token_logprob(raw, token, seq.params.logprobs, self._decode_one))
-            except Exception as exc:  # a processor's or sampler's failure ends its own sequence, not the batch
+                    seq.logprobs.append(
+                        token_logprob(raw.get(i, logits[i]), token, seq.params.logprobs, self._decode_one)
+                    )
+                tokens, complete = self._forced_after(seq, token)
+            except Exception as exc:  # a grammar's, processor's or sampler's failure ends its own sequence
                 log.exception("sampling failed; ending one sequence")
                 seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
                 continue
-            self._postprocess_token(seq, token)
+            self._append(seq, tokens, complete)
+        self.masks.start([c for seq, c in zip(seqs, constraints, strict=True) if c and not seq.is_finished])
+
+    def _forced_after(self, seq: Sequence, token: int) -> tuple[list[int], bool]:
+        """The sampled token and those the grammar forces after it, and whether the grammar is then complete.
+
+        Forced tokens are skipped when log-probabilities are asked for: they would need a model step each.
+        """
+        constraint = seq.params.constraint
+        if constraint is None or token in self.eos_ids:
+            return [token], False
+        constraint.consume([token])
+        if not self.jump_forward or seq.params.logprobs is not None:
+            return [token], False
+        forced = constraint.forced()
+        if forced:
+            constraint.consume(forced)
+        return [token, *forced], constraint.is_done
 
     def _decode_one(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def _postprocess_token(self, seq: Sequence, token: int) -> None:
-        if token in self.eos_ids:
-            seq.finish(self._output(seq, seq.stops.flush(), "stop"))
+    def _append(self, seq: Sequence, tokens: list[int], complete: bool = False) -> None:
+        """Adds the tokens to the completion and streams their text as one output; ends the sequence at an end
+        of sequence token, a stop string, max_tokens, or (`complete`) a grammar that allows nothing more."""
+        text = ""
+        for token in tokens:
+            if token in self.eos_ids:
+                seq.finish(self._output(seq, text + seq.stops.flush(), "stop"))
+                return
+            seq.completion_ids.append(token)
+            self.num_output_tokens += 1
+            piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
+            safe, stopped = seq.stops.feed(piece)
+            text += safe
+            if stopped:
+                seq.finish(self._output(seq, text, "stop", seq.stops.matched))
+                return
+            if len(seq.completion_ids) >= seq.params.max_tokens:
+                seq.finish(self._output(seq, text + seq.stops.flush(), "length"))
+                return
+        if complete:
+            seq.finish(self._output(seq, text + seq.stops.flush(), "stop"))
             return
-        seq.completion_ids.append(token)
-        seq.pending_token = token
-        piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
-        text, stopped = seq.stops.feed(piece)
-        if stopped:
-            seq.finish(self._output(seq, text, "stop", seq.stops.matched))
-        elif len(seq.completion_ids) >= seq.params.max_tokens:
-            seq.finish(self._output(seq, text + seq.stops.flush(), "length"))
-        elif text:
+        seq.pending = tokens
+        if text:
             seq.emit(self._output(seq, text))
 
     @staticmethod

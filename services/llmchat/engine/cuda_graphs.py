@@ -131,6 +131,10 @@ class GraphedDecode:
         """Prefill chunks of several sequences: the fused pass's, uncaptured (shapes vary with every step)."""
         return self.fused.ragged(*args)
 
+    def uneven(self, *args) -> torch.Tensor:
+        """A decode step where some rows bring forced tokens: the fused pass's, uncaptured."""
+        return self.fused.uneven(*args)
+
     def _bucket(self, size: int, device: torch.device) -> Bucket:
         bucket = self.buckets.get(size)
         if bucket is None:

@@ -231,6 +231,33 @@ class FusedForward:
         last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
         return self.lm_head(rms_norm(x[0, last], self.final_norm))
 
+    def uneven(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, real: torch.Tensor
+    ) -> torch.Tensor:
+        """A decode step whose rows bring different numbers of tokens: like __call__ over the [rows, k] block,
+        but the matmuls run over the `real` tokens only (1 in `real` [rows, k]); padding gets zero keys and
+        values in the cache, masked out by `mask`. Each row's last column must be real."""
+        rows, k = ids.shape
+        index = real.flatten().nonzero().flatten()
+        x = F.embedding(ids.flatten()[index], self.embed)[None]
+        cos, sin = self.rotary_for(x, positions.flatten()[index][None])
+        allowed = attention_mask(mask, k)
+
+        def spread(t: torch.Tensor) -> torch.Tensor:  # [1, heads, tokens, dim] -> [rows, heads, k, dim]
+            out = t.new_zeros((rows * k, t.shape[1], t.shape[3]))
+            out[index] = t[0].transpose(0, 1)
+            return out.view(rows, k, t.shape[1], t.shape[3]).transpose(1, 2)
+
+        for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
+            q, key, value = self.pre_attention(layer, x, cos, sin)
+            keys, values = cache_layer.update(spread(key), spread(value))
+            out = F.scaled_dot_product_attention(
+                spread(q), keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
+            )
+            x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2).flatten(0, 1)[index][None])
+        last = real.sum(dim=1).cumsum(0) - 1
+        return self.lm_head(rms_norm(x[0, last], self.final_norm))
+
     def rotary_for(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x, positions)
         return cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads in [rows, queries, heads, dim]

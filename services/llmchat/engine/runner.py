@@ -323,13 +323,31 @@ class BatchRunner:
             self.prefix_cache.insert(tokens, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
 
     def decode(self) -> torch.Tensor:
-        """Feeds every row its pending token; returns the next-token logits [rows, V]."""
-        ids = torch.tensor([[s.pending_token] for s in self.rows], dtype=torch.long, device=self.device)
-        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
-        mask = torch.cat([self.mask, ones], dim=1)
-        logits = self.forward(ids, mask, self.positions[:, None], self.cache)
+        """Feeds every row its pending tokens; returns the next-token logits [rows, V].
+
+        A row usually has one pending token. One whose grammar forced more has several: the step then
+        takes `k` columns, each row's tokens right-aligned in them and the columns before a shorter row's
+        tokens masked out (they stay in the cache as padding). The fused pass runs its matmuls over the
+        real tokens only; transformers' forward runs the padded block.
+        """
+        counts = [len(s.pending) for s in self.rows]
+        k = max(counts)
+        ids = [[self.pad_token_id] * (k - n) + s.pending for s, n in zip(self.rows, counts, strict=True)]
+        ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        real = torch.tensor([[0] * (k - n) + [1] * n for n in counts], dtype=self.mask.dtype, device=self.device)
+        counts = torch.tensor(counts, device=self.device)
+        # A padding column's position is that of the row's first real one: any value would do, it is masked.
+        positions = self.positions[:, None] + (torch.arange(k, device=self.device) - (k - counts)[:, None]).clamp(min=0)
+        mask = torch.cat([self.mask, real], dim=1)
+        uneven = getattr(self.forward, "uneven", None)
+        if k > 1 and uneven is not None:
+            logits = uneven(ids, mask, positions, self.cache, real)
+        else:
+            logits = self.forward(ids, mask, positions, self.cache)
         self.mask = mask
-        self.positions = self.positions + 1
+        self.positions = self.positions + counts
+        for seq in self.rows:
+            seq.pending = []
         return logits
 
     def drop(self, seqs: list[Sequence]) -> None:
@@ -358,14 +376,17 @@ class BatchRunner:
             layer.replace(layer.keys[rows, :, first_used:, :], layer.values[rows, :, first_used:, :])
 
     def _cache_row(self, i: int, seq: Sequence) -> None:
-        """Caches a finished row's prompt and reply: its real tokens are the last columns of the row."""
-        num_real = int(self.mask[i].sum())
-        tokens = (seq.prompt_ids + seq.completion_ids)[:num_real]
-        first = self.num_columns - num_real
+        """Caches a finished row's prompt and reply: the row's unmasked columns, in order."""
+        columns = self.mask[i].nonzero().flatten()
+        tokens = (seq.prompt_ids + seq.completion_ids)[: len(columns)]
         layers = self.cache.layers
-        self.prefix_cache.insert(
-            tokens, [layer.keys[i, :, first:] for layer in layers], [layer.values[i, :, first:] for layer in layers]
-        )
+        if len(columns) == self.num_columns - int(columns[0]):  # no padding inside the row: slices, not copies
+            keys = [layer.keys[i, :, int(columns[0]) :] for layer in layers]
+            values = [layer.values[i, :, int(columns[0]) :] for layer in layers]
+        else:
+            keys = [layer.keys[i, :, columns.to(layer.keys.device)] for layer in layers]
+            values = [layer.values[i, :, columns.to(layer.values.device)] for layer in layers]
+        self.prefix_cache.insert(tokens, keys, values)
 
     def kv_cache_bytes(self) -> int:
         """Bytes allocated for the batch's keys and values, spare columns included (read by metrics)."""

@@ -5,8 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-# (completion token ids so far, next-token logits for this sequence) -> adjusted logits. The hook
-# constrained decoding plugs into: one processor list per request, applied to its own row only.
+from llmchat.engine.constraints import Constraint
+
+# (completion token ids so far, next-token logits for this sequence) -> adjusted logits, applied to the
+# sequence's own row after its grammar's mask.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
@@ -22,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logits_processors: tuple[LogitsProcessor, ...] = ()
+    constraint: Constraint | None = None  # the grammar its tokens must follow
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: off; N: the chosen token's log-probability and the N likeliest
 

@@ -51,7 +51,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     completion_ids: list[int] = field(default_factory=list)
-    pending_token: int | None = None  # sampled but not yet in the KV cache
+    pending: list[int] = field(default_factory=list)  # sampled or forced, not yet in the KV cache
+    num_steps: int = 0  # forward passes whose logits chose one of its tokens (fewer than its tokens when forced)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # sampled, not yet sent with an output
     is_aborted: bool = False
     submitted_ns: int = field(default_factory=time.time_ns)  # wall clock, for span events

@@ -18,7 +18,7 @@ def chat(live):
 
 
 def accepts(chat, grammar: str, text: str) -> bool:
-    matcher = chat.grammar.processor(grammar).matcher
+    matcher = chat.grammar.constraint(grammar).matcher
     ids = chat.engine.tokenizer.encode(text, add_special_tokens=False)
     return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 

@@ -79,6 +79,32 @@ def test_chat_span_attributes_match_response(live, spans):
     assert span.status.is_ok
 
 
+def test_forced_tokens_show_as_fewer_model_steps_in_the_span_and_health(live, spans):
+    """JSON of fixed keys: the grammar forces much of it, so the model ran fewer steps than it wrote tokens."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+        "required": ["city", "country"],
+    }
+    client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0)
+    before = httpx.get(f"{live.base_url}/health").json()["decoding"]
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    (span,) = wait_for(lambda: chat_spans(spans))
+    steps = span.attributes["llmchat.response.model_steps"]
+    assert response.choices[0].finish_reason == "stop"
+    assert 0 < steps < response.usage.completion_tokens
+    after = httpx.get(f"{live.base_url}/health").json()["decoding"]
+    assert after["jump_forward"] is True
+    assert after["output_tokens"] - before["output_tokens"] == response.usage.completion_tokens
+    assert after["model_steps"] - before["model_steps"] == steps
+
+
 def test_streaming_span_covers_the_stream(live, spans):
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 6, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{live.base_url}/v1/chat/completions", json=body, timeout=60) as r:

@@ -134,6 +134,42 @@ def test_ragged_chunks_match_one_sequence_at_a_time(model_type):
         torch.testing.assert_close(a.layers[-1].keys, b.layers[-1].keys, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_step_of_uneven_rows_matches_the_padded_block(model_type):
+    """Rows bringing 3, 1 and 2 tokens (forced ones) to one decode step: the fused pass's matmuls over the
+    real tokens only give the logits and cache of the padded block, as transformers' forward computes it,
+    and the step after reads that cache alike."""
+    model = tiny_model(model_type)
+    fused, theirs = FusedForward(model), TransformersForward(model, "reference")
+    ids, mask, positions = left_padded([9, 4, 13], model.config.vocab_size)
+    counts = [3, 1, 2]
+    step_ids = torch.randint(3, model.config.vocab_size, (3, 3))
+    real = torch.tensor([[0] * (3 - n) + [1] * n for n in counts])
+    ends = positions[:, -1:]
+    step_positions = ends + (torch.arange(1, 4) - (3 - torch.tensor(counts))[:, None]).clamp(min=1)
+    step_mask = torch.cat([mask, real], dim=1)
+    with torch.inference_mode():
+        results = []
+        for name, whole in (("uneven", fused), ("fused block", fused), ("transformers block", theirs)):
+            cache = new_cache(model)
+            whole(ids, mask, positions, cache)
+            if name == "uneven":
+                logits = fused.uneven(step_ids, step_mask, step_positions, cache, real)
+            else:
+                logits = whole(step_ids, step_mask, step_positions, cache)
+            after = whole(
+                logits.argmax(-1, keepdim=True),
+                torch.cat([step_mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1),
+                ends + torch.tensor(counts)[:, None] + 1,
+                cache,
+            )
+            results.append((name, logits, after))
+    _, logits, after = results[0]
+    for name, other_logits, other_after in results[1:]:
+        torch.testing.assert_close(logits, other_logits, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(after, other_after, rtol=1e-4, atol=1e-4, msg=f"{name}, the step after")
+
+
 @pytest.fixture(scope="module")
 def bundled_bf16():
     return load_model(ModelConfig("bundled", device="cpu", dtype="bfloat16", cache_dir=Settings().cache_dir))
