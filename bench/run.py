@@ -73,8 +73,12 @@ async def run_level(
     count,
     extra: dict | None = None,
     ask=None,
+    server_counts: bool = False,
 ) -> Result:
-    """`num_requests` over `concurrency` clients; ask(client, prompt) replaces the chat request when given."""
+    """`num_requests` over `concurrency` clients; ask(client, prompt) replaces the chat request when given.
+    With `server_counts`, output tokens are the usage's completion_tokens (the request must ask for usage)
+    rather than the streamed text re-tokenized, so tokens a client never sees as text (a tool call's
+    markup) count too."""
     ask = ask or (lambda client, prompt: one_request(client, server.model, prompt, max_tokens, count, extra))
     queue = list(range(num_requests))
     done: list[dict] = []
@@ -95,7 +99,7 @@ async def run_level(
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     ttfts = [d["ttft"] for d in done] or [float("nan")]
-    tokens = sum(d["tokens"] for d in done)
+    tokens = sum(d["usage"]["completion_tokens"] if server_counts else d["tokens"] for d in done)
     return Result(
         server=server.name,
         concurrency=concurrency,
@@ -121,31 +125,53 @@ def run_variants(
     label: str,
     title: str,
     variants: dict[str, dict],
+    levels: tuple[int, ...] = (1, 8),
+    steps: bool = False,
 ) -> None:
-    """Streams each variant (run_level keyword arguments) at concurrency 1 and 8, prints each against the
-    first variant in a table titled `title`, and writes the rows, each named under `label`, to `path`."""
+    """Streams each variant (run_level keyword arguments) at each concurrency level, prints each against the
+    first variant in a table titled `title`, and writes the rows, each named under `label`, to `path`.
+    With `steps`, also the server's model steps per output token (llmchat's /health) over each run."""
     rows = []
-    for concurrency in (1, 8):
+    for concurrency in levels:
         for name, kwargs in variants.items():
+            before = _decoding(server) if steps else None
             result = asyncio.run(run_level(server, concurrency, max(2 * concurrency, 3), max_tokens, count, **kwargs))
-            rows.append({label: name} | asdict(result))
+            row = {label: name} | asdict(result)
+            if steps:
+                after = _decoding(server)
+                row["steps_per_token"] = None
+                if before and after:
+                    tokens = after["output_tokens"] - before["output_tokens"]
+                    row["steps_per_token"] = round((after["model_steps"] - before["model_steps"]) / max(tokens, 1), 3)
+            rows.append(row)
             console.print(f"  {name} c={concurrency}: {result.throughput_tok_s} tok/s")
     baseline = next(iter(variants))
-    rows_table = table(title, (label, "conc", "tok/s", f"vs {baseline}", "decode tok/s p50", "TTFT p50 s", "errors"))
+    columns = (label, "conc", "tok/s", f"vs {baseline}", "tokens/reply", "decode tok/s p50", "TTFT p50 s", "errors")
+    rows_table = table(title, (*columns, "steps/token") if steps else columns)
     base = {r["concurrency"]: r["throughput_tok_s"] for r in rows if r[label] == baseline}
     for r in rows:
         base_tok_s = base[r["concurrency"]]
-        rows_table.add_row(
+        cells = [
             r[label],
             str(r["concurrency"]),
             f"{r['throughput_tok_s']:.1f}",
             f"{r['throughput_tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a",
+            f"{r['output_tokens'] / max(r['num_requests'] - r['errors'], 1):.0f}",
             f"{r['decode_tok_s_p50']:.1f}",
             f"{r['ttft_p50_s']:.2f}",
             str(r["errors"]),
-        )
+        ]
+        if steps:
+            cells.append("n/a" if r["steps_per_token"] is None else f"{r['steps_per_token']:.2f}")
+        rows_table.add_row(*cells)
     console.print(rows_table)
     path.write_text(json.dumps(rows, indent=2))
+
+
+def _decoding(server: servers.Server) -> dict | None:
+    """llmchat's counts since start: output tokens and the model steps that chose them (None from a build
+    that does not report them)."""
+    return httpx.get(server.base_url + "/health").json().get("decoding")
 
 
 def render(results: list[Result], console: Console) -> None:
