@@ -160,6 +160,9 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
                 prefix_cache_bytes=prefix_cache_bytes(settings),
                 jump_forward=settings.jump_forward,
             )
+            if settings.cuda_graphs:
+                stage("capturing CUDA graphs for every batch size")
+                engine.prepare()
             chat = Chat(engine, chat_options(settings))
             stage(f"preparing constrained decoding ({chat.family} tool calls)")
             chat.grammar  # noqa: B018 -- built now so the first tool request does not pay for it

@@ -2,7 +2,8 @@
 
 Each step reaps aborted sequences, admits newcomers (their prompts' cached prefixes copied in),
 prefills the next chunk of each prompt within the step's token budget, decodes every prefilled
-sequence by one token, samples per sequence, and streams text to each sequence's asyncio queue.
+sequence by its pending tokens (one, or more where a grammar forced them), samples every row in one
+pass, and streams text to each sequence's asyncio queue.
 """
 
 import asyncio
@@ -19,7 +20,7 @@ from llmchat.engine.constraints import GrammarMasks
 from llmchat.engine.loader import LoadedModel
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner
-from llmchat.engine.sampling import MIN_TEMPERATURE, SamplingParams, StopChecker, sample_next, token_logprob
+from llmchat.engine.sampling import SamplingParams, StopChecker, sample, token_logprobs
 from llmchat.engine.scheduler import Output, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger("llmchat.engine")
@@ -56,6 +57,9 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         self.prefix_cache, self.prefix_cache_off = make_prefix_cache(loaded.model, prefix_cache_bytes)
+        if config.max_kv_tokens is None:
+            reserved = self.prefix_cache.capacity_bytes if self.prefix_cache is not None else 0
+            config.max_kv_tokens = kv_token_budget(loaded.model, reserved)
         self.runner = BatchRunner(
             loaded.model,
             pad,
@@ -112,6 +116,7 @@ class Engine:
             "forward_memory_bytes": self.runner.forward.extra_bytes,
             "prefix_cache": cache,
             "max_batched_tokens": self.scheduler.config.max_batched_tokens,
+            "max_kv_tokens": self.scheduler.config.max_kv_tokens,
             "decoding": {
                 "jump_forward": self.jump_forward,
                 "output_tokens": self.num_output_tokens,
@@ -121,6 +126,13 @@ class Engine:
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
         }
+
+    def prepare(self) -> None:
+        """Captures the forward pass's CUDA graphs for every batch size; call before start(), on the GPU's thread."""
+        if self.runner.device.type == "cuda" and self.runner.device.index is not None:
+            torch.cuda.set_device(self.runner.device)
+        with torch.inference_mode():
+            self.runner.prepare()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmchat-engine", daemon=True)
@@ -163,6 +175,9 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            if self.runner.device.type == "cuda" and self.runner.device.index is not None:
+                # Kernels, graph captures and allocations of this thread go to the model's GPU, not GPU 0.
+                torch.cuda.set_device(self.runner.device)
             self._loop()
         finally:
             # However the loop ended (shutdown, or an error that escaped it), nobody may wait forever.
@@ -184,6 +199,11 @@ class Engine:
                 try:
                     self.step()
                 except Exception as exc:  # a failed step ends the batch it ran, not the engine
+                    if is_device_fault(exc):
+                        # The device context is unusable: every later step would fail while /health said ok.
+                        # Ending the loop fails every request and /health, and systemd restarts the service.
+                        log.critical("unrecoverable device error, stopping the engine: %s", exc)
+                        return
                     log.exception("generation step failed; ending %d running sequences", len(self.runner.rows))
                     error = f"{type(exc).__name__}: {exc}"
                     for seq in self.scheduler.running:
@@ -200,11 +220,18 @@ class Engine:
         """
         self._reap()
         for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
-            self._admit(seq)
+            try:
+                self._admit(seq)
+            except torch.OutOfMemoryError:
+                self._out_of_memory([seq])
         chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), self._max_chunk())
         if chunks:
             start = time.perf_counter()
-            joined, logits = self.runner.prefill(chunks)
+            try:
+                joined, logits = self.runner.prefill(chunks)
+            except torch.OutOfMemoryError:  # raised before the batch's cache was touched: only newcomers fail
+                self._out_of_memory([seq for seq, _ in chunks])
+                joined = []
             if joined:
                 self._sample(joined, logits)
             self.prefill_token_s = _average(
@@ -217,6 +244,17 @@ class Engine:
             self._sample(rows, self.runner.decode())
             self.decode_step_s = _average(self.decode_step_s, time.perf_counter() - start)
             self.runner.drop(self.scheduler.postprocess())
+
+    def _out_of_memory(self, seqs: list[Sequence]) -> None:
+        """Ends sequences whose admission or prefill ran out of device memory; the running batch goes on."""
+        log.warning("out of memory admitting or prefilling %d requests; ending them", len(seqs))
+        for seq in seqs:
+            seq.kv = None
+            if not seq.is_finished:
+                error = "out of memory: the prompt did not fit beside the running requests; retry later"
+                seq.finish(Output("", len(seq.completion_ids), "error", error))
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _max_chunk(self) -> int | None:
         """Prompt tokens this step may prefill without stalling the decoding rows for over STALL_STEPS steps."""
@@ -245,35 +283,43 @@ class Engine:
         self.runner.start(seq)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Picks each sequence's next token (grammar masks for all constrained rows at once, greedy rows by one
-        argmax), appends it and any tokens its grammar then forces, and starts the constrained rows' next masks."""
+        """Picks every sequence's next token in one pass (grammar masks for all constrained rows at once),
+        appends it and any tokens its grammar then forces, and starts the constrained rows' next masks.
+
+        A row whose grammar, processor or logits fail (NaN) ends its own request; the others go on.
+        """
         constraints = [seq.params.constraint for seq in seqs]
-        raw = {i: logits[i].clone() for i, seq in enumerate(seqs) if seq.params.logprobs is not None and constraints[i]}
-        errors = self.masks.apply(constraints, logits)
-        greedy = logits.argmax(dim=-1).tolist()
+        asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        # Log-probabilities are the model's own: taken before masks, processors and temperature.
+        raw = logits[asking] if asking else None  # a copy (indexed by a list)
+        errors: list[Exception | None] = list(self.masks.apply(constraints, logits))
+        for i, seq in enumerate(seqs):
+            try:
+                for processor in seq.params.logits_processors:
+                    logits[i] = processor(seq.completion_ids, logits[i])
+            except Exception as exc:
+                errors[i] = errors[i] or exc
+        tokens, broken = sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        if asking:
+            nums = [seqs[i].params.logprobs for i in asking]
+            entries = token_logprobs(raw, [tokens[i] for i in asking], nums, self._decode_one)
+            for i, entry in zip(asking, entries, strict=True):
+                if tokens[i] not in self.eos_ids:
+                    seqs[i].logprobs.append(entry)
         self.num_model_steps += len(seqs)
         for i, seq in enumerate(seqs):
             seq.num_steps += 1
+            if broken[i] and errors[i] is None:
+                errors[i] = FloatingPointError("the model's logits for this request are not numbers (NaN or inf)")
             try:
                 if errors[i] is not None:
                     raise errors[i]
-                row = logits[i]
-                for processor in seq.params.logits_processors:
-                    row = processor(seq.completion_ids, row)
-                if seq.params.temperature < MIN_TEMPERATURE and not seq.params.logits_processors:
-                    token = greedy[i]
-                else:
-                    token = sample_next(row, seq.params, seq.generator)
-                if seq.params.logprobs is not None and token not in self.eos_ids:
-                    seq.logprobs.append(
-                        token_logprob(raw.get(i, logits[i]), token, seq.params.logprobs, self._decode_one)
-                    )
-                tokens, complete = self._forced_after(seq, token)
-            except Exception as exc:  # a grammar's, processor's or sampler's failure ends its own sequence
-                log.exception("sampling failed; ending one sequence")
+                forced, complete = self._forced_after(seq, tokens[i])
+            except Exception as exc:  # a grammar's, processor's or the logits' failure ends its own sequence
+                log.error("sampling failed; ending one sequence", exc_info=exc)
                 seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
                 continue
-            self._append(seq, tokens, complete)
+            self._append(seq, forced, complete)
         self.masks.start([c for seq, c in zip(seqs, constraints, strict=True) if c and not seq.is_finished])
 
     def _forced_after(self, seq: Sequence, token: int) -> tuple[list[int], bool]:
@@ -328,6 +374,14 @@ class Engine:
         return Output(text, len(seq.completion_ids), finish_reason, stop_sequence=stop, logprobs=logprobs)
 
 
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA or HIP error that leaves the device context unusable (a device-side assert, an illegal memory
+    access); out of memory is not one."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or any(m in str(exc) for m in ("CUDA error", "HIP error"))
+
+
 def _average(average: float | None, value: float, weight: float = 0.3) -> float:
     return value if average is None else (1 - weight) * average + weight * value
 
@@ -343,12 +397,26 @@ def make_prefix_cache(model: torch.nn.Module, capacity_bytes: int | None) -> tup
     return PrefixCache(capacity_bytes), None
 
 
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+def kv_token_budget(model: torch.nn.Module, reserved_bytes: int) -> int | None:
+    """On a GPU, how many tokens of KV the running batch may hold: 80% of the memory free at start (the rest
+    for activations and the allocator's slack) less `reserved_bytes` (the prefix cache's bound). None on the
+    CPU, where memory is the host's and the kernel, not an exception, answers overuse."""
+    if model.device.type != "cuda":
+        return None
+    free = torch.cuda.mem_get_info(model.device)[0]
+    return max(int(0.8 * free) - reserved_bytes, 0) // kv_bytes_per_token(model)
+
+
 def default_capacity(model: torch.nn.Module) -> int:
     """A tenth of the memory free on the model's device at start-up (a fifth of a GPU's), at most 64 contexts' KV."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
-    contexts = 64 * bytes_per_token * getattr(config, "max_position_embeddings", 8192)
+    contexts = 64 * kv_bytes_per_token(model) * getattr(config, "max_position_embeddings", 8192)
     if model.device.type == "cuda":
         free = torch.cuda.mem_get_info(model.device)[0] // 5
     else:

@@ -4,7 +4,7 @@ A decode step of a small model on a GPU is mostly kernel launches. A graph needs
 fixed memory, but the batch's KV cache grows every step and is rebuilt when rows come and go, so
 only the pieces between attentions are captured: per layer, norm + q/k/v + rotation before it, and
 output projection + MLP after it, plus the final norm and logits. Rows are padded up to a bucket
-(1, 2, 4, 8, ...) and each bucket is captured once, the first time a batch of that size decodes.
+(1, 2, 4, 8, ...) and every bucket is captured once, at start-up.
 Attention and the cache update run eagerly on the real rows.
 
 Without capture (on the CPU) the same pieces run eagerly over the same static buffers, which is how
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from llmchat.engine.fused_forward import FusedForward, attention_mask
+from llmchat.engine.fused_forward import FusedForward
 
 log = logging.getLogger("llmchat.engine.cuda_graphs")
 
@@ -115,13 +115,11 @@ class GraphedDecode:
         for buffer, value in ((bucket.x, x), (bucket.cos, cos), (bucket.sin, sin)):
             buffer.zero_()
             buffer[:rows].copy_(value)
-        allowed = attention_mask(mask, 1)
+        attend = fused.attention(mask, 1, cache.layers[0].get_seq_length(), x)
         for pre, post, layer, cache_layer in zip(bucket.pre, bucket.post, fused.layers, cache.layers, strict=True):
             pre()
             keys, values = cache_layer.update(bucket.k[:rows], bucket.v[:rows])
-            out = F.scaled_dot_product_attention(
-                bucket.q[:rows], keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
-            )
+            out = attend(bucket.q[:rows], keys, values, layer.scaling)
             bucket.attended[:rows].copy_(out.transpose(1, 2).flatten(2))
             post()
         bucket.head()
@@ -130,6 +128,12 @@ class GraphedDecode:
     def ragged(self, *args) -> torch.Tensor:
         """Prefill chunks of several sequences: the fused pass's, uncaptured (shapes vary with every step)."""
         return self.fused.ragged(*args)
+
+    def capture_all(self, device: torch.device) -> None:
+        """Builds (on a GPU, captures) every bucket now, at start-up before the service reports ready: captured
+        lazily, each first batch of a new size stalled every running stream for the capture."""
+        for size in self.sizes:
+            self._bucket(size, device)
 
     def uneven(self, *args) -> torch.Tensor:
         """A decode step where some rows bring forced tokens: the fused pass's, uncaptured."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from llmchat.engine import int4
+from llmchat.engine.attention import Attention
 from llmchat.engine.loader import has_amx_bf16
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -147,21 +148,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def attention_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """[rows, 1, queries, keys] booleans from the runner's [rows, keys] mask (1 = real token), causal over queries.
-
-    A padding query may always see itself: a query that sees nothing would make NaN keys and values
-    for the next layer, and a masked NaN still poisons the weighted sum.
-    """
-    real = mask.bool()[:, None, None, :]
-    if num_queries == 1:
-        return real
-    keys = mask.shape[1]
-    key_index = torch.arange(keys, device=mask.device)
-    query_index = torch.arange(keys - num_queries, keys, device=mask.device)[:, None]
-    return (key_index <= query_index) & (real | (key_index == query_index))
-
-
 class FusedForward:
     """Callable like the runner's model: (ids, mask, positions, cache) -> logits of each row's last token."""
 
@@ -190,15 +176,17 @@ class FusedForward:
     ) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary_for(x, positions)
-        allowed = attention_mask(mask, ids.shape[1])
+        attend = self.attention(mask, ids.shape[1], cache.layers[0].get_seq_length(), x)
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
             q, k, v = self.pre_attention(layer, x, cos, sin)
             keys, values = cache_layer.update(k, v)
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
-            )
+            out = attend(q, keys, values, layer.scaling)
             x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2))
         return self.head(x)
+
+    def attention(self, mask: torch.Tensor | None, num_queries: int, past: int, x: torch.Tensor) -> Attention:
+        """How this step calls SDPA (attention.py): expanded key/value heads on a GPU where a mask is needed."""
+        return Attention(mask, num_queries, past, x, expand_heads=x.device.type == "cuda")
 
     def ragged(
         self, ids: torch.Tensor, positions: torch.Tensor, sizes: list[int], caches: list[DynamicCache]
@@ -212,21 +200,15 @@ class FusedForward:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary_for(x, positions)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        masks = [
-            attention_mask(torch.ones(1, c.get_seq_length() + n, device=ids.device), n)
-            for c, n in zip(caches, sizes, strict=True)
-        ]
+        # Each chunk is one unpadded row over its own cache: causal, with a mask only after cached keys.
+        attends = [self.attention(None, n, c.get_seq_length(), x) for c, n in zip(caches, sizes, strict=True)]
         for index, layer in enumerate(self.layers):
             q, k, v = self.pre_attention(layer, x, cos, sin)
             outs = []
-            for cache, start, n, allowed in zip(caches, starts, sizes, masks, strict=True):
+            for cache, start, n, attend in zip(caches, starts, sizes, attends, strict=True):
                 end = start + n
                 keys, values = cache.layers[index].update(k[:, :, start:end], v[:, :, start:end])
-                outs.append(
-                    F.scaled_dot_product_attention(
-                        q[:, :, start:end], keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
-                    )
-                )
+                outs.append(attend(q[:, :, start:end], keys, values, layer.scaling))
             x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2))
         last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
         return self.lm_head(rms_norm(x[0, last], self.final_norm))
@@ -241,7 +223,7 @@ class FusedForward:
         index = real.flatten().nonzero().flatten()
         x = F.embedding(ids.flatten()[index], self.embed)[None]
         cos, sin = self.rotary_for(x, positions.flatten()[index][None])
-        allowed = attention_mask(mask, k)
+        attend = self.attention(mask, k, cache.layers[0].get_seq_length(), x)
 
         def spread(t: torch.Tensor) -> torch.Tensor:  # [1, heads, tokens, dim] -> [rows, heads, k, dim]
             out = t.new_zeros((rows * k, t.shape[1], t.shape[3]))
@@ -251,9 +233,7 @@ class FusedForward:
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
             q, key, value = self.pre_attention(layer, x, cos, sin)
             keys, values = cache_layer.update(spread(key), spread(value))
-            out = F.scaled_dot_product_attention(
-                spread(q), keys, values, attn_mask=allowed, scale=layer.scaling, enable_gqa=True
-            )
+            out = attend(spread(q), keys, values, layer.scaling)
             x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2).flatten(0, 1)[index][None])
         last = real.sum(dim=1).cumsum(0) - 1
         return self.lm_head(rms_norm(x[0, last], self.final_norm))

@@ -162,7 +162,14 @@ class BatchRunner:
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cached columns], 1 = real token
+        self.padded = False  # whether the mask has any 0 (known here, so no step reads it from the device)
         self.positions: torch.Tensor | None = None  # [rows], position of each row's pending token
+
+    def prepare(self) -> None:
+        """Start-up work of the forward pass that would otherwise stall the first requests (CUDA graphs)."""
+        capture_all = getattr(self.forward, "capture_all", None)
+        if capture_all is not None:
+            capture_all(self.device)
 
     @property
     def num_columns(self) -> int:
@@ -209,7 +216,10 @@ class BatchRunner:
         joined = [s for s, _ in chunks if s.num_computed == s.num_prompt_tokens]
         if not joined:
             return [], torch.empty(0)
-        self._join(joined)
+        try:
+            self._join(joined)
+        except torch.OutOfMemoryError as exc:  # the batch's cache may be half rebuilt: the whole step fails
+            raise RuntimeError(f"out of memory adding rows to the batch: {exc}") from exc
         return joined, torch.stack([logits[id(s)] for s in joined])
 
     def _prefill_one(self, seq: Sequence, n: int) -> torch.Tensor:
@@ -217,9 +227,8 @@ class BatchRunner:
         if seq.kv is None:
             seq.kv = new_cache(self.model)
         ids = torch.tensor([seq.prompt_ids[start : start + n]], dtype=torch.long, device=self.device)
-        mask = torch.ones((1, start + n), dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
-        return self.forward(ids, mask, positions, seq.kv)[0]
+        return self.forward(ids, None, positions, seq.kv)[0]  # one row, no padding
 
     def _prefill_ragged(self, chunks: list[tuple[Sequence, int]], ragged) -> dict[int, torch.Tensor]:
         """All chunks in one pass of the fused forward, each sequence attending over its own cache."""
@@ -287,6 +296,7 @@ class BatchRunner:
             seq = seqs[0]
             self.rows, self.cache = [seq], seq.kv
             self.mask = torch.ones((1, seq.num_computed), dtype=torch.long, device=self.device)
+            self.padded = False
             self.positions = torch.tensor([seq.num_computed], device=self.device)
             seq.kv = None
             return
@@ -310,6 +320,7 @@ class BatchRunner:
             else:
                 batch.update(torch.cat(keys), torch.cat(values))
         self.mask = torch.cat([_left_pad(self.mask, width - old), mask])
+        self.padded = self.padded or (had_rows and old < width) or any(s.num_computed < width for s in seqs)
         self.positions = torch.cat([self.positions, mask.sum(dim=1)])
         self.rows.extend(seqs)
         for seq in seqs:
@@ -331,7 +342,7 @@ class BatchRunner:
         real tokens only; transformers' forward runs the padded block.
         """
         counts = [len(s.pending) for s in self.rows]
-        k = max(counts)
+        k, fewest = max(counts), min(counts)
         ids = [[self.pad_token_id] * (k - n) + s.pending for s, n in zip(self.rows, counts, strict=True)]
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         real = torch.tensor([[0] * (k - n) + [1] * n for n in counts], dtype=self.mask.dtype, device=self.device)
@@ -339,11 +350,12 @@ class BatchRunner:
         # A padding column's position is that of the row's first real one: any value would do, it is masked.
         positions = self.positions[:, None] + (torch.arange(k, device=self.device) - (k - counts)[:, None]).clamp(min=0)
         mask = torch.cat([self.mask, real], dim=1)
+        self.padded = self.padded or k > fewest
         uneven = getattr(self.forward, "uneven", None)
         if k > 1 and uneven is not None:
             logits = uneven(ids, mask, positions, self.cache, real)
         else:
-            logits = self.forward(ids, mask, positions, self.cache)
+            logits = self.forward(ids, mask if self.padded else None, positions, self.cache)
         self.mask = mask
         self.positions = self.positions + counts
         for seq in self.rows:
@@ -364,12 +376,13 @@ class BatchRunner:
                     self._cache_row(i, seq)
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.positions = None
+            self.reset()
             return
         index = torch.tensor(keep, device=self.device)
         self.mask, self.positions = self.mask[index], self.positions[index]
         first_used = int(self.mask.any(dim=0).int().argmax())
         self.mask = self.mask[:, first_used:]
+        self.padded = not bool(self.mask.all())
         for layer in self.cache.layers:
             # Under a device map split over GPUs each layer's cache lives on that layer's GPU.
             rows = index.to(layer.keys.device)
@@ -398,6 +411,7 @@ class BatchRunner:
 
     def reset(self) -> None:
         self.rows, self.cache, self.mask, self.positions = [], None, None, None
+        self.padded = False
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -39,36 +39,64 @@ class TokenLogprob:
     top: list[tuple[str, float]]
 
 
-def token_logprob(logits: torch.Tensor, token_id: int, num_top: int, decode: Callable[[int], str]) -> TokenLogprob:
+def token_logprobs(
+    logits: torch.Tensor, tokens: list[int], num_tops: list[int], decode: Callable[[int], str]
+) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability and its `num_tops` likeliest tokens, read back from the
+    device once for all rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    top = []
-    if num_top:
-        values, ids = torch.topk(logprobs, num_top)
-        top = [(decode(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
-    return TokenLogprob(decode(token_id), float(logprobs[token_id]), top)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    most = max(num_tops)
+    values, ids = torch.topk(logprobs, most) if most else (chosen[:, None][:, :0], chosen[:, None][:, :0].long())
+    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    return [
+        TokenLogprob(decode(token), chosen[i], [(decode(t), v) for t, v in zip(ids[i][:n], values[i][:n], strict=True)])
+        for i, (token, n) in enumerate(zip(tokens, num_tops, strict=True))
+    ]
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Picks the next token from one row of logits: greedy at temperature 0, else nucleus sampling."""
-    # Below this, dividing by the temperature overflows float32 logits to inf (a subnormal 2e-308 did), and
-    # the distribution is greedy in all but name anyway.
-    if params.temperature < MIN_TEMPERATURE:
-        return int(torch.argmax(logits))
-    logits = logits.float()
-    if 0 < params.top_k < logits.numel():
-        # Everything below the k-th largest logit is out (ties at the threshold stay).
-        threshold = torch.topk(logits, params.top_k).values[-1]
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> tuple[list[int], list[bool]]:
+    """Every row's next token, sampled together on the logits' device and read back once; and which rows'
+    logits hold NaN or +inf (their token means nothing; the caller ends those requests).
+
+    Greedy rows (temperature ~0) take the argmax. The others apply their own top-k, temperature and top-p,
+    then draw by the exponential race: argmax(p / E) with E ~ Exp(1) from the row's own generator picks
+    token i with probability p_i, and, unlike torch.multinomial, does not assert on the device when a row
+    is NaN (which on CUDA would kill the process's context).
+    """
+    tokens = logits.argmax(dim=-1)
+    broken = (logits.isnan() | logits.isposinf()).any(dim=-1)
+    drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+    if drawn:
+        index = torch.tensor(drawn, device=logits.device)
+        tokens[index] = _draw(logits[index].float(), [params[i] for i in drawn], [generators[i] for i in drawn])
+    tokens, broken = torch.stack([tokens, broken.long()]).tolist()
+    return tokens, [bool(b) for b in broken]
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    rows, vocab = logits.shape
+    device = logits.device
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(ks) < vocab:
+        # Everything below a row's k-th largest logit is out (ties at the threshold stay).
+        top = torch.topk(logits, max(ks)).values
+        threshold = top.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
         logits = logits.masked_fill(logits < threshold, float("-inf"))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    top_p = [p.top_p for p in params]
+    if min(top_p) < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the top token always stays (a top_p that
         # underflows to 0 in float32 would otherwise leave nothing to sample from).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        outside[0] = False
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= torch.tensor(top_p, device=device)[:, None]
+        outside[:, 0] = False
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(outside, 0.0))
+    noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(dim=-1)
 
 
 class StopChecker:

@@ -92,6 +92,9 @@ class SchedulerConfig:
     max_running: int = 16
     max_batched_tokens: int = 512
     max_waiting: int = 64
+    # Most tokens (prompt and reply so far) the running sequences may hold in the KV cache together; a
+    # newcomer waits while admitting it would pass this (None: no bound). Set from free GPU memory.
+    max_kv_tokens: int | None = None
 
 
 class Scheduler:
@@ -147,12 +150,17 @@ class Scheduler:
         reads those tokens from the prefix cache instead of computing them again.
         """
         admitted: list[Sequence] = []
+        held = sum(s.num_prompt_tokens + len(s.completion_ids) for s in self.running)
         with self._lock:
             for seq in list(self.waiting):
                 if len(self.running) + len(admitted) >= self.config.max_running:
                     break
+                room = self.config.max_kv_tokens
+                if room is not None and (self.running or admitted) and held + seq.num_prompt_tokens > room:
+                    break  # in order: a long prompt is not passed by shorter ones for ever
                 if hold_shared and self._should_wait(seq, [*self.running, *admitted]):
                     continue
+                held += seq.num_prompt_tokens
                 self.waiting.remove(seq)
                 admitted.append(seq)
         if admitted and self.running:

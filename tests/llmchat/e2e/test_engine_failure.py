@@ -4,6 +4,7 @@ import json
 
 import httpx
 import pytest
+import torch
 
 from llmchat.engine import Engine
 from llmchat.engine.loader import ModelConfig, load_model
@@ -20,6 +21,7 @@ class FailAtStep:
 
     def __init__(self, forward, step: int) -> None:
         self.forward, self.step, self.calls = forward, step, 0
+        self.error: Exception = RuntimeError("simulated device fault")
 
     def __getattr__(self, name: str):
         return getattr(self.forward, name)  # what /health reads of the pass (its kind, its memory)
@@ -27,7 +29,7 @@ class FailAtStep:
     def __call__(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.step:
-            raise RuntimeError("simulated device fault")
+            raise self.error
         return self.forward(*args, **kwargs)
 
 
@@ -87,5 +89,24 @@ def test_dead_engine_thread_fails_in_flight_requests_and_answers_503():
         assert health.json()["status"] == "error" and health.json()["engine_alive"] is False
         r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY | {"stream": True}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+    finally:
+        live.stop()
+
+
+def test_a_device_error_stops_the_engine_so_health_fails_and_systemd_restarts_it():
+    """A CUDA error such as a device-side assert leaves the context unusable: every later step would fail while
+    /health said ok. The engine stops instead; in-flight requests fail, /health is 503."""
+    engine = Engine(load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir)))
+    fault = FailAtStep(engine.runner.forward, step=3)
+    fault.error = torch.AcceleratorError("CUDA error: device-side assert triggered")
+    engine.runner.forward = fault
+    live = start_server(create_app(Settings(port=0), engine=engine))
+    try:
+        r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY, timeout=60)
+        assert r.status_code == 500 and "Traceback" not in r.text
+        health = httpx.get(f"{live.base_url}/health")
+        assert health.status_code == 503 and health.json()["engine_alive"] is False
+        r = httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY, timeout=60)
+        assert r.status_code == 503
     finally:
         live.stop()

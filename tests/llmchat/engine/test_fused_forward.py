@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from llmchat.engine import Engine
+from llmchat.engine.attention import Attention
 from llmchat.engine.cuda_graphs import GraphedDecode, buckets_for
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason, uses_packed_bf16
 from llmchat.engine.loader import ModelConfig, load_model
@@ -168,6 +169,70 @@ def test_a_step_of_uneven_rows_matches_the_padded_block(model_type):
     for name, other_logits, other_after in results[1:]:
         torch.testing.assert_close(logits, other_logits, rtol=1e-4, atol=1e-4, msg=name)
         torch.testing.assert_close(after, other_after, rtol=1e-4, atol=1e-4, msg=f"{name}, the step after")
+
+
+class RecordSDPA:
+    """Records the keyword arguments and key shapes of every SDPA call the fused pass makes."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[dict] = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def record(q, k, v, **kwargs):
+            self.calls.append(kwargs | {"heads": (q.shape[1], k.shape[1])})
+            return real(q, k, v, **kwargs)
+
+        monkeypatch.setattr("llmchat.engine.attention.F.scaled_dot_product_attention", record)
+
+
+def test_attention_is_unmasked_where_no_row_is_padded(monkeypatch):
+    """A lone prompt is plain causal and an unpadded decode step needs no mask; only padding (or a chunk after
+    cached tokens) builds one, once per step, as an additive float mask."""
+    model = tiny_model("llama")
+    fused = FusedForward(model)
+    sdpa = RecordSDPA(monkeypatch)
+    layers = model.config.num_hidden_layers
+    with torch.inference_mode():
+        cache = new_cache(model)
+        ids = torch.randint(3, 200, (1, 6))
+        fused(ids, None, torch.arange(6)[None], cache)
+        assert all(c.get("is_causal") and c.get("attn_mask") is None for c in sdpa.calls)
+        sdpa.calls.clear()
+        fused(ids[:, :1], None, torch.tensor([[6]]), cache)
+        assert all(not c.get("is_causal") and c.get("attn_mask") is None for c in sdpa.calls)
+        sdpa.calls.clear()
+        fused(ids[:, :3], None, torch.arange(7, 10)[None], cache)  # a chunk after cached tokens
+        masks = [c["attn_mask"] for c in sdpa.calls]
+        assert len(masks) == layers and all(m is masks[0] and m.dtype == torch.float32 for m in masks)
+        sdpa.calls.clear()
+        ids, mask, positions = left_padded([5, 3], model.config.vocab_size)
+        fused(ids, mask, positions, new_cache(model))
+        assert all(c["attn_mask"] is not None and c["enable_gqa"] for c in sdpa.calls)
+
+
+def test_on_a_gpu_masked_attention_expands_key_value_heads_with_the_same_result(monkeypatch):
+    """The grouped key/value heads are expanded where a mask is needed (the memory-efficient kernel takes no
+    groups on ROCm); here on the CPU, the expanded call computes what the grouped one does."""
+    model = tiny_model("llama")
+    grouped, expanded = FusedForward(model), FusedForward(model)
+    expanded.attention = lambda mask, n, past, x: Attention(mask, n, past, x, expand_heads=True)
+    ids, mask, positions = left_padded([7, 4, 9], model.config.vocab_size)
+    with torch.inference_mode():
+        reference = run(grouped, model, ids, mask, positions, steps=3)
+        tokens = [t.argmax(-1, keepdim=True) for t in reference[:-1]]
+        sdpa = RecordSDPA(monkeypatch)
+        ours = run(expanded, model, ids, mask, positions, tokens)
+    heads = model.config.num_attention_heads
+    assert sdpa.calls and all(c["heads"] == (heads, heads) and "enable_gqa" not in c for c in sdpa.calls)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_every_cuda_graph_bucket_is_built_at_start_up():
+    model = tiny_model("llama")
+    graphed = GraphedDecode(FusedForward(model), max_rows=6, capture=False)
+    graphed.capture_all(torch.device("cpu"))
+    assert sorted(graphed.buckets) == [1, 2, 4, 8]
 
 
 @pytest.fixture(scope="module")

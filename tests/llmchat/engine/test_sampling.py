@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from llmchat.engine.sampling import SamplingParams, StopChecker, sample_next, token_logprob
+from llmchat.engine.sampling import SamplingParams, StopChecker, sample, token_logprobs
 
 
 def run(checker: StopChecker, pieces: list[str]) -> tuple[str, bool]:
@@ -49,6 +49,13 @@ def test_held_back_text_never_contains_stop_prefix_early():
     assert checker.feed("x") == ("ENx", False)
 
 
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One row through the batched sampler."""
+    tokens, broken = sample(logits[None].clone(), [params], [generator])
+    assert broken == [False]
+    return tokens[0]
+
+
 def test_greedy_and_top_p():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     gen = torch.Generator().manual_seed(0)
@@ -90,14 +97,66 @@ def test_the_stop_string_that_matched_is_named():
     assert checker.matched == "STOP"
 
 
-def test_token_logprob_is_the_models_log_probability_with_the_top_alternatives():
-    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
-    entry = token_logprob(logits, 2, 2, lambda i: f"t{i}")
+def test_token_logprobs_are_the_models_log_probabilities_with_the_top_alternatives():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    first, second = token_logprobs(logits, [2, 3], [2, 0], lambda i: f"t{i}")
     expected = torch.log_softmax(logits, -1)
-    assert entry.token == "t2" and entry.logprob == pytest.approx(float(expected[2]))
-    assert [t for t, _ in entry.top] == ["t1", "t2"]
-    assert entry.top[0][1] == pytest.approx(float(expected[1]))
-    assert token_logprob(logits, 0, 0, str).top == []
+    assert first.token == "t2" and first.logprob == pytest.approx(float(expected[0, 2]))
+    assert [t for t, _ in first.top] == ["t1", "t2"]
+    assert first.top[0][1] == pytest.approx(float(expected[0, 1]))
+    assert second.token == "t3" and second.logprob == pytest.approx(float(expected[1, 3])) and second.top == []
+    assert token_logprobs(logits[:1], [0], [0], str)[0].top == []
+
+
+def test_a_batch_samples_each_row_as_alone_and_greedy_rows_take_the_argmax():
+    """Rows with their own temperature, top-k, top-p and seed: each row's token is what it gets alone with
+    the same seed, whatever the batch around it, and a seed repeats its draws."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, 50) * 3
+    params = [
+        SamplingParams(max_tokens=1, temperature=0.0),
+        SamplingParams(max_tokens=1, temperature=0.7, seed=1),
+        SamplingParams(max_tokens=1, temperature=1.3, top_k=5),
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5),
+        SamplingParams(max_tokens=1, temperature=0.0),
+        SamplingParams(max_tokens=1, temperature=2.0, top_k=3, top_p=0.9),
+    ]
+
+    def draws(seed: int) -> list[list[int]]:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(params))]
+        together = [sample(logits.clone(), params, gens)[0] for _ in range(20)]
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(len(params))]
+        alone = [
+            [sample_next(logits[i], p, g) for i, (p, g) in enumerate(zip(params, gens, strict=True))] for _ in range(20)
+        ]
+        assert together == alone
+        return together
+
+    first = draws(7)
+    assert first == draws(7)
+    for row in (0, 4):
+        assert {t[row] for t in first} == {int(logits[row].argmax())}
+    assert len({t[1] for t in first}) > 1, "a sampled row varies from draw to draw"
+    top3 = set(torch.topk(logits[5], 3).indices.tolist())
+    assert {t[5] for t in first} <= top3
+
+
+def test_the_exponential_race_draws_in_proportion_to_the_probabilities():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    params = SamplingParams(max_tokens=1, temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    picks = [sample_next(probs.log(), params, gen) for _ in range(3000)]
+    shares = [picks.count(i) / len(picks) for i in range(3)]
+    assert shares == pytest.approx([0.6, 0.3, 0.1], abs=0.03)
+
+
+def test_a_nan_row_is_reported_and_does_not_disturb_the_others():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 1.0, 0.0], [1.0, float("inf"), 0.0], [3.0, 1.0, 0.0]])
+    params = [SamplingParams(max_tokens=1, temperature=t) for t in (0.0, 1.0, 1.0, 1.0)]
+    gens = [torch.Generator().manual_seed(n) for n in range(4)]
+    tokens, broken = sample(logits, params, gens)
+    assert broken == [False, True, True, False]
+    assert tokens[0] == 1 and 0 <= tokens[3] < 3
 
 
 @pytest.mark.parametrize("temperature", [2.2e-308, 1e-45, 1e-6])
