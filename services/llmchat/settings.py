@@ -36,7 +36,8 @@ class Settings(ServiceSettings):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weight and compute dtype; auto is bfloat16 on a GPU and on a CPU with AMX, else float32.",
+        description="Weight and compute dtype; auto is bfloat16 on a GPU that computes it natively (float16 on "
+        "older ones) and on a CPU with AMX, else float32.",
     )
     forward: Literal["auto", "transformers"] = Field(
         "auto",
@@ -46,7 +47,7 @@ class Settings(ServiceSettings):
     cuda_graphs: bool = Field(
         False,
         description="On a GPU with the fused forward pass, replay each decode step's pieces between attentions "
-        "from CUDA graphs, captured once per batch-size bucket (1, 2, 4, ...). Ignored on the CPU.",
+        "from CUDA graphs, captured for every batch-size bucket (1, 2, 4, ...) at start-up. Ignored on the CPU.",
     )
     jump_forward: bool = Field(
         True,
@@ -55,7 +56,9 @@ class Settings(ServiceSettings):
         "logprobs decode every token.",
     )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
-        "auto", description="bitsandbytes quantization; auto is nf4 on a GPU and none on the CPU."
+        "auto",
+        description="bitsandbytes quantization; auto is none when the model's 16-bit weights fit in half the GPU's "
+        "free memory, else nf4 (/health says why), and none on the CPU.",
     )
     device_map: Literal["single", "auto", "balanced", "balanced_low_0", "sequential"] = Field(
         "single",

