@@ -35,6 +35,10 @@ test *args: sync-dev
 fuzz examples="300" *args: sync-dev
     LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv-dev/bin/pytest -s tests/llmchat/e2e/test_fuzz.py {{args}}
 
+# on a GPU machine: the GPU tests (tests/gpu: fused pass, CUDA graphs, kernels, sampling, /health), verbose
+gpu-check *args: sync-dev
+    .venv-dev/bin/pytest -v tests/gpu {{args}}
+
 # lint the tree
 lint: sync-dev
     .venv-dev/bin/ruff check .

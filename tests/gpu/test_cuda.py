@@ -1,0 +1,141 @@
+"""The GPU path, checked where there is a GPU (`bin/just gpu-check`); skipped elsewhere. The CPU suite checks
+the same logic with the capability, memory and faults faked."""
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine.cuda_graphs import GraphedDecode
+from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.loader import ModelConfig, load_model
+from llmchat.engine.runner import TransformersForward, new_cache
+from llmchat.engine.sampling import SamplingParams, sample
+from llmchat.server import create_app
+from llmchat.settings import Settings
+from tests.conftest import run_engine, start_server
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+CACHE = Settings().cache_dir
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Hi", "List three colors."]
+
+
+def loaded_as(dtype: str = "auto", quantization: str = "none"):
+    return load_model(ModelConfig("bundled", device="cuda", dtype=dtype, quantization=quantization, cache_dir=CACHE))
+
+
+def prompt_ids(loaded, text: str) -> list[int]:
+    rendered = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(rendered["input_ids"])
+
+
+async def drain(engine: Engine, seq) -> list[int]:
+    async for _ in engine.stream(seq):
+        pass
+    return seq.completion_ids
+
+
+def generate(loaded, **options) -> list[list[int]]:
+    """Greedy tokens of every prompt, arriving one after another so rows join and leave a running batch."""
+
+    async def body(engine: Engine):
+        seqs = []
+        for text in PROMPTS:
+            seqs.append(engine.submit(prompt_ids(loaded, text), SamplingParams(24, temperature=0.0)))
+            await asyncio.sleep(0.05)
+        return [await drain(engine, seq) for seq in seqs]
+
+    return run_engine(loaded, SchedulerConfig(max_running=8), body, **options)
+
+
+def test_fused_pass_on_the_gpu_gives_transformers_tokens_as_rows_come_and_go():
+    loaded = loaded_as("float32")
+    assert generate(loaded) == generate(loaded, fused_forward=False)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_models_load_and_answer_on_the_gpu(quantization):
+    loaded = loaded_as(quantization=quantization)
+    tokens = generate(loaded, fused_forward=False)
+    assert all(tokens) and loaded.quantization == quantization
+
+
+def test_graphed_decode_replays_equal_eager_steps_across_batch_sizes():
+    """Buckets captured at start-up, replayed for 1, 3, 5 and 2 rows (padding rows inside a bucket), and after
+    a reset, give the eager fused pass's logits."""
+    loaded = loaded_as("float32")
+    fused = FusedForward(loaded.model)
+    graphed = GraphedDecode(fused, max_rows=8, capture=True)
+    graphed.capture_all(loaded.model.device)
+    vocab = loaded.model.config.vocab_size
+    with torch.inference_mode():
+        for rows in (1, 3, 5, 2):
+            ids = torch.randint(3, vocab, (rows, 6), device="cuda")
+            eager_cache, graph_cache = new_cache(loaded.model), new_cache(loaded.model)
+            positions = torch.arange(6, device="cuda")[None].expand(rows, 6)
+            fused(ids, None, positions, eager_cache)
+            fused(ids, None, positions, graph_cache)
+            token = torch.randint(3, vocab, (rows, 1), device="cuda")
+            step = torch.full((rows, 1), 6, device="cuda")
+            torch.testing.assert_close(
+                graphed(token, None, step, graph_cache), fused(token, None, step, eager_cache), rtol=1e-4, atol=1e-4
+            )
+
+
+def test_prefill_and_decode_run_on_the_fast_attention_kernels():
+    """With the math kernel ruled out, a batch still prefills and decodes (no mask where rows are unpadded,
+    expanded heads where padding needs one)."""
+    loaded = loaded_as()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        assert all(generate(loaded))
+
+
+def test_transformers_forward_and_fused_pass_agree_in_bfloat16_within_rounding():
+    loaded = loaded_as("bfloat16")
+    ids = torch.tensor([prompt_ids(loaded, PROMPTS[0])], device="cuda")
+    positions = torch.arange(ids.shape[1], device="cuda")[None]
+    with torch.inference_mode():
+        theirs = TransformersForward(loaded.model, "reference")(ids, None, positions, new_cache(loaded.model))
+        ours = FusedForward(loaded.model)(ids, None, positions, new_cache(loaded.model))
+    assert int(theirs.argmax()) == int(ours.argmax())
+
+
+def test_sampling_reads_the_device_once():
+    logits = torch.randn(16, 49152, device="cuda")
+    params = [SamplingParams(1, temperature=0.0 if i % 2 else 0.8, top_p=0.9, top_k=40) for i in range(16)]
+    generators = [torch.Generator(device="cuda").manual_seed(i) for i in range(16)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as caught:
+            sample(logits, params, generators)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+def test_default_settings_serve_on_the_gpu_and_health_shows_its_memory():
+    live = start_server(create_app(Settings(port=0)))
+    try:
+        health = httpx.get(f"{live.base_url}/health").json()
+        assert health["device"] == "cuda" and health["quantization"] == "none"
+        assert "half the GPU's free memory" in health["quantization_reason"]
+        gpu = health["gpu"]
+        assert 0 < gpu["allocated_bytes"] <= gpu["reserved_bytes"] < gpu["total_bytes"]
+        assert health["max_kv_tokens"] > 0
+        body = {
+            "model": health["model"],
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 24,
+            "seed": 5,
+        }
+        replies = [httpx.post(f"{live.base_url}/v1/chat/completions", json=body, timeout=60).json() for _ in range(2)]
+        assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
+    finally:
+        live.stop()
