@@ -11,10 +11,10 @@ import time
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from bench.report import captioned
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
 from llmchat.engine.runner import TransformersForward, new_cache
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))  # converts once if needed
     weights = converted_dir(resolve_source("bundled"), Settings().cache_dir)
-    table = Table(title=f"decode step, context {args.context}, {torch.get_num_threads()} threads")
+    table = captioned(f"decode step, context {args.context}, {torch.get_num_threads()} threads")
     for col in ("dtype", "cache", "forward", "rows", "first step s", "ms/step", "tok/s"):
         table.add_column(col)
     with torch.inference_mode():

@@ -282,7 +282,8 @@ def main() -> None:
             server.start(args.out)
             if key == "llmchat":
                 health = httpx.get(server.base_url + "/health").json()
-                console.print(f"  dtype {health['dtype']}, forward pass: {health['forward']}")
+                why = health.get("dtype_reason", "reason not reported")
+                console.print(f"  dtype {health['dtype']} ({why}), forward pass: {health['forward']}")
             asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
             if "throughput" in scenarios:
                 for c in levels:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
-from rich.table import Table
 
 from bench import servers
+from bench.report import captioned
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Explain gravity briefly.", "Hi!"]
@@ -152,7 +152,7 @@ def main() -> None:
         report = asyncio.run(soak(server, args.minutes, args.concurrency, args.seed, console))
     finally:
         server.stop()
-    table = Table(title=f"Soak: {args.minutes:g} min, {args.concurrency} clients, mixed load")
+    table = captioned(f"Soak: {args.minutes:g} min, {args.concurrency} clients, mixed load")
     for key in ("requests", "by_kind", "by_status", "server_errors_5xx", "latency_p50_s", "latency_p99_s"):
         table.add_row(key, str(report[key]))
     table.add_row("rss MiB (t s)", " ".join(f"{rss}@{t:.0f}" for t, rss in report["rss_mib"]))

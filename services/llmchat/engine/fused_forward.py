@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 from llmchat.engine import int4
 from llmchat.engine.attention import Attention
-from llmchat.engine.loader import has_amx_bf16
+from llmchat.engine.cpu import has_amx_bf16
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmchat.engine import gpu
+from llmchat.engine import cpu, gpu
 
 log = logging.getLogger("llmchat.engine.loader")
 
@@ -65,6 +65,7 @@ class LoadedModel:
     source: ModelSource
     device: str
     dtype: torch.dtype
+    dtype_reason: str
     quantization: str
     quantization_reason: str
     max_context: int
@@ -83,6 +84,8 @@ class LoadedModel:
             "device": self.device,
             "gpu": gpu.gpu_state(self.model.device) if self.device == "cuda" else None,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": self.dtype_reason,
+            "cpu": cpu.describe(),
             "quantization": self.quantization,
             "quantization_reason": self.quantization_reason,
             "max_context": self.max_context,
@@ -148,18 +151,16 @@ def pick_device(device: str) -> str:
     return device
 
 
-def has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX: Xeon Sapphire Rapids and later)."""
-    return bool(torch.cpu.get_capabilities().get("amx_bf16"))
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
+    """The dtype to load in, and why."""
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return _DTYPES[dtype], "chosen in the settings"
     if device == "cuda":
-        return gpu.native_dtype()
-    # Without AMX a CPU emulates bfloat16 matmuls, slower than float32 once rows are batched (bench.levers).
-    return torch.bfloat16 if has_amx_bf16() else torch.float32
+        native = gpu.native_dtype()
+        if native == torch.bfloat16:
+            return native, "the GPU computes bfloat16 natively"
+        return native, "the GPU has no native bfloat16 (NVIDIA below compute capability 8.0, older AMD)"
+    return cpu.pick_dtype()
 
 
 def pick_quantization(quantization: str, device: str, weight_bytes=lambda: 0) -> tuple[str, str]:
@@ -333,7 +334,7 @@ def load_model(
     quiet_progress_bars()
     source = resolve_source(config.model)
     device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
+    dtype, dtype_reason = pick_dtype(config.dtype, device)
     placement_kwargs = pick_placement(config, source, device)
     path, cache_hit = source.path, None
     if source.kind == "gguf":
@@ -347,6 +348,8 @@ def load_model(
     quantization, why = pick_quantization(
         config.quantization, device, lambda: gpu.weight_bytes(path, config.trust_remote_code)
     )
+    if quantization == "int8" and dtype != torch.float16:
+        dtype, dtype_reason = torch.float16, "bitsandbytes' int8 layers compute in float16"
     where = device if config.device_map == "single" else f"{device}, device_map={config.device_map}"
     on_stage(f"loading weights from {path} ({where}, {str(dtype).removeprefix('torch.')}, quantization={quantization})")
     try:
@@ -354,7 +357,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path,
             trust_remote_code=config.trust_remote_code,
-            dtype=torch.float16 if quantization == "int8" else dtype,
+            dtype=dtype,
             quantization_config=_quantization_config(quantization, dtype),
             **placement_kwargs,
         )
@@ -381,6 +384,7 @@ def load_model(
         source=source,
         device=device,
         dtype=model.dtype,
+        dtype_reason=dtype_reason,
         quantization=quantization,
         quantization_reason=why,
         max_context=max_context,

@@ -1,6 +1,7 @@
 """Model loading: sources, device and quantization choices, the GGUF cache, and 4-bit / 8-bit loads."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmchat.engine import gpu
+from llmchat.engine import cpu, gpu
 from llmchat.engine.loader import (
     ModelConfig,
     ModelLoadError,
@@ -48,8 +49,14 @@ def test_sources(tmp_path):
 def test_auto_choices_on_this_machine():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto") == expected
-    amx = torch.cpu.get_capabilities().get("amx_bf16")
-    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if amx else torch.float32)
+    caps = cpu.capabilities()
+    dtype, why = pick_dtype("auto", "cpu")
+    if caps["amx_bf16"]:
+        assert dtype == torch.bfloat16 and "AMX" in why
+    elif not caps["avx512_bf16"]:
+        assert dtype == torch.float32 and "emulated" in why
+    else:
+        assert "ms in float32" in why
     assert pick_quantization("auto", "cpu") == ("none", "auto quantizes only on a GPU")
     assert pick_quantization("int8", "cpu") == ("int8", "chosen in the settings")
     if not torch.cuda.is_available():
@@ -70,9 +77,54 @@ def test_gpu_dtype_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch, nativ
         return native_bf16 or including_emulation
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert pick_dtype("auto", "cuda") == expected
+    assert pick_dtype("auto", "cuda")[0] == expected
     assert asked == [False], "emulated bfloat16 does not count"
-    assert pick_dtype("bfloat16", "cuda") == torch.bfloat16
+    assert pick_dtype("bfloat16", "cuda") == (torch.bfloat16, "chosen in the settings")
+
+
+def fake_cpu(monkeypatch, **flags: bool) -> None:
+    monkeypatch.setattr(cpu, "capabilities", lambda: dict.fromkeys(cpu.FLAGS, False) | flags)
+
+
+@pytest.mark.parametrize(
+    ("flags", "timings", "expected"),
+    [
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": True}, None, torch.bfloat16),
+        ({"avx2": True}, None, torch.float32),
+        ({"avx2": True, "avx512_f": True}, None, torch.float32),
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, (2.0, 1.0), torch.bfloat16),
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, (2.0, 1.9), torch.float32),  # within the margin
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, (1.0, 1.5), torch.float32),
+    ],
+    ids=["amx", "avx2", "avx512 without bf16", "avx512_bf16, bf16 faster", "a tie", "bf16 slower"],
+)
+def test_cpu_dtype_is_bfloat16_only_where_it_computes_faster(monkeypatch, flags, timings, expected):
+    """Flags decide where they can; AVX512_BF16 without AMX is measured (faked timings here)."""
+    fake_cpu(monkeypatch, **flags)
+    timed = []
+
+    def timer(dtype: torch.dtype) -> float:
+        timed.append(dtype)
+        return timings[0] if dtype == torch.float32 else timings[1]
+
+    dtype, why = cpu.pick_dtype(timer)
+    assert dtype == expected, why
+    assert timed == ([torch.float32, torch.bfloat16] if timings else [])
+
+
+def test_the_measurement_runs_on_this_cpu(monkeypatch):
+    """The real timing path, whatever this CPU is: it reports both timings and keeps the faster by the margin."""
+    fake_cpu(monkeypatch, avx2=True, avx512_f=True, avx512_bf16=True)
+    dtype, why = cpu.pick_dtype()
+    fp32, bf16 = (float(ms) for ms in re.findall(r"([\d.]+) ms in", why))
+    assert dtype == (torch.bfloat16 if bf16 < cpu.MARGIN * fp32 else torch.float32)
+
+
+def test_the_cpu_line_names_what_it_has_and_lacks(monkeypatch):
+    fake_cpu(monkeypatch, avx2=True)
+    assert cpu.describe() == "avx2 (no avx512_f, avx512_bf16, amx_bf16)"
+    fake_cpu(monkeypatch, **dict.fromkeys(cpu.FLAGS, True))
+    assert cpu.describe() == "avx2 avx512_f avx512_bf16 amx_bf16"
 
 
 GIB = 2**30
@@ -100,7 +152,10 @@ def test_weight_bytes_are_counted_without_loading(tmp_path):
     path = str(converted_dir(resolve_source("bundled"), CACHE))
     parameters = sum(p.numel() for p in loaded.model.parameters())
     assert gpu.weight_bytes(path, trust_remote_code=False) == 2 * parameters
-    assert loaded.describe()["quantization_reason"] == "auto quantizes only on a GPU"
+    health = loaded.describe()
+    assert health["quantization_reason"] == "auto quantizes only on a GPU"
+    assert health["dtype"] in ("float32", "bfloat16") and health["dtype_reason"]
+    assert health["cpu"] == cpu.describe()
 
 
 def test_float16_does_not_overflow_on_the_bundled_model():
