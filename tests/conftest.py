@@ -137,6 +137,21 @@ def spawn_llmchat(log_dir: Path, env: dict[str, str], wait_ready: bool = True) -
     return server
 
 
+def prompt_ids(loaded, text: str) -> list[int]:
+    """A one-message chat prompt in the model's own template, as token ids."""
+    rendered = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(rendered["input_ids"])
+
+
+async def drain(engine, seq) -> list[int]:
+    """Streams a submitted sequence to its end; its completion's token ids."""
+    async for _ in engine.stream(seq):
+        pass
+    return seq.completion_ids
+
+
 def run_engine(loaded, config, body, **engine_options):
     """Runs `await body(engine)` on a started llmchat engine over `loaded`, then shuts the engine down."""
     from llmchat.engine import Engine

@@ -16,7 +16,7 @@ from llmchat.engine.runner import TransformersForward, new_cache
 from llmchat.engine.sampling import SamplingParams, sample
 from llmchat.server import create_app
 from llmchat.settings import Settings
-from tests.conftest import run_engine, start_server
+from tests.conftest import drain, prompt_ids, run_engine, start_server
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
 CACHE = Settings().cache_dir
@@ -25,19 +25,6 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Hi
 
 def loaded_as(dtype: str = "auto", quantization: str = "none"):
     return load_model(ModelConfig("bundled", device="cuda", dtype=dtype, quantization=quantization, cache_dir=CACHE))
-
-
-def prompt_ids(loaded, text: str) -> list[int]:
-    rendered = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(rendered["input_ids"])
-
-
-async def drain(engine: Engine, seq) -> list[int]:
-    async for _ in engine.stream(seq):
-        pass
-    return seq.completion_ids
 
 
 def generate(loaded, **options) -> list[list[int]]:

@@ -7,11 +7,10 @@ import httpx
 import pytest
 
 from llmchat.engine import Engine, SchedulerConfig
-from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.engine.sampling import SamplingParams
 from llmchat.server import create_app
 from llmchat.settings import Settings
-from tests.conftest import run_engine, spawn_llmchat, start_server
+from tests.conftest import drain, prompt_ids, run_engine, spawn_llmchat, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = [
@@ -21,26 +20,6 @@ PROMPTS = [
     "Explain photosynthesis in one long paragraph with many details.",
     "Hi",
 ]
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    # float32: in bfloat16 a row's attention sums round differently beside longer (padded) rows, so a
-    # near-tie can flip a greedy token; the engine's bookkeeping is what this module checks.
-    return load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
-
-
-def prompt_ids(loaded, text: str) -> list[int]:
-    rendered = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(rendered["input_ids"])
-
-
-async def drain(engine: Engine, seq) -> list[int]:
-    async for _ in engine.stream(seq):
-        pass
-    return seq.completion_ids
 
 
 def test_batched_greedy_equals_sequential(loaded):

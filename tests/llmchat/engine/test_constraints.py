@@ -11,10 +11,8 @@ from llmchat.chat.grammar import GrammarCompiler, json_grammar, tool_call_gramma
 from llmchat.chat.toolcalls import PARSERS, ToolSpec
 from llmchat.engine import Engine, SchedulerConfig
 from llmchat.engine.constraints import GrammarMasks
-from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.engine.sampling import SamplingParams
-from llmchat.settings import Settings
-from tests.conftest import WEATHER_SCHEMA, run_engine
+from tests.conftest import WEATHER_SCHEMA, prompt_ids, run_engine
 
 CAST = {
     "type": "object",
@@ -60,21 +58,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    # float32, as in test_batching: the comparison is of the engine's bookkeeping, not of rounding.
-    return load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
-
-
-@pytest.fixture(scope="module")
 def compiler(loaded):
     return GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size)
-
-
-def prompt_ids(loaded, text: str) -> list[int]:
-    rendered = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(rendered["input_ids"])
 
 
 def grammars(compiler) -> dict[str, str]:

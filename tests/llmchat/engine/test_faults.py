@@ -7,25 +7,11 @@ import pytest
 import torch
 
 from llmchat.engine import Engine, SchedulerConfig
-from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.engine.sampling import SamplingParams
-from llmchat.settings import Settings
-from tests.conftest import run_engine
+from tests.conftest import prompt_ids, run_engine
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
-
-
-def prompt_ids(loaded, text: str) -> list[int]:
-    rendered = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(rendered["input_ids"])
-
-
-async def drain(engine: Engine, seq) -> list:
+async def stream_all(engine: Engine, seq) -> list:
     return [output async for output in engine.stream(seq)]
 
 
@@ -41,7 +27,7 @@ def test_nan_logits_end_only_their_own_request(loaded, temperature):
         bad = SamplingParams(10, temperature=temperature, logits_processors=(nan_at_third,))
         good = SamplingParams(10, temperature=temperature, seed=1)
         seqs = [engine.submit(prompt_ids(loaded, "Tell me a story."), p) for p in (bad, good)]
-        outputs = await asyncio.gather(*(drain(engine, s) for s in seqs))
+        outputs = await asyncio.gather(*(stream_all(engine, s) for s in seqs))
         return seqs, outputs
 
     (bad, good), (bad_outputs, _) = run_engine(loaded, SchedulerConfig(), body)
@@ -77,10 +63,10 @@ def test_out_of_memory_in_prefill_fails_only_the_newcomer(loaded):
         stream = engine.stream(running)
         first = [await anext(stream)]
         newcomer = engine.submit(newcomer_ids, SamplingParams(8, temperature=0.0))
-        newcomer_outputs = await drain(engine, newcomer)
+        newcomer_outputs = await stream_all(engine, newcomer)
         rest = [output async for output in stream]
         after = engine.submit(prompt_ids(loaded, "Hi"), SamplingParams(4, temperature=0.0))
-        await drain(engine, after)
+        await stream_all(engine, after)
         return fault, running, first + rest, newcomer, newcomer_outputs, after
 
     fault, running, outputs, newcomer, newcomer_outputs, after = run_engine(loaded, SchedulerConfig(), body)
@@ -101,7 +87,7 @@ def test_admission_waits_while_the_kv_bound_is_full(loaded):
         outputs = [await anext(stream)]  # the first is decoding now
         second = engine.submit(second_ids, SamplingParams(16, temperature=0.0))
         outputs += [output async for output in stream]
-        await drain(engine, second)
+        await stream_all(engine, second)
         return engine, [first, second]
 
     bound = len(first_ids) + 20

@@ -6,26 +6,17 @@ import uuid
 
 import httpx
 import openai
-import pytest
 import torch
 
 from llmchat.engine import Engine, SchedulerConfig
-from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.sampling import SamplingParams
-from llmchat.settings import Settings
 from tests.conftest import run_engine
 
 MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = " ".join(f"Rule {i}: check valve {i * 7 % 13} before pump {i % 5} starts." for i in range(24))
 QUESTIONS = ["What is rule 3?", "Which valve comes before pump 2?", "Summarize the rules.", "Hi"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    # float32, where batching and chunking do not change a greedy token (see test_batching.py).
-    return load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
 
 
 def chat_ids(loaded, question: str, system: str = SYSTEM, history: list[dict] | None = None) -> list[int]:
