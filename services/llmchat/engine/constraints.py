@@ -85,15 +85,15 @@ class GrammarMasks:
             return [None] * len(constraints)
         self.start([c for c in (constraints[i] for i in rows) if c.mask is None])
         words = []
-        for i in rows:
-            batch, row = constraints[i].mask
-            batch.done.result()
-            words.append(batch.bits[row])
-            constraints[i].mask = None
         errors: list[GrammarError | None] = [None] * len(constraints)
         for i in rows:
-            if constraints[i].matcher.is_error():
-                errors[i] = GrammarError(constraints[i].matcher.get_error())
+            constraint = constraints[i]
+            batch, row = constraint.mask
+            batch.done.result()
+            words.append(batch.bits[row])
+            constraint.mask = None
+            if constraint.matcher.is_error():
+                errors[i] = GrammarError(constraint.matcher.get_error())
         # Each byte of the masks looks up its 8 tokens' 0 or -inf: measured 6x faster than unpacking bits
         # with shifts and a masked_fill (0.19 against 1.1 ms for 8 rows of 49152 tokens on a 2-core CPU).
         table = self._table(logits)

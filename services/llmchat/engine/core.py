@@ -128,9 +128,8 @@ class Engine:
         }
 
     def prepare(self) -> None:
-        """Captures the forward pass's CUDA graphs for every batch size; call before start(), on the GPU's thread."""
-        if self.runner.device.type == "cuda" and self.runner.device.index is not None:
-            torch.cuda.set_device(self.runner.device)
+        """Captures the forward pass's CUDA graphs for every batch size; call before start()."""
+        self._use_device()
         with torch.inference_mode():
             self.runner.prepare()
 
@@ -173,11 +172,14 @@ class Engine:
             if not seq.is_finished:
                 self.abort(seq)
 
+    def _use_device(self) -> None:
+        """Sends this thread's kernels, graph captures and allocations to the model's GPU, not GPU 0."""
+        if self.runner.device.type == "cuda" and self.runner.device.index is not None:
+            torch.cuda.set_device(self.runner.device)
+
     def _run(self) -> None:
         try:
-            if self.runner.device.type == "cuda" and self.runner.device.index is not None:
-                # Kernels, graph captures and allocations of this thread go to the model's GPU, not GPU 0.
-                torch.cuda.set_device(self.runner.device)
+            self._use_device()
             self._loop()
         finally:
             # However the loop ended (shutdown, or an error that escaped it), nobody may wait forever.

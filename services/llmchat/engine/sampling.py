@@ -46,8 +46,7 @@ def token_logprobs(
     device once for all rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
-    most = max(num_tops)
-    values, ids = torch.topk(logprobs, most) if most else (chosen[:, None][:, :0], chosen[:, None][:, :0].long())
+    values, ids = torch.topk(logprobs, max(num_tops))  # k=0 gives empty rows
     chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
     return [
         TokenLogprob(decode(token), chosen[i], [(decode(t), v) for t, v in zip(ids[i][:n], values[i][:n], strict=True)])
