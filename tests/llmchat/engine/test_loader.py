@@ -1,7 +1,6 @@
 """Model loading: sources, device and quantization choices, the GGUF cache, and 4-bit / 8-bit loads."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,9 +114,16 @@ def test_cpu_dtype_is_bfloat16_only_where_it_computes_faster(monkeypatch, flags,
 def test_the_measurement_runs_on_this_cpu(monkeypatch):
     """The real timing path, whatever this CPU is: it reports both timings and keeps the faster by the margin."""
     fake_cpu(monkeypatch, avx2=True, avx512_f=True, avx512_bf16=True)
-    dtype, why = cpu.pick_dtype()
-    fp32, bf16 = (float(ms) for ms in re.findall(r"([\d.]+) ms in", why))
+    timed = {}
+
+    def timer(dtype: torch.dtype) -> float:
+        timed[dtype] = cpu.time_matmuls(dtype)
+        return timed[dtype]
+
+    dtype, why = cpu.pick_dtype(timer)
+    fp32, bf16 = timed[torch.float32], timed[torch.bfloat16]
     assert dtype == (torch.bfloat16 if bf16 < cpu.MARGIN * fp32 else torch.float32)
+    assert f"{fp32 * 1e3:.1f} ms in float32" in why and f"{bf16 * 1e3:.1f} ms in bfloat16" in why
 
 
 def test_the_cpu_line_names_what_it_has_and_lacks(monkeypatch):
