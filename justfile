@@ -35,9 +35,11 @@ test *args: sync-dev
 fuzz examples="300" *args: sync-dev
     LLMCHAT_FUZZ_EXAMPLES={{examples}} .venv-dev/bin/pytest -s tests/llmchat/e2e/test_fuzz.py {{args}}
 
-# on a GPU machine: the GPU tests (tests/gpu: fused pass, CUDA graphs, kernels, sampling, /health), verbose
+# on a GPU machine: the GPU tests (tests/gpu: fused pass, quantized loads, CUDA graphs, kernels, sampling,
+# /health), verbose, then one table of decode speed per load and forward pass (bench/gpu.py)
 gpu-check *args: sync-dev
     .venv-dev/bin/pytest -v tests/gpu {{args}}
+    .venv-dev/bin/python -m bench.gpu
 
 # lint the tree
 lint: sync-dev

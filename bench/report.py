@@ -20,11 +20,16 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
+# The levers llmchat ran with (dtype, forward pass), once a run has read them from its /health.
+levers: str | None = None
+
+
 def captioned(title: str) -> Table:
-    """An empty table whose caption names this CPU's matrix capabilities, so figures from different machines
-    are never compared blindly (at least as wide as that line, which would otherwise wrap)."""
-    caption = f"CPU: {cpu.describe()}"
-    return Table(title=title, caption=caption, min_width=len(caption) + 4)
+    """An empty table whose caption names this CPU's matrix capabilities and llmchat's levers, so figures from
+    different machines or settings are never compared blindly (at least as wide as its lines, which would
+    otherwise wrap)."""
+    lines = [f"CPU: {cpu.describe()}", *([f"llmchat: {levers}"] if levers else [])]
+    return Table(title=title, caption="\n".join(lines), min_width=max(map(len, lines)) + 4)
 
 
 def table(title: str, columns: Iterable[str]) -> Table:

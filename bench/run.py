@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from bench import agent, arrival, constrained, protocols, servers, tools
+from bench import agent, arrival, constrained, protocols, report, servers, tools
 from bench.report import percentile, ratio, table
 from bench.stream import one_request
 from llmchat.engine.loader import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
@@ -284,6 +284,7 @@ def main() -> None:
                 health = httpx.get(server.base_url + "/health").json()
                 why = health.get("dtype_reason", "reason not reported")
                 console.print(f"  dtype {health['dtype']} ({why}), forward pass: {health['forward']}")
+                report.levers = f"{health['dtype']}, {health['forward']}"
             asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
             if "throughput" in scenarios:
                 for c in levels:

@@ -1,7 +1,7 @@
 """The servers under comparison, each started as its own process on a free loopback port."""
 
+import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -78,11 +78,22 @@ def llmchat(extra: list[str]) -> Server:
 
 def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:
     """`dtype` auto is what the weights are stored in (float32 for the converted GGUF)."""
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
-    if exe is None:
+    # By module, not the `transformers` script: .venv-dev imports .venv's packages but has no scripts of its own.
+    if importlib.util.find_spec("transformers.cli.transformers") is None:
         return None
     port = free_port()
-    cmd = [exe, "serve", str(weights_dir), "--continuous-batching", "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(weights_dir),
+        "--continuous-batching",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
     name = "transformers-serve-cb"
     if dtype != "auto":
         cmd += ["--dtype", dtype]

@@ -165,3 +165,24 @@ def run_engine(loaded, config, body, **engine_options):
             await asyncio.to_thread(engine.shutdown)
 
     return asyncio.run(main())
+
+
+def teacher_forced(forward, model, tokenizer):
+    """Logits of each step of a fixed answer to a fixed question, [steps, vocab] in float32: the prompt
+    prefilled, then the answer's tokens decoded one by one through `forward` (any of the runner's passes)."""
+    import torch
+
+    from llmchat.engine.runner import new_cache
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = torch.tensor([prompt["input_ids"]])
+    answer = tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
+    mask, cache = torch.ones_like(ids), new_cache(model)
+    with torch.inference_mode():
+        forward(ids, mask, torch.arange(ids.shape[1])[None], cache)
+        steps = []
+        for i, token in enumerate(answer):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+            steps.append(forward(torch.tensor([[token]]), mask, torch.tensor([[ids.shape[1] + i]]), cache).float())
+    return torch.cat(steps)

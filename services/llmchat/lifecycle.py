@@ -159,6 +159,7 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
                 cuda_graphs=settings.cuda_graphs,
                 prefix_cache_bytes=prefix_cache_bytes(settings),
                 jump_forward=settings.jump_forward,
+                int4_rows=settings.int4_rows,
             )
             if settings.cuda_graphs:
                 stage("capturing CUDA graphs for every batch size")

@@ -56,6 +56,13 @@ class Settings(ServiceSettings):
         "only continuation without a model step each; greedy output is the same either way. Requests that ask for "
         "logprobs decode every token.",
     )
+    int4_rows: int | None = Field(
+        None,
+        ge=0,
+        description="On the CPU, decode steps of up to this many rows use 4-bit copies of the weights a 4-bit "
+        "GGUF stores on a Q4_1 or Q8_0 grid (kept beside the converted model); unset: the crossover with the "
+        "dense matmuls, timed at load on this machine; 0: never.",
+    )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
         "auto",
         description="bitsandbytes quantization; auto is none when the model's 16-bit weights fit in half the GPU's "

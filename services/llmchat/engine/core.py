@@ -41,9 +41,11 @@ class Engine:
         cuda_graphs: bool = False,
         prefix_cache_bytes: int | None = None,
         jump_forward: bool = True,
+        int4_rows: int | None = None,
     ) -> None:
         """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache).
-        `jump_forward`: append the tokens a grammar forces without a model step for each."""
+        `jump_forward`: append the tokens a grammar forces without a model step for each. `int4_rows`: decode
+        steps of up to this many rows use a GGUF's 4-bit weights on the CPU (None: measured at load; 0: never)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
@@ -68,6 +70,7 @@ class Engine:
             config.max_running,
             checkpoint=loaded.checkpoint,
             prefix_cache=self.prefix_cache,
+            int4_rows=int4_rows,
         )
         self.masks = GrammarMasks()
         self.jump_forward = jump_forward

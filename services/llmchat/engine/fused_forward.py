@@ -35,9 +35,21 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
         return "sliding-window attention"
     layer = model.model.layers[0]
     linears = [*_attention_linears(layer), *_mlp_linears(layer), model.lm_head]
-    if any(type(m) is not torch.nn.Linear for m in linears):
-        return "the projections are quantized"
+    if unknown := [type(m).__name__ for m in linears if projection_kind(m) is None]:
+        return f"projections of type {unknown[0]} (the fused pass runs torch's Linear and bitsandbytes' 4- and 8-bit)"
     return None
+
+
+# bitsandbytes' layers, by class name (bitsandbytes is an optional extra), and what /health calls them.
+QUANTIZED = {"Linear4bit": "bitsandbytes 4-bit", "Linear8bitLt": "bitsandbytes 8-bit"}
+
+
+def projection_kind(module: torch.nn.Module) -> str | None:
+    """ "dense" for torch's Linear, QUANTIZED's name for a bitsandbytes layer, None for anything else."""
+    if type(module) is torch.nn.Linear:
+        return "dense"
+    names = [cls.__name__ for cls in type(module).__mro__ if cls.__module__.startswith("bitsandbytes")]
+    return next((QUANTIZED[name] for name in names if name in QUANTIZED), None)
 
 
 def _attention_linears(layer) -> list[torch.nn.Linear]:
@@ -62,18 +74,29 @@ def uses_packed_bf16(model: torch.nn.Module) -> bool:
 class Linear:
     """One projection, or several fused into one: a plain matmul, or oneDNN's on a prepacked weight."""
 
-    def __init__(self, linears: list[torch.nn.Linear], packed: bool, grid: int4.Int4Weight | None = None) -> None:
-        """`grid`: the weights' 4-bit form, used for steps of few rows."""
+    def __init__(
+        self,
+        linears: list[torch.nn.Linear],
+        packed: bool,
+        grid: int4.Int4Weight | None = None,
+        dequantize_to: torch.dtype | None = None,
+    ) -> None:
+        """`grid`: the weights' 4-bit form, used for steps of up to `int4_rows` rows (set once measured).
+        `dequantize_to`: bitsandbytes 4-bit layers, whose weights are dequantized once into this dtype."""
         self.int4 = grid
-        weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        self.int4_rows = 0
+        weights = [_dequantized(m, dequantize_to) if dequantize_to else m.weight.detach() for m in linears]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [m.bias for m in linears]
         if any(b is not None for b in biases):
-            zeros = [torch.zeros_like(m.weight[:, 0]) for m in linears]
+            zeros = [weight.new_zeros(w.shape[0]) for w in weights]
             self.bias = torch.cat([z if b is None else b.detach() for b, z in zip(biases, zeros, strict=True)])
+            self.bias = self.bias.to(weight.dtype)
         else:
             self.bias = None
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.packed = packed
+        self.copied = packed or dequantize_to is not None  # held beside the model's own weights
         if packed:
             # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
@@ -81,7 +104,7 @@ class Linear:
         self.weight = weight
         # The model's own projections become views of the fused weight, so it is not held twice.
         offset = 0
-        for m in linears if len(linears) > 1 else []:
+        for m in linears if len(linears) > 1 and not dequantize_to else []:
             rows = m.weight.shape[0]
             m.weight.data = weight[offset : offset + rows]
             offset += rows
@@ -89,19 +112,72 @@ class Linear:
     @property
     def extra_bytes(self) -> int:
         """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
-        extra = self.weight.nbytes if self.packed else 0
+        extra = self.weight.nbytes if self.copied else 0
         return extra + (sum(t.nbytes for t in self.int4) if self.int4 is not None else 0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
-            return F.linear(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """Prefill always takes the dense matmul, so a prompt's keys and values do not depend on its chunking."""
         flat = x.reshape(-1, x.shape[-1])
-        if self.int4 is not None and flat.shape[0] <= int4.MAX_ROWS:
-            out = int4.matmul(flat, self.int4)
-            out = out if self.bias is None else out + self.bias
-        else:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        out = self.dense(flat) if prefill or flat.shape[0] > self.int4_rows else self.quantized(flat)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def dense(self, flat: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return F.linear(flat, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+
+    def quantized(self, flat: torch.Tensor) -> torch.Tensor:
+        out = int4.matmul(flat, self.int4)
+        return out if self.bias is None else out + self.bias
+
+
+def _dequantized(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A bitsandbytes 4-bit layer's weight [out, in] in `dtype`: the values its own matmul computes with."""
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+
+
+def dequantize_on_cpu(model: torch.nn.Module, projections: list[list[torch.nn.Module]]) -> tuple[bool, str]:
+    """Whether the fused pass keeps a CPU model's bitsandbytes 4-bit weights dequantized, and why.
+
+    bitsandbytes' CPU matmul (without AVX512_BF16) dequantizes a 4-bit weight on every call: a decode
+    step of the bundled model took 151 ms in nf4 against 67 ms in float32. A copy made once, where it
+    takes at most half the available memory, computes with the same values at the dense speed.
+    """
+    layers = [m for p in projections for m in p if projection_kind(m) == QUANTIZED["Linear4bit"]]
+    if model.device.type != "cpu" or not layers:
+        return False, ""
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
+        return False, "kept in 4 bits: bitsandbytes repacked them for its AVX512_BF16 kernel"
+    import psutil
+
+    need = sum(m.out_features * m.in_features for m in layers) * model.dtype.itemsize
+    dtype = str(model.dtype).removeprefix("torch.")
+    if need > psutil.virtual_memory().available // 2:
+        return False, f"kept in 4 bits: a {dtype} copy ({need / 2**30:.1f} GiB) would take over half the free memory"
+    return True, f"dequantized once to {dtype} (bitsandbytes' CPU matmul dequantizes every call)"
+
+
+class Modules:
+    """Quantized projections (bitsandbytes), each run by its own module and kernel, their outputs side by side.
+
+    On a GPU the fused pass around them (and CUDA graphs, for 4-bit) removes the launches between matmuls.
+    On the CPU the quantized matmuls themselves dominate a step: with the rest fused, the bundled model's
+    8-bit step was 0.97x to 1.18x as fast as through transformers' forward (1 to 16 rows, AVX2).
+    """
+
+    int4, int4_rows, packed, extra_bytes = None, 0, False, 0
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.modules = modules
+        self.out_features = sum(m.out_features for m in modules)
+        self.in_features = modules[0].in_features
+
+    def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
 def _projections(layer) -> list[list[torch.nn.Linear]]:
@@ -127,13 +203,30 @@ class Layer:
 
 
 def _checkpoint_grids(
-    model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None
+    model: torch.nn.Module, projections: list[list[torch.nn.Linear] | None], checkpoint: Path | None
 ) -> list[int4.Int4Weight | None]:
-    """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one)."""
-    if checkpoint is None:
+    """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one,
+    and for a projection given as None)."""
+    wanted = [p for p in projections if p is not None]
+    if checkpoint is None or not wanted:
         return [None] * len(projections)
-    names = {module: name for name, module in model.named_modules()}
-    return int4.load_grids(checkpoint, [[f"{names[m]}.weight" for m in linears] for linears in projections])
+    # By parameter, so a logits matmul tied to the embedding finds the embedding's name in the checkpoint.
+    names = {id(param): name for name, param in model.named_parameters()}
+    found = iter(int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in wanted]))
+    return [None if p is None else next(found) for p in projections]
+
+
+# Crossovers measured in this process, by what decides them: engines loaded again (tests) reuse them.
+_crossovers: dict[tuple, int] = {}
+
+
+def _int4_rows(linears: list[Linear], dtype: torch.dtype) -> int:
+    """The crossover of the 4-bit and dense matmuls on this machine, timed on the MLPs' input projections."""
+    mlp = [p for p in linears[2:-1:4] if p.int4 is not None] or [p for p in linears if p.int4 is not None]
+    key = (len(mlp), mlp[0].in_features, mlp[0].out_features, mlp[0].packed, dtype)
+    if key not in _crossovers:
+        _crossovers[key] = int4.crossover(int4.timer([(p.dense, p.quantized) for p in mlp], mlp[0].in_features, dtype))
+    return _crossovers[key]
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
@@ -151,21 +244,49 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class FusedForward:
     """Callable like the runner's model: (ids, mask, positions, cache) -> logits of each row's last token."""
 
-    def __init__(self, model: torch.nn.Module, packed: bool | None = None, checkpoint: Path | None = None) -> None:
-        """`checkpoint`: the float32 safetensors converted from a GGUF, checked for 4-bit grids (int4.py)."""
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        packed: bool | None = None,
+        checkpoint: Path | None = None,
+        int4_rows: int | None = None,
+    ) -> None:
+        """`checkpoint`: the float32 safetensors converted from a GGUF, checked for 4-bit grids (int4.py), used
+        on the CPU for steps of up to `int4_rows` rows (None: the crossover measured here; 0: never)."""
         config = model.config
         packed = uses_packed_bf16(model) if packed is None else packed
         projections = [*(p for layer in model.model.layers for p in _projections(layer)), [model.lm_head]]
-        grids = _checkpoint_grids(model, projections, checkpoint if packed else None)
-        linears = [Linear(p, packed, grid) for p, grid in zip(projections, grids, strict=True)]
+        kinds = [projection_kind(p[0]) for p in projections]
+        quantized = [kind for kind in kinds if kind != "dense"]
+        dequantize, why = dequantize_on_cpu(model, projections)
+        on_cpu = model.device.type == "cpu" and int4_rows != 0
+        # A quantized model's own values are its quantized ones, not the grids of the checkpoint it came from.
+        dense = [p if kind == "dense" and not quantized else None for p, kind in zip(projections, kinds, strict=True)]
+        grids = _checkpoint_grids(model, dense, checkpoint if on_cpu else None)
+        linears = [
+            Linear(p, packed, grid)
+            if kind == "dense"
+            else Linear(p, packed, dequantize_to=model.dtype)
+            if dequantize and kind == QUANTIZED["Linear4bit"]
+            else Modules(p)
+            for p, kind, grid in zip(projections, kinds, grids, strict=True)
+        ]
+        self.kind = "fused, prepacked bfloat16" if packed else "fused"
+        if quantized:
+            self.kind += f", {quantized[0]} projections" + (f" {why}" if why else "")
+        # LLM.int8 splits out the input columns holding outliers, found by value each step: shapes a CUDA
+        # graph cannot fix.
+        self.graph_blocker = "bitsandbytes' 8-bit layers" if QUANTIZED["Linear8bitLt"] in quantized else None
+        if num_int4 := sum(p.int4 is not None for p in linears):
+            rows = _int4_rows(linears, model.dtype) if int4_rows is None else int4_rows
+            for p in linears:
+                p.int4, p.int4_rows = (p.int4, rows) if rows else (None, 0)  # never faster: not kept
+            self.kind += f", 4-bit weights up to {rows} rows ({num_int4} of {len(linears)} matmuls)"
         self.layers = [Layer(layer, linears[4 * i : 4 * i + 4]) for i, layer in enumerate(model.model.layers)]
         self.lm_head = linears[-1]
         self.embed = model.model.embed_tokens.weight
         self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
         self.extra_bytes = sum(p.extra_bytes for p in linears)
-        self.kind = "fused, prepacked bfloat16" if packed else "fused"
-        if num_int4 := sum(p.int4 is not None for p in linears):
-            self.kind += f", 4-bit weights up to {int4.MAX_ROWS} rows ({num_int4} of {len(linears)} matmuls)"
         self.rotary = model.model.rotary_emb
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -177,12 +298,13 @@ class FusedForward:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary_for(x, positions)
         attend = self.attention(mask, ids.shape[1], cache.layers[0].get_seq_length(), x)
+        prefill = ids.shape[1] > 1
         for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
-            q, k, v = self.pre_attention(layer, x, cos, sin)
+            q, k, v = self.pre_attention(layer, x, cos, sin, prefill)
             keys, values = cache_layer.update(k, v)
             out = attend(q, keys, values, layer.scaling)
-            x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2))
-        return self.head(x)
+            x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2), prefill)
+        return self.head(x, prefill)
 
     def attention(self, mask: torch.Tensor | None, num_queries: int, past: int, x: torch.Tensor) -> Attention:
         """How this step calls SDPA (attention.py): expanded key/value heads on a GPU where a mask is needed."""
@@ -203,15 +325,15 @@ class FusedForward:
         # Each chunk is one unpadded row over its own cache: causal, with a mask only after cached keys.
         attends = [self.attention(None, n, c.get_seq_length(), x) for c, n in zip(caches, sizes, strict=True)]
         for index, layer in enumerate(self.layers):
-            q, k, v = self.pre_attention(layer, x, cos, sin)
+            q, k, v = self.pre_attention(layer, x, cos, sin, prefill=True)
             outs = []
             for cache, start, n, attend in zip(caches, starts, sizes, attends, strict=True):
                 end = start + n
                 keys, values = cache.layers[index].update(k[:, :, start:end], v[:, :, start:end])
                 outs.append(attend(q[:, :, start:end], keys, values, layer.scaling))
-            x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2))
+            x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2), prefill=True)
         last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
-        return self.lm_head(rms_norm(x[0, last], self.final_norm))
+        return self.lm_head(rms_norm(x[0, last], self.final_norm), prefill=True)
 
     def uneven(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, real: torch.Tensor
@@ -242,11 +364,11 @@ class FusedForward:
         cos, sin = self.rotary(x, positions)
         return cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads in [rows, queries, heads, dim]
 
-    def pre_attention(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def pre_attention(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefill=False):
         """Queries [rows, heads, queries, dim], keys and values [rows, kv_heads, queries, dim] of one layer."""
         heads, kv_heads = self.num_heads, self.num_kv_heads
         rows, num_queries = x.shape[:2]
-        qkv = layer.qkv(rms_norm(x, layer.norm1)).view(rows, num_queries, heads + 2 * kv_heads, self.head_dim)
+        qkv = layer.qkv(rms_norm(x, layer.norm1), prefill).view(rows, num_queries, heads + 2 * kv_heads, self.head_dim)
         qk = qkv[:, :, : heads + kv_heads]
         if layer.qk_norms is not None:
             q_norm, k_norm = layer.qk_norms
@@ -258,12 +380,12 @@ class FusedForward:
             qkv[:, :, heads + kv_heads :].transpose(1, 2),
         )
 
-    def post_attention(self, layer: Layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def post_attention(self, layer: Layer, x: torch.Tensor, attended: torch.Tensor, prefill=False) -> torch.Tensor:
         """The rest of one layer (output projection, MLP, residuals); `attended` is [rows, queries, heads * dim]."""
-        x = x + layer.o(attended)
-        gate, up = layer.gate_up(rms_norm(x, layer.norm2)).chunk(2, dim=-1)
-        return x + layer.down(F.silu(gate) * up)
+        x = x + layer.o(attended, prefill)
+        gate, up = layer.gate_up(rms_norm(x, layer.norm2), prefill).chunk(2, dim=-1)
+        return x + layer.down(F.silu(gate) * up, prefill)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         """Logits of each row's last position."""
-        return self.lm_head(rms_norm(x[:, -1], self.final_norm))
+        return self.lm_head(rms_norm(x[:, -1], self.final_norm), prefill)

@@ -1,19 +1,29 @@
-"""4-bit copies of weights that already sit on a 4-bit grid, for decode steps with few rows.
+"""4-bit copies of weights that already sit on a 4-bit or 8-bit grid, for decode steps with few rows.
 
 Decoding a few rows reads every weight once per token, so on the CPU that step is bound by memory
 bandwidth. A Q4_1 GGUF stores 4-bit values in groups of 32 along each row, with a scale and an
-offset per group, the group's lowest value at level 0 and its highest at 15; bfloat16 spends 16
-bits on each of them again. Where the converted float32 weights lie exactly on such a grid, the
-fused pass also keeps them in torch's packed int4 layout (scale and offset rounded to bfloat16, as
-its kernel takes them: the same rounding bfloat16 weights get) and uses it for steps of up to
-MAX_ROWS rows. Larger batches keep the bfloat16 matmul, faster once many rows share each weight
-read. A weight off the grid gets no copy: a bfloat16 checkpoint's, or a 4-bit type whose groups
-need not span all 16 levels (Q4_0, the K-quants), where a group that does not fails the exact check.
+offset per group, the group's lowest value at level 0 and its highest at 15; float32 spends 32 bits
+on each of them again. Where the converted weights lie exactly on such a grid, the fused pass also
+keeps them in torch's packed int4 layout (scale and offset rounded to bfloat16, as its kernel takes
+them: the same rounding bfloat16 weights get) and uses it for steps of up to a crossover number of
+rows, measured at load (`crossover`): larger batches keep the dense matmul, faster once many rows
+share each weight read. The kernel runs on AVX2 and AVX-512 CPUs alike, AMX or not; it takes
+bfloat16 activations (a float32 input falls to a reference path tens of times slower), so a float32
+model's rows are rounded to bfloat16 on the way in, as a bfloat16 model's already are.
+
+A Q8_0 weight (the bundled GGUF's embedding, tied to its logits matmul) is 8-bit values q times a
+scale d per group of 32. It splits exactly into two 4-bit grids, q + 128 = 16 * high + low: the
+weight is high's grid (scale 16d) plus low's (scale d), stored side by side along the input as one
+matmul over the input twice. A weight off both grids gets no copy: a bfloat16 checkpoint's, or a
+4-bit type whose groups need not span all 16 levels (Q4_0, the K-quants), where a group that does
+not fails the exact check.
 """
 
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -24,14 +34,13 @@ from safetensors.torch import save_file
 log = logging.getLogger("llmchat.int4")
 
 GROUP = 32
-# Decode steps of the bundled model on the 2-core test VM, bfloat16 -> 4-bit: 1 row 26 -> 15 ms,
-# 4 rows 25 -> 18 ms, 8 rows 30 -> 27 ms, 12 rows 31 -> 34 ms.
-MAX_ROWS = 8
+# Row counts the crossover is timed at, in order; it stops at the first the dense matmul wins.
+CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 Int4Weight = tuple[torch.Tensor, torch.Tensor]  # (packed int4, scales and zeros [in / GROUP, out, 2])
 CACHE_FILE = "int4.safetensors"
 # Bump the number when to_int4's output changes; the packed layout may differ by torch build and CPU.
-FORMAT = f"1 torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+FORMAT = f"2 torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
 
 
 def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weight | None]:
@@ -61,7 +70,7 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weigh
         grids = []
         for names in projections:
             parts = [holder[name].get_tensor(name) if name in holder else None for name in names]
-            grids.append(to_int4(torch.cat(parts)) if all(p is not None for p in parts) else None)
+            grids.append(from_grid(torch.cat(parts)) if all(p is not None for p in parts) else None)
     tensors = {}
     for key, grid in zip(keys, grids, strict=True):
         if grid is not None:
@@ -73,6 +82,11 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weigh
     except OSError as exc:  # a read-only cache costs the check at every start, nothing more
         log.warning("could not keep the 4-bit weights in %s: %s", checkpoint, exc)
     return grids
+
+
+def from_grid(weight: torch.Tensor) -> Int4Weight | None:
+    """The packed form of a float32 [out, in] weight on a Q4_1 or Q8_0 grid, else None."""
+    return to_int4(weight) or q8_to_int4(weight)
 
 
 def to_int4(weight: torch.Tensor) -> Int4Weight | None:
@@ -88,12 +102,79 @@ def to_int4(weight: torch.Tensor) -> Int4Weight | None:
     if ((levels * scale + low - groups).abs() > 1e-3 * step).any():
         return None
     # torch's kernel computes (level - 8) * scale + zero.
-    zero = low + 8 * scale
+    return _pack(levels, scale, low + 8 * scale)
+
+
+def q8_to_int4(weight: torch.Tensor) -> Int4Weight | None:
+    """A float32 [out, in] weight that is 8-bit values times a scale per group of 32 (Q8_0), as two 4-bit
+    grids side by side along the input [out, 2 * in], else None."""
+    out_features, in_features = weight.shape
+    if in_features % GROUP:
+        return None
+    groups = weight.float().view(out_features, in_features // GROUP, GROUP)
+    # Q8_0 scales each group so its largest magnitude is level 127 exactly.
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    step = torch.where(scale > 0, scale, torch.ones_like(scale))
+    levels = (groups / step).round()
+    if ((levels * scale - groups).abs() > 1e-6 * step).any():
+        return None
+    high, low = (levels + 128).div(16, rounding_mode="floor"), (levels + 128).remainder(16)
+    # high: (high - 8) * 16 * scale with zero 0; low: (low - 8) * scale + 8 * scale = low * scale.
+    return _pack(
+        torch.cat([high, low], dim=1),
+        torch.cat([16 * scale, scale], dim=1),
+        torch.cat([torch.zeros_like(scale), 8 * scale], dim=1),
+    )
+
+
+def _pack(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Weight:
+    """torch's int4 layout of `levels` [out, groups, GROUP] with per-group `scale` and `zero` [out, groups, 1]."""
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32).view(out_features, -1), 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32).flatten(1), 2)
     return packed, scales_and_zeros
 
 
 def matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    """x [rows, in] times the weight, in x's dtype; the kernel computes in bfloat16."""
     packed, scales_and_zeros = weight
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
+    inputs = x.to(torch.bfloat16)
+    if scales_and_zeros.shape[0] * GROUP > x.shape[-1]:  # a Q8_0 weight's two grids each take the input
+        inputs = torch.cat([inputs, inputs], dim=-1)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(inputs, packed, GROUP, scales_and_zeros).to(x.dtype)
+
+
+def crossover(seconds_at: Callable[[int], tuple[float, float]]) -> int:
+    """The most rows for which the 4-bit matmuls beat the dense ones, 0 if never: row counts are tried in
+    CANDIDATE_ROWS order until the dense matmuls win. `seconds_at(rows)`: (dense, 4-bit) seconds."""
+    rows_won = 0
+    for rows in CANDIDATE_ROWS:
+        dense_s, four_bit_s = seconds_at(rows)
+        log.info("4-bit matmuls at %d rows: %.1f ms, dense %.1f ms", rows, four_bit_s * 1e3, dense_s * 1e3)
+        if four_bit_s >= dense_s:
+            break
+        rows_won = rows
+    return rows_won
+
+
+def timer(pairs: list[tuple[Callable, Callable]], width: int, dtype: torch.dtype, repeats: int = 3):
+    """`crossover`'s `seconds_at` over real matmuls: (dense, 4-bit) callables over [rows, width] inputs, e.g.
+    every layer's MLP input projection. Timing all of them in turn reads more weights than a cache holds,
+    as a decode step does."""
+
+    def best(calls: list[Callable], x: torch.Tensor) -> float:
+        fastest = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for call in calls:
+                call(x)
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+    def seconds_at(rows: int) -> tuple[float, float]:
+        x = torch.randn(rows, width).to(dtype)
+        with torch.inference_mode():
+            for call in pairs[0]:  # warm-up: kernels pick their blocking on first use
+                call(x)
+            return best([d for d, _ in pairs], x), best([q for _, q in pairs], x)
+
+    return seconds_at

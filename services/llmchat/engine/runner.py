@@ -122,12 +122,20 @@ def pick_forward(
     cuda_graphs: bool = False,
     max_rows: int = 16,
     checkpoint: Path | None = None,
+    int4_rows: int | None = None,
 ) -> FusedForward | GraphedDecode | TransformersForward:
+    """`checkpoint` and `int4_rows`: where the fused pass looks for 4-bit weights and up to how many rows it
+    uses them (None: measured), see FusedForward."""
     reason = unsupported_reason(model) if fused else "chosen in the settings"
-    forward = FusedForward(model, checkpoint=checkpoint) if reason is None else TransformersForward(model, reason)
+    if reason is None:
+        forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows)
+    else:
+        forward = TransformersForward(model, reason)
     if cuda_graphs:
         if reason is not None:
             log.warning("CUDA graphs need the fused forward pass (%s); not used", reason)
+        elif forward.graph_blocker is not None:
+            log.warning("CUDA graphs cannot capture %s; not used", forward.graph_blocker)
         elif model.device.type != "cuda":
             log.info("CUDA graphs are for a GPU; not used on the %s", model.device.type)
         else:
@@ -153,9 +161,10 @@ class BatchRunner:
         max_rows: int = 16,
         checkpoint: Path | None = None,
         prefix_cache: PrefixCache | None = None,
+        int4_rows: int | None = None,
     ) -> None:
         self.model = model
-        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint)
+        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint, int4_rows)
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache

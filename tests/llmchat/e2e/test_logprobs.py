@@ -40,7 +40,11 @@ def test_chat_logprobs_cover_the_content_streamed_or_not(client):
     for chunk in client.chat.completions.create(**args, stream=True):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed += chunk.choices[0].logprobs.content
-    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    # The second request's prompt comes from the prefix cache, computed in other chunks than the first's; the
+    # 4-bit decode steps round activations to bfloat16, which can turn that last-bit difference into a
+    # rounding step.
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=0.02)
 
 
 def test_chat_without_logprobs_has_none(client):

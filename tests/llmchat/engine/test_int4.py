@@ -1,14 +1,15 @@
-"""4-bit copies of weights on a 4-bit grid: only where the grid is, with the same values, kept beside the checkpoint."""
+"""4-bit copies of weights on a 4-bit or 8-bit grid: only where the grid is, with the same values, kept beside the
+checkpoint, and used up to the row count where they stop being faster."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from llmchat.engine import int4
-from llmchat.engine.fused_forward import FusedForward, uses_packed_bf16
+from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
-from llmchat.engine.runner import new_cache
 from llmchat.settings import Settings
+from tests.conftest import teacher_forced
 
 
 def q4_1_like(out_features: int, in_features: int) -> torch.Tensor:
@@ -34,12 +35,53 @@ def test_weights_on_a_grid_keep_their_values_in_four_bits():
     assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
 
 
+def q8_0_like(out_features: int, in_features: int) -> torch.Tensor:
+    """What a Q8_0 GGUF dequantizes to: per group of 32, scale * level with levels -127..127, 127 in magnitude used."""
+    torch.manual_seed(1)
+    groups = in_features // int4.GROUP
+    levels = torch.randint(-127, 128, (out_features, groups, int4.GROUP))
+    levels[..., 0] = 127 * (torch.randint(0, 2, (out_features, groups)) * 2 - 1)
+    scale = (torch.rand(out_features, groups, 1) * 1e-3 + 1e-4).half().float()  # GGUF keeps it in float16
+    return (levels * scale).view(out_features, in_features)
+
+
+def test_eight_bit_weights_split_into_two_four_bit_grids_with_the_same_values():
+    weight = q8_0_like(80, 128)
+    weight[2, 32:64] = 0.0  # an all-zero group: scale 0
+    assert int4.to_int4(weight) is None  # more than 16 levels a group
+    grid = int4.from_grid(weight)
+    assert grid is not None and grid[1].shape[0] == 2 * 128 // int4.GROUP  # high and low grids of every group
+    x = torch.randn(5, 128)
+    expected = x.bfloat16().float() @ weight.t()
+    got = int4.matmul(x, grid)
+    assert got.dtype == torch.float32  # in the input's dtype, computed in bfloat16
+    assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
+
+
 def test_weights_off_a_grid_get_no_copy():
-    assert int4.to_int4(torch.randn(64, 128)) is None  # a float checkpoint's weights
+    for make in (int4.to_int4, int4.q8_to_int4, int4.from_grid):
+        assert make(torch.randn(64, 128)) is None  # a float checkpoint's weights
     assert int4.to_int4(q4_1_like(64, 96)[:, :80]) is None  # rows that are not whole groups
+    assert int4.q8_to_int4(q8_0_like(64, 96)[:, :80]) is None
     nudged = q4_1_like(64, 128)
     nudged[3, 7] += 1e-4
     assert int4.to_int4(nudged) is None
+    nudged = q8_0_like(64, 128)
+    nudged[3, 7] *= 1.001
+    assert int4.q8_to_int4(nudged) is None
+
+
+def test_the_crossover_is_the_most_rows_before_the_dense_matmuls_win():
+    tried = []
+
+    def seconds_at(rows):  # 4-bit costs grow with rows; the dense matmul costs 20 at any
+        tried.append(rows)
+        return 20.0, 2.0 * rows
+
+    assert int4.crossover(seconds_at) == 8
+    assert tried == [1, 2, 4, 8, 12]  # no timing past the first loss
+    assert int4.crossover(lambda rows: (1.0, 2.0)) == 0  # never faster
+    assert int4.crossover(lambda rows: (2.0, 1.0)) == int4.CANDIDATE_ROWS[-1]
 
 
 def test_grids_are_kept_beside_the_checkpoint(tmp_path):
@@ -61,34 +103,43 @@ def load(dtype: str):
     return load_model(ModelConfig("bundled", device="cpu", dtype=dtype, cache_dir=Settings().cache_dir))
 
 
-def teacher_forced(forward, model, tokenizer) -> torch.Tensor:
-    """Logits of each step of a fixed answer to a fixed question, [steps, vocab] in float32."""
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = torch.tensor([prompt["input_ids"]])
-    answer = tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
-    mask, cache = torch.ones_like(ids), new_cache(model)
-    with torch.inference_mode():
-        forward(ids, mask, torch.arange(ids.shape[1])[None], cache)
-        steps = []
-        for i, token in enumerate(answer):
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-            steps.append(forward(torch.tensor([[token]]), mask, torch.tensor([[ids.shape[1] + i]]), cache).float())
-    return torch.cat(steps)
-
-
-def test_bundled_gguf_decodes_few_rows_in_four_bits_as_closely_as_bfloat16():
-    bf16, f32 = load("bfloat16"), load("float32")
-    if not uses_packed_bf16(bf16.model):
-        pytest.skip("the 4-bit path rides on the prepacked bfloat16 one, which needs AMX")
-    four_bit = FusedForward(bf16.model, checkpoint=bf16.checkpoint)
-    # Every layer's matmuls are Q4_1 in the bundled GGUF; its tied embedding (the logits matmul) is not.
-    assert four_bit.kind == f"fused, prepacked bfloat16, 4-bit weights up to {int4.MAX_ROWS} rows (120 of 121 matmuls)"
-    plain_pass = FusedForward(bf16.model)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bundled_gguf_decodes_few_rows_in_four_bits_as_closely_as_bfloat16(dtype):
+    served, f32 = load(dtype), load("float32")
+    four_bit = FusedForward(served.model, checkpoint=served.checkpoint, int4_rows=4)
+    # Every layer's matmuls are Q4_1 in the bundled GGUF, its tied embedding (the logits matmul) Q8_0.
+    assert four_bit.kind.endswith(", 4-bit weights up to 4 rows (121 of 121 matmuls)")
+    plain_pass = FusedForward(served.model)
     assert four_bit.extra_bytes > plain_pass.extra_bytes  # /health counts the 4-bit copies too
     exact = teacher_forced(FusedForward(f32.model), f32.model, f32.tokenizer)
-    ours = teacher_forced(four_bit, bf16.model, bf16.tokenizer)
-    plain = teacher_forced(plain_pass, bf16.model, bf16.tokenizer)
+    ours = teacher_forced(four_bit, served.model, served.tokenizer)
+    rounded = teacher_forced(FusedForward(load("bfloat16").model), served.model, served.tokenizer)
     assert torch.equal(ours.argmax(-1), exact.argmax(-1))
-    # The 4-bit weights are the GGUF's own; both paths round to bfloat16 on the way, by about as much.
-    assert (ours - exact).abs().max() <= 1.5 * (plain - exact).abs().max()
+    # The 4-bit weights are the GGUF's own; on the way they round to bfloat16 about as much as bfloat16 does.
+    assert (ours - exact).abs().max() <= 1.5 * (rounded - exact).abs().max()
+
+
+def test_four_bit_weights_serve_only_up_to_their_row_count_and_not_at_all_when_off():
+    loaded = load("float32")
+    off = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=0)
+    assert off.kind == "fused" and off.extra_bytes == 0
+    four_bit = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=2)
+    calls = []
+    quantized = four_bit.lm_head.quantized
+    four_bit.lm_head.quantized = lambda flat: calls.append(flat.shape[0]) or quantized(flat)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, loaded.model.config.hidden_size)
+        assert torch.equal(four_bit.lm_head(x), quantized(x) if rows <= 2 else off.lm_head(x))
+    assert calls == [1, 2]
+
+
+def test_the_measured_crossover_is_used_and_named():
+    loaded = load("float32")
+    measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint)
+    rows = measured.lm_head.int4_rows
+    assert rows in (0, *int4.CANDIDATE_ROWS)
+    assert all(layer.down.int4_rows == rows for layer in measured.layers)
+    if rows:
+        assert f"4-bit weights up to {rows} rows" in measured.kind
+    else:  # slower at every row count on this machine: the copies are not kept
+        assert measured.kind == "fused" and measured.extra_bytes == 0

@@ -28,8 +28,9 @@ def split_settings(max_memory: str, offload_dir) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def whole():
-    return load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
+def whole(loaded):
+    """The model on one device, decoding in float32 throughout (no 4-bit weights), as a split model does."""
+    return loaded
 
 
 @pytest.fixture(scope="module")
