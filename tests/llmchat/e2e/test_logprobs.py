@@ -44,7 +44,7 @@ def test_chat_logprobs_cover_the_content_streamed_or_not(client):
     # The second request's prompt comes from the prefix cache, computed in other chunks than the first's; the
     # 4-bit decode steps round activations to bfloat16, which can turn that last-bit difference into a
     # rounding step.
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=0.02)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=0.1)
 
 
 def test_chat_without_logprobs_has_none(client):

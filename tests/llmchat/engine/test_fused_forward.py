@@ -264,7 +264,7 @@ def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
         assert ours_error <= 1.5 * theirs_error + 0.01 * r.abs().max()
 
 
-def test_models_it_cannot_run_say_why(tmp_path):
+def test_models_it_cannot_run_say_why_and_quantized_ones_it_can(tmp_path):
     assert "model type 'gpt2'" in unsupported_reason(
         AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     )
@@ -274,7 +274,14 @@ def test_models_it_cannot_run_say_why(tmp_path):
     quantized = AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
     )
-    assert unsupported_reason(quantized) == "the projections are quantized"
+    assert unsupported_reason(quantized) is None  # bitsandbytes layers run inside the fused pass
+
+    class LoRALinear(torch.nn.Linear):  # a layer it does not know, even one derived from torch's Linear
+        pass
+
+    custom = tiny_model("llama")
+    custom.model.layers[0].self_attn.q_proj = LoRALinear(8, 8)
+    assert unsupported_reason(custom).startswith("projections of type LoRALinear")
 
 
 def test_the_setting_chooses_the_pass_and_health_says_which():
