@@ -220,9 +220,16 @@ def _checkpoint_grids(
 _crossovers: dict[tuple, int] = {}
 
 
+# Dense weight bytes timed for the crossover: more than a CPU cache holds, as in a decode step, and for a
+# large model only its first layers, so that timing stays around a second.
+CROSSOVER_BYTES = 256 * 2**20
+
+
 def _int4_rows(linears: list[Linear], dtype: torch.dtype) -> int:
     """The crossover of the 4-bit and dense matmuls on this machine, timed on the MLPs' input projections."""
     mlp = [p for p in linears[2:-1:4] if p.int4 is not None] or [p for p in linears if p.int4 is not None]
+    layer_bytes = mlp[0].in_features * mlp[0].out_features * dtype.itemsize
+    mlp = mlp[: max(1, CROSSOVER_BYTES // layer_bytes)]
     key = (len(mlp), mlp[0].in_features, mlp[0].out_features, mlp[0].packed, dtype)
     if key not in _crossovers:
         _crossovers[key] = int4.crossover(int4.timer([(p.dense, p.quantized) for p in mlp], mlp[0].in_features, dtype))
