@@ -8,6 +8,7 @@ depends on the build, so a few decode-sized matmuls are timed in both dtypes at 
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +62,14 @@ def time_matmuls(dtype: torch.dtype, hidden: int = 2048, out: int = 5632, repeat
     with torch.inference_mode():
         for x in rows:  # warm-up: oneDNN picks and caches its kernels on first use
             F.linear(x, weight)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for x in rows:
-                F.linear(x, weight)
-            best = min(best, time.perf_counter() - start)
-    return best
+        return best_of(lambda: [F.linear(x, weight) for x in rows], repeats)
+
+
+def best_of(run: Callable[[], object], repeats: int) -> float:
+    """The fewest seconds `run()` took in `repeats` calls: the least disturbed by other work on the machine."""
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest

@@ -203,17 +203,14 @@ class Layer:
 
 
 def _checkpoint_grids(
-    model: torch.nn.Module, projections: list[list[torch.nn.Linear] | None], checkpoint: Path | None
+    model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None
 ) -> list[int4.Int4Weight | None]:
-    """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one,
-    and for a projection given as None)."""
-    wanted = [p for p in projections if p is not None]
-    if checkpoint is None or not wanted:
+    """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one)."""
+    if checkpoint is None:
         return [None] * len(projections)
     # By parameter, so a logits matmul tied to the embedding finds the embedding's name in the checkpoint.
     names = {id(param): name for name, param in model.named_parameters()}
-    found = iter(int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in wanted]))
-    return [None if p is None else next(found) for p in projections]
+    return int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in projections])
 
 
 # Crossovers measured in this process, by what decides them: engines loaded again (tests) reuse them.
@@ -266,10 +263,9 @@ class FusedForward:
         kinds = [projection_kind(p[0]) for p in projections]
         quantized = [kind for kind in kinds if kind != "dense"]
         dequantize, why = dequantize_on_cpu(model, projections)
-        on_cpu = model.device.type == "cpu" and int4_rows != 0
         # A quantized model's own values are its quantized ones, not the grids of the checkpoint it came from.
-        dense = [p if kind == "dense" and not quantized else None for p, kind in zip(projections, kinds, strict=True)]
-        grids = _checkpoint_grids(model, dense, checkpoint if on_cpu else None)
+        four_bit = model.device.type == "cpu" and int4_rows != 0 and not quantized
+        grids = _checkpoint_grids(model, projections, checkpoint if four_bit else None)
         linears = [
             Linear(p, packed, grid)
             if kind == "dense"

@@ -22,7 +22,6 @@ not fails the exact check.
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from llmchat.engine import cpu
 
 log = logging.getLogger("llmchat.int4")
 
@@ -162,13 +163,7 @@ def timer(pairs: list[tuple[Callable, Callable]], width: int, dtype: torch.dtype
     as a decode step does."""
 
     def best(calls: list[Callable], x: torch.Tensor) -> float:
-        fastest = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for call in calls:
-                call(x)
-            fastest = min(fastest, time.perf_counter() - start)
-        return fastest
+        return cpu.best_of(lambda: [call(x) for call in calls], repeats)
 
     def seconds_at(rows: int) -> tuple[float, float]:
         x = torch.randn(rows, width).to(dtype)
