@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.levers import time_decode
+from llmchat.engine import gpu
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
@@ -42,11 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu needs a CUDA or ROCm GPU")
-    device = torch.cuda.get_device_name()
-    build = f"torch {torch.__version__}, " + (
-        f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+    device = gpu.gpu_state(torch.device("cuda"))["name"]  # with its CUDA or ROCm version, as /health says
+    table = Table(
+        title=f"decode step on the GPU, context {args.context}", caption=f"GPU: {device}, torch {torch.__version__}"
     )
-    table = Table(title=f"decode step on the GPU, context {args.context}", caption=f"GPU: {device} ({build})")
     for col in ("dtype", "quantization", "forward", "rows", "ms/step", "tok/s", "vs transformers"):
         table.add_column(col, justify="left" if col in ("dtype", "quantization", "forward") else "right")
     with torch.inference_mode():
