@@ -3,9 +3,10 @@
 Measured on a 2-core CPU, a quarter to a third of transformers' decode step was Python and
 small-op overhead around the matmuls. This pass fuses the q/k/v and gate/up projections into one
 matmul each, applies rotary embeddings to queries and keys together, and on CPUs with AMX runs
-bfloat16 matmuls on weights prepacked once for oneDNN instead of repacking them every call; there,
-weights converted from a Q4_1 GGUF also keep a 4-bit copy for steps of few rows (int4.py). It reads
-and writes the same KV cache layers as transformers' forward, so the runner does not care which ran.
+bfloat16 matmuls on weights prepacked once for oneDNN instead of repacking them every call. On any
+CPU, weights converted from a 4-bit GGUF keep a 4-bit copy for decode steps of few rows (int4.py);
+bitsandbytes' layers run inside the pass (quantized.py). It reads and writes the same KV cache layers
+as transformers' forward, so the runner does not care which ran.
 """
 
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 from llmchat.engine import int4
 from llmchat.engine.attention import Attention
 from llmchat.engine.cpu import has_amx_bf16
+from llmchat.engine.quantized import QUANTIZED, Modules, dequantize_on_cpu, dequantized, projection_kind
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -38,18 +40,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if unknown := [type(m).__name__ for m in linears if projection_kind(m) is None]:
         return f"projections of type {unknown[0]} (the fused pass runs torch's Linear and bitsandbytes' 4- and 8-bit)"
     return None
-
-
-# bitsandbytes' layers, by class name (bitsandbytes is an optional extra), and what /health calls them.
-QUANTIZED = {"Linear4bit": "bitsandbytes 4-bit", "Linear8bitLt": "bitsandbytes 8-bit"}
-
-
-def projection_kind(module: torch.nn.Module) -> str | None:
-    """ "dense" for torch's Linear, QUANTIZED's name for a bitsandbytes layer, None for anything else."""
-    if type(module) is torch.nn.Linear:
-        return "dense"
-    names = [cls.__name__ for cls in type(module).__mro__ if cls.__module__.startswith("bitsandbytes")]
-    return next((QUANTIZED[name] for name in names if name in QUANTIZED), None)
 
 
 def _attention_linears(layer) -> list[torch.nn.Linear]:
@@ -85,7 +75,7 @@ class Linear:
         `dequantize_to`: bitsandbytes 4-bit layers, whose weights are dequantized once into this dtype."""
         self.int4 = grid
         self.int4_rows = 0
-        weights = [_dequantized(m, dequantize_to) if dequantize_to else m.weight.detach() for m in linears]
+        weights = [dequantized(m, dequantize_to) if dequantize_to else m.weight.detach() for m in linears]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [m.bias for m in linears]
         if any(b is not None for b in biases):
@@ -131,55 +121,6 @@ class Linear:
         return out if self.bias is None else out + self.bias
 
 
-def _dequantized(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """A bitsandbytes 4-bit layer's weight [out, in] in `dtype`: the values its own matmul computes with."""
-    import bitsandbytes.functional
-
-    return bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
-
-
-def dequantize_on_cpu(model: torch.nn.Module, projections: list[list[torch.nn.Module]]) -> tuple[bool, str]:
-    """Whether the fused pass keeps a CPU model's bitsandbytes 4-bit weights dequantized, and why.
-
-    bitsandbytes' CPU matmul (without AVX512_BF16) dequantizes a 4-bit weight on every call: a decode
-    step of the bundled model took 151 ms in nf4 against 67 ms in float32. A copy made once, where it
-    takes at most half the available memory, computes with the same values at the dense speed.
-    """
-    layers = [m for p in projections for m in p if projection_kind(m) == QUANTIZED["Linear4bit"]]
-    if model.device.type != "cpu" or not layers:
-        return False, ""
-    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
-        return False, "kept in 4 bits: bitsandbytes repacked them for its AVX512_BF16 kernel"
-    import psutil
-
-    need = sum(m.out_features * m.in_features for m in layers) * model.dtype.itemsize
-    dtype = str(model.dtype).removeprefix("torch.")
-    if need > psutil.virtual_memory().available // 2:
-        return False, f"kept in 4 bits: a {dtype} copy ({need / 2**30:.1f} GiB) would take over half the free memory"
-    return True, f"dequantized once to {dtype} (bitsandbytes' CPU matmul dequantizes every call)"
-
-
-class Modules:
-    """Quantized projections (bitsandbytes), each run by its own module and kernel, their outputs side by side.
-
-    On a GPU the fused pass around them (and CUDA graphs, for 4-bit) removes the launches between matmuls.
-    On the CPU the quantized matmuls themselves dominate a step: with the rest fused, the bundled model's
-    8-bit step was 0.97x to 1.18x as fast as through transformers' forward (1 to 16 rows, AVX2).
-    """
-
-    int4, int4_rows, packed, extra_bytes = None, 0, False, 0
-
-    def __init__(self, modules: list[torch.nn.Module]) -> None:
-        self.modules = modules
-        self.out_features = sum(m.out_features for m in modules)
-        self.in_features = modules[0].in_features
-
-    def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
-        if len(self.modules) == 1:
-            return self.modules[0](x)
-        return torch.cat([m(x) for m in self.modules], dim=-1)
-
-
 def _projections(layer) -> list[list[torch.nn.Linear]]:
     """A layer's matmuls, each as the modules fused into it: q/k/v, o, gate/up, down."""
     q, k, v, o = _attention_linears(layer)
@@ -217,32 +158,57 @@ def _checkpoint_grids(
 _crossovers: dict[tuple, int] = {}
 
 
-# Dense weight bytes timed for the crossover: more than a CPU cache holds, as in a decode step, and for a
-# large model only its first layers, so that timing stays around a second.
-CROSSOVER_BYTES = 256 * 2**20
+# Projections whose crossovers are timed apart, in `_projections` order (the logits matmul comes last): their
+# shapes differ, and a Q8_0 weight's two grids take the input twice. Measured on AVX2, the 4-bit weights won
+# up to 12 rows for the logits, 16 for down, 32 for gate/up.
+ROLES = ("q/k/v", "o", "gate/up", "down")
+
+# Dense weight bytes timed per role: more than a CPU cache holds, as in a decode step, and for a large model
+# only its first layers, so that timing stays within a second or two.
+CROSSOVER_BYTES = 64 * 2**20
 
 
-def _int4_rows(linears: list[Linear], dtype: torch.dtype) -> int:
-    """The crossover of the 4-bit and dense matmuls on this machine, timed on the MLPs' input projections."""
-    mlp = [p for p in linears[2:-1:4] if p.int4 is not None] or [p for p in linears if p.int4 is not None]
-    layer_bytes = mlp[0].in_features * mlp[0].out_features * dtype.itemsize
-    mlp = mlp[: max(1, CROSSOVER_BYTES // layer_bytes)]
-    key = (len(mlp), mlp[0].in_features, mlp[0].out_features, mlp[0].packed, dtype)
-    if key not in _crossovers:
-        _crossovers[key] = int4.crossover(int4.timer([(p.dense, p.quantized) for p in mlp], mlp[0].in_features, dtype))
-    return _crossovers[key]
+def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype) -> dict[str, int]:
+    """Each role's crossover of the 4-bit and dense matmuls on this machine (of the roles with 4-bit weights)."""
+    crossovers = {}
+    for role in dict.fromkeys(roles):
+        group = [p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None]
+        if not group:
+            continue
+        first = group[0]
+        group = group[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
+        key = (len(group), first.in_features, first.out_features, first.int4[1].shape[0], first.packed, dtype)
+        if key not in _crossovers:
+            timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
+            _crossovers[key] = int4.crossover(timer, role)
+        crossovers[role] = _crossovers[key]
+    return crossovers
+
+
+def _four_bit_kind(linears: list[Linear], roles: list[str]) -> str:
+    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ."""
+    used = {role: p.int4_rows for p, role in zip(linears, roles, strict=True) if p.int4 is not None}
+    num_int4 = sum(p.int4 is not None for p in linears)
+    if len(set(used.values())) == 1:
+        limit = f"{next(iter(used.values()))} rows"
+    else:
+        limit = ", ".join(f"{role} {n}" for role, n in used.items()) + " rows"
+    return f", 4-bit weights up to {limit} ({num_int4} of {len(linears)} matmuls)"
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     """transformers' Llama RMSNorm to the bit: statistics in float32, weight applied in the model's dtype."""
     weight, eps = norm
+    if x.dtype == torch.float32:  # one op instead of four: a decode step runs two per layer
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin to the bit, as x * cos + roll(x) * signed_sin (rotary_for's
+    sin with its first half negated): four ops instead of seven, in every layer. (A fused addcmul rounds
+    differently, which in float16 moves LLM.int8's outlier columns.)"""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class FusedForward:
@@ -280,11 +246,14 @@ class FusedForward:
         # LLM.int8 splits out the input columns holding outliers, found by value each step: shapes a CUDA
         # graph cannot fix.
         self.graph_blocker = "bitsandbytes' 8-bit layers" if QUANTIZED["Linear8bitLt"] in quantized else None
-        if num_int4 := sum(p.int4 is not None for p in linears):
-            rows = _int4_rows(linears, model.dtype) if int4_rows is None else int4_rows
-            for p in linears:
-                p.int4, p.int4_rows = (p.int4, rows) if rows else (None, 0)  # never faster: not kept
-            self.kind += f", 4-bit weights up to {rows} rows ({num_int4} of {len(linears)} matmuls)"
+        roles = [*ROLES * len(model.model.layers), "logits"]
+        if any(p.int4 is not None for p in linears):
+            rows = _int4_rows(linears, roles, model.dtype) if int4_rows is None else dict.fromkeys(roles, int4_rows)
+            for p, role in zip(linears, roles, strict=True):
+                p.int4_rows = rows.get(role, 0) if p.int4 is not None else 0
+                p.int4 = p.int4 if p.int4_rows else None  # never faster: not kept
+        if any(p.int4 is not None for p in linears):
+            self.kind += _four_bit_kind(linears, roles)
         self.layers = [Layer(layer, linears[4 * i : 4 * i + 4]) for i, layer in enumerate(model.model.layers)]
         self.lm_head = linears[-1]
         self.embed = model.model.embed_tokens.weight
@@ -364,8 +333,11 @@ class FusedForward:
         return self.lm_head(rms_norm(x[0, last], self.final_norm))
 
     def rotary_for(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and `rotate`'s signed sin, [rows, queries, 1, dim] to broadcast over heads."""
         cos, sin = self.rotary(x, positions)
-        return cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads in [rows, queries, heads, dim]
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos[:, :, None, :], sin[:, :, None, :]
 
     def pre_attention(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefill=False):
         """Queries [rows, heads, queries, dim], keys and values [rows, kv_heads, queries, dim] of one layer."""

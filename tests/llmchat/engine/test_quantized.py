@@ -5,8 +5,9 @@ import psutil
 import pytest
 import torch
 
-from llmchat.engine.fused_forward import FusedForward, Modules
+from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
+from llmchat.engine.quantized import Modules
 from llmchat.engine.runner import TransformersForward
 from llmchat.settings import Settings
 from tests.conftest import teacher_forced
