@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmchat.engine import int4
+from llmchat.engine import fused_forward, int4
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.settings import Settings
@@ -79,7 +79,14 @@ def test_the_crossover_is_the_most_rows_before_the_dense_matmuls_win():
         return 20.0, 2.0 * rows
 
     assert int4.crossover(seconds_at) == 8
-    assert tried == [1, 2, 4, 8, 12]  # no timing past the first loss
+    assert tried == [1, 2, 4, 8, 12, 12]  # the loss timed twice, nothing past it
+
+    def disturbed(rows):  # the first timing at 4 rows ran beside other work
+        tried.append(rows)
+        return (20.0, 50.0) if tried.count(4) == 1 and rows == 4 else (20.0, 2.0 * rows)
+
+    tried.clear()
+    assert int4.crossover(disturbed) == 8
     assert int4.crossover(lambda rows: (1.0, 2.0)) == 0  # never faster
     assert int4.crossover(lambda rows: (2.0, 1.0)) == int4.CANDIDATE_ROWS[-1]
 
@@ -133,13 +140,44 @@ def test_four_bit_weights_serve_only_up_to_their_row_count_and_not_at_all_when_o
     assert calls == [1, 2]
 
 
-def test_the_measured_crossover_is_used_and_named():
+def test_the_measured_crossovers_are_used_and_named():
     loaded = load("float32")
     measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint)
-    rows = measured.lm_head.int4_rows
-    assert rows in (0, *int4.CANDIDATE_ROWS)
-    assert all(layer.down.int4_rows == rows for layer in measured.layers)
-    if rows:
-        assert f"4-bit weights up to {rows} rows" in measured.kind
+    for name in ("qkv", "o", "gate_up", "down"):  # one crossover per kind of projection, the same in every layer
+        assert len({getattr(layer, name).int4_rows for layer in measured.layers}) == 1
+    rows = [p.int4_rows for p in (*vars(measured.layers[0]).values(), measured.lm_head) if hasattr(p, "int4_rows")]
+    assert set(rows) <= {0, *int4.CANDIDATE_ROWS}
+    if any(rows):
+        assert "4-bit weights up to " in measured.kind
     else:  # slower at every row count on this machine: the copies are not kept
         assert measured.kind == "fused" and measured.extra_bytes == 0
+
+
+def test_each_kind_of_projection_gets_its_own_crossover(monkeypatch):
+    """With timings where the dense matmul wins beyond 4 rows for the logits, never loses for the output
+    projection, and wins beyond 16 rows elsewhere."""
+    loaded = load("float32")
+    config = loaded.model.config
+
+    def timer(pairs, width, dtype):
+        out_features = pairs[0][0].__self__.out_features
+        limit = {config.vocab_size: 4, config.hidden_size: 16 if width != config.hidden_size else 0}.get(
+            out_features, 16
+        )
+        return lambda rows: (1.0, 0.5 if rows <= limit else 2.0)
+
+    monkeypatch.setattr(int4, "timer", timer)
+    monkeypatch.setattr(fused_forward, "_crossovers", {})
+    measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint)
+    assert measured.lm_head.int4_rows == 4
+    for layer in measured.layers:
+        assert (layer.qkv.int4_rows, layer.o.int4_rows, layer.gate_up.int4_rows, layer.down.int4_rows) == (
+            16,
+            0,
+            16,
+            16,
+        )
+        assert layer.o.int4 is None  # never faster: its copy is not kept
+    assert measured.kind.endswith(
+        ", 4-bit weights up to q/k/v 16, gate/up 16, down 16, logits 4 rows (91 of 121 matmuls)"
+    )
