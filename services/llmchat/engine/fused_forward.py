@@ -186,9 +186,12 @@ def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype) -> d
 
 
 def _four_bit_kind(linears: list[Linear], roles: list[str]) -> str:
-    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ."""
+    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ
+    ("" when none are kept)."""
     used = {role: p.int4_rows for p, role in zip(linears, roles, strict=True) if p.int4 is not None}
     num_int4 = sum(p.int4 is not None for p in linears)
+    if not used:
+        return ""
     if len(set(used.values())) == 1:
         limit = f"{next(iter(used.values()))} rows"
     else:
@@ -252,7 +255,6 @@ class FusedForward:
             for p, role in zip(linears, roles, strict=True):
                 p.int4_rows = rows.get(role, 0) if p.int4 is not None else 0
                 p.int4 = p.int4 if p.int4_rows else None  # never faster: not kept
-        if any(p.int4 is not None for p in linears):
             self.kind += _four_bit_kind(linears, roles)
         self.layers = [Layer(layer, linears[4 * i : 4 * i + 4]) for i, layer in enumerate(model.model.layers)]
         self.lm_head = linears[-1]
