@@ -15,6 +15,16 @@ def native_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
+def on_device(values, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host list (nested or not) as a tensor on `device`, queued without waiting for the device.
+
+    torch.tensor(values, device="cuda") copies from pageable memory and then synchronizes the stream, so the
+    CPU waits for every kernel already queued (a sampling step stalled on the forward pass before it).
+    An asynchronous copy from pageable memory stages the bytes before it returns: the source may go at once.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def choose_quantization(weight_bytes: int, free_bytes: int) -> tuple[str, str]:
     """nf4 or none for quantization=auto on a GPU, and why: 16-bit weights that fit comfortably run
     unquantized (the fused forward pass and CUDA graphs, faster than nf4 through transformers' forward)."""

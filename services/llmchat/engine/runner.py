@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason
+from llmchat.engine.gpu import on_device
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.scheduler import Sequence
 
@@ -235,7 +236,7 @@ class BatchRunner:
         start = seq.num_computed
         if seq.kv is None:
             seq.kv = new_cache(self.model)
-        ids = torch.tensor([seq.prompt_ids[start : start + n]], dtype=torch.long, device=self.device)
+        ids = on_device([seq.prompt_ids[start : start + n]], self.device, torch.long)
         positions = torch.arange(start, start + n, device=self.device)[None]
         return self.forward(ids, None, positions, seq.kv)[0]  # one row, no padding
 
@@ -247,8 +248,8 @@ class BatchRunner:
             if seq.kv is None:
                 seq.kv = new_cache(self.model)
         logits = ragged(
-            torch.tensor([ids], device=self.device),
-            torch.tensor([positions], device=self.device),
+            on_device([ids], self.device),
+            on_device([positions], self.device),
             [n for _, n in chunks],
             [seq.kv for seq, _ in chunks],
         )
@@ -274,7 +275,8 @@ class BatchRunner:
         cache = new_cache(self.model)
         if past:
             self._fill_past(cache, chunks, past)
-        logits = self.forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache)
+        moved = (t.to(self.device, non_blocking=True) for t in (ids, mask, positions))
+        logits = self.forward(*moved, cache)
         for i, (seq, n) in enumerate(chunks):
             done = seq.num_computed
             columns = torch.cat([torch.arange(past - done, past), torch.arange(past + longest - n, past + longest)])
@@ -353,9 +355,9 @@ class BatchRunner:
         counts = [len(s.pending) for s in self.rows]
         k, fewest = max(counts), min(counts)
         ids = [[self.pad_token_id] * (k - n) + s.pending for s, n in zip(self.rows, counts, strict=True)]
-        ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        real = torch.tensor([[0] * (k - n) + [1] * n for n in counts], dtype=self.mask.dtype, device=self.device)
-        counts = torch.tensor(counts, device=self.device)
+        ids = on_device(ids, self.device, torch.long)
+        real = on_device([[0] * (k - n) + [1] * n for n in counts], self.device, self.mask.dtype)
+        counts = on_device(counts, self.device)
         # A padding column's position is that of the row's first real one: any value would do, it is masked.
         positions = self.positions[:, None] + (torch.arange(k, device=self.device) - (k - counts)[:, None]).clamp(min=0)
         mask = torch.cat([self.mask, real], dim=1)

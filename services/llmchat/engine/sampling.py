@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from llmchat.engine.constraints import Constraint
+from llmchat.engine.gpu import on_device
 
 # (completion token ids so far, next-token logits for this sequence) -> adjusted logits, applied to the
 # sequence's own row after its grammar's mask.
@@ -45,7 +46,7 @@ def token_logprobs(
     """Each row's chosen token's log-probability and its `num_tops` likeliest tokens, read back from the
     device once for all rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    chosen = logprobs.gather(1, on_device(tokens, logits.device)[:, None])[:, 0]
     values, ids = torch.topk(logprobs, max(num_tops))  # k=0 gives empty rows
     chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
     return [
@@ -69,7 +70,7 @@ def sample(
     broken = (logits.isnan() | logits.isposinf()).any(dim=-1)
     drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if drawn:
-        index = torch.tensor(drawn, device=logits.device)
+        index = on_device(drawn, logits.device)
         tokens[index] = _draw(logits[index].float(), [params[i] for i in drawn], [generators[i] for i in drawn])
     tokens, broken = torch.stack([tokens, broken.long()]).tolist()
     return tokens, [bool(b) for b in broken]
@@ -82,16 +83,16 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     if min(ks) < vocab:
         # Everything below a row's k-th largest logit is out (ties at the threshold stay).
         top = torch.topk(logits, max(ks)).values
-        threshold = top.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
+        threshold = top.gather(1, on_device(ks, device)[:, None] - 1)
         logits = logits.masked_fill(logits < threshold, float("-inf"))
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    temperature = on_device([p.temperature for p in params], device)[:, None]
     probs = torch.softmax(logits / temperature, dim=-1)
     top_p = [p.top_p for p in params]
     if min(top_p) < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the top token always stays (a top_p that
         # underflows to 0 in float32 would otherwise leave nothing to sample from).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= torch.tensor(top_p, device=device)[:, None]
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= on_device(top_p, device)[:, None]
         outside[:, 0] = False
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(outside, 0.0))
     noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=g) for g in generators])
