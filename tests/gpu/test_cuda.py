@@ -104,7 +104,12 @@ def test_transformers_forward_and_fused_pass_agree_in_bfloat16_within_rounding()
     with torch.inference_mode():
         theirs = TransformersForward(loaded.model, "reference")(ids, None, positions, new_cache(loaded.model))
         ours = FusedForward(loaded.model)(ids, None, positions, new_cache(loaded.model))
-    assert int(theirs.argmax()) == int(ours.argmax())
+    theirs, ours = theirs[-1].float(), ours[-1].float()
+    # Different attention kernels round bfloat16 differently through 30 layers: on an H200 the logits (near
+    # 10) differed by up to 0.375, and the two top tokens swapped where they nearly tied. A real fault
+    # moves logits by whole units.
+    assert float((ours - theirs).abs().max()) < 1.0
+    assert float(ours[theirs.argmax()]) >= float(ours.max()) - 0.25
 
 
 def test_sampling_reads_the_device_once():

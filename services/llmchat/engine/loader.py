@@ -336,6 +336,8 @@ def load_model(
     device = pick_device(config.device)
     dtype, dtype_reason = pick_dtype(config.dtype, device)
     placement_kwargs = pick_placement(config, source, device)
+    if device == "cuda":
+        gpu.skip_cudnn_attention()
     path, cache_hit = source.path, None
     if source.kind == "gguf":
         cached = converted_dir(source, config.cache_dir)
