@@ -158,6 +158,8 @@ def run_engine(loaded, config, body, **engine_options):
 
     async def main():
         engine = Engine(loaded, config, **engine_options)
+        if engine_options.get("cuda_graphs"):
+            engine.prepare()  # captured before serving, as the service does
         engine.start()
         try:
             return await body(engine)

@@ -161,7 +161,7 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
                 jump_forward=settings.jump_forward,
                 int4_rows=settings.int4_rows,
             )
-            if settings.cuda_graphs:
+            if settings.cuda_graphs and loaded.device == "cuda":
                 stage("capturing CUDA graphs for every batch size")
                 engine.prepare()
             chat = Chat(engine, chat_options(settings))

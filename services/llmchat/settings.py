@@ -46,9 +46,10 @@ class Settings(ServiceSettings):
         "through llmchat's fused pass and anything else through transformers; transformers always uses transformers'.",
     )
     cuda_graphs: bool = Field(
-        False,
+        True,
         description="On a GPU with the fused forward pass, replay each decode step's pieces between attentions "
-        "from CUDA graphs, captured for every batch-size bucket (1, 2, 4, ...) at start-up. Ignored on the CPU.",
+        "from CUDA graphs, captured for every batch-size bucket (1, 2, 4, ...) at start-up; false decodes "
+        "eagerly. Ignored on the CPU.",
     )
     jump_forward: bool = Field(
         True,

@@ -40,15 +40,17 @@ def generate(loaded, **options) -> list[list[int]]:
     return run_engine(loaded, SchedulerConfig(max_running=8), body, **options)
 
 
-def test_fused_pass_on_the_gpu_gives_transformers_tokens_as_rows_come_and_go():
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_fused_pass_on_the_gpu_gives_transformers_tokens_as_rows_come_and_go(cuda_graphs):
     loaded = loaded_as("float32")
-    assert generate(loaded) == generate(loaded, fused_forward=False)
+    assert generate(loaded, cuda_graphs=cuda_graphs) == generate(loaded, fused_forward=False)
 
 
-def test_nf4_model_runs_the_fused_pass_with_transformers_tokens():
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_nf4_model_runs_the_fused_pass_with_transformers_tokens(cuda_graphs):
     loaded = loaded_as("float32", "nf4")  # float32 compute: the two passes may differ only in rounding order
     assert "bitsandbytes 4-bit projections" in FusedForward(loaded.model).kind
-    assert generate(loaded) == generate(loaded, fused_forward=False)
+    assert generate(loaded, cuda_graphs=cuda_graphs) == generate(loaded, fused_forward=False)
 
 
 def test_int8_model_runs_the_fused_pass_and_agrees_with_transformers():
@@ -133,6 +135,8 @@ def test_default_settings_serve_on_the_gpu_and_health_shows_its_memory():
         health = httpx.get(f"{live.base_url}/health").json()
         assert health["device"] == "cuda" and health["quantization"] == "none"
         assert "half the GPU's free memory" in health["quantization_reason"]
+        assert health["forward"].endswith("CUDA graphs around attention"), health["forward"]
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # its per-shape plans cost ms every decode step
         gpu = health["gpu"]
         assert 0 < gpu["allocated_bytes"] <= gpu["reserved_bytes"] < gpu["total_bytes"]
         assert health["max_kv_tokens"] > 0

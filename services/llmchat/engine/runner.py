@@ -134,9 +134,9 @@ def pick_forward(
         forward = TransformersForward(model, reason)
     if cuda_graphs:
         if reason is not None:
-            log.warning("CUDA graphs need the fused forward pass (%s); not used", reason)
+            log.info("CUDA graphs need the fused forward pass (%s); not used", reason)
         elif forward.graph_blocker is not None:
-            log.warning("CUDA graphs cannot capture %s; not used", forward.graph_blocker)
+            log.info("CUDA graphs cannot capture %s; not used", forward.graph_blocker)
         elif model.device.type != "cuda":
             log.info("CUDA graphs are for a GPU; not used on the %s", model.device.type)
         else:
