@@ -158,8 +158,8 @@ def run_engine(loaded, config, body, **engine_options):
 
     async def main():
         engine = Engine(loaded, config, **engine_options)
-        if engine_options.get("cuda_graphs"):
-            engine.prepare()  # captured before serving, as the service does
+        if engine_options.get("cuda_graphs") or engine_options.get("compile_decode"):
+            engine.prepare()  # captured or compiled before serving, as the service does
         engine.start()
         try:
             return await body(engine)
@@ -169,9 +169,10 @@ def run_engine(loaded, config, body, **engine_options):
     return asyncio.run(main())
 
 
-def teacher_forced(forward, model, tokenizer):
+def teacher_forced(forward, model, tokenizer, masked: bool = True):
     """Logits of each step of a fixed answer to a fixed question, [steps, vocab] in float32: the prompt
-    prefilled, then the answer's tokens decoded one by one through `forward` (any of the runner's passes)."""
+    prefilled, then the answer's tokens decoded one by one through `forward` (any of the runner's passes),
+    with the mask or, as the runner passes an unpadded batch, without (`masked=False`)."""
     import torch
 
     from llmchat.engine.runner import new_cache
@@ -186,5 +187,6 @@ def teacher_forced(forward, model, tokenizer):
         steps = []
         for i, token in enumerate(answer):
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-            steps.append(forward(torch.tensor([[token]]), mask, torch.tensor([[ids.shape[1] + i]]), cache).float())
+            step_mask = mask if masked else None
+            steps.append(forward(torch.tensor([[token]]), step_mask, torch.tensor([[ids.shape[1] + i]]), cache).float())
     return torch.cat(steps)

@@ -6,6 +6,7 @@ generation has succeeded, so `systemctl --user start llmchat` returns when reque
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -151,6 +152,8 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
         try:
             # A large model's first conversion can outlast the unit's start timeout.
             loaded = load_model(model_config(settings), stage, while_converting=extending_start_timeout)
+            if settings.compile:  # inductor's compiled code outlives /tmp there, so later starts reuse it
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
             stage("preparing the forward pass")
             engine = Engine(
                 loaded,
@@ -160,10 +163,15 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
                 prefix_cache_bytes=prefix_cache_bytes(settings),
                 jump_forward=settings.jump_forward,
                 int4_rows=settings.int4_rows,
+                compile_decode=settings.compile,
             )
             if settings.cuda_graphs and loaded.device == "cuda":
                 stage("capturing CUDA graphs for every batch size")
                 engine.prepare()
+            elif settings.compile and loaded.device == "cpu":
+                stage("compiling the one-row decode step (about a minute the first time)")
+                with extending_start_timeout():
+                    engine.prepare()
             chat = Chat(engine, chat_options(settings))
             stage(f"preparing constrained decoding ({chat.family} tool calls)")
             chat.grammar  # noqa: B018 -- built now so the first tool request does not pay for it

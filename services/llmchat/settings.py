@@ -51,6 +51,12 @@ class Settings(ServiceSettings):
         "from CUDA graphs, captured for every batch-size bucket (1, 2, 4, ...) at start-up; false decodes "
         "eagerly. Ignored on the CPU.",
     )
+    compile: bool = Field(
+        False,
+        description="On the CPU with the fused forward pass, compile one-row decode steps with torch.compile at "
+        "start-up (needs a C++ compiler; about a minute the first time, cached under cache_dir/inductor). "
+        "Ignored on a GPU, which replays CUDA graphs instead.",
+    )
     jump_forward: bool = Field(
         True,
         description="In constrained output (JSON schemas, tool calls), append the tokens the grammar allows as the "

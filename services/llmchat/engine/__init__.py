@@ -1,4 +1,4 @@
-"""The inference engine: loads the model (loader), runs it (fused_forward, cuda_graphs, int4 or transformers'
+"""The inference engine: loads the model (loader), runs it (fused_forward, cuda_graphs, compiled, int4 or transformers'
 forward, via runner), batches sequences continuously (scheduler, core) and samples their tokens (sampling).
 It knows nothing of chat templates or wire protocols: token ids in, token ids and text out."""
 

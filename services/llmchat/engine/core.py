@@ -42,10 +42,12 @@ class Engine:
         prefix_cache_bytes: int | None = None,
         jump_forward: bool = True,
         int4_rows: int | None = None,
+        compile_decode: bool = False,
     ) -> None:
         """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache).
         `jump_forward`: append the tokens a grammar forces without a model step for each. `int4_rows`: decode
-        steps of up to this many rows use a GGUF's 4-bit weights on the CPU (None: measured at load; 0: never)."""
+        steps of up to this many rows use a GGUF's 4-bit weights on the CPU (None: measured at load; 0: never).
+        `compile_decode`: one-row decode steps on the CPU run compiled by torch.compile (compiled on prepare())."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
@@ -71,6 +73,7 @@ class Engine:
             checkpoint=loaded.checkpoint,
             prefix_cache=self.prefix_cache,
             int4_rows=int4_rows,
+            compile_decode=compile_decode,
         )
         self.masks = GrammarMasks()
         self.jump_forward = jump_forward

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from llmchat.engine.compiled import CompiledDecode
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason
 from llmchat.engine.gpu import on_device
@@ -49,10 +50,19 @@ class GrowingLayer(DynamicLayer):
             self.replace(self.keys, self.values, extra=n)
         self._keys[..., self.length : self.length + n, :] = key_states
         self._values[..., self.length : self.length + n, :] = value_states
+        self.grow(n)
+        return self.keys, self.values
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys' and values' whole buffers, spare columns included, for a pass that writes them in place."""
+        return self._keys, self._values
+
+    def grow(self, n: int) -> None:
+        """Takes in the `n` columns after the cached ones, written into the buffers."""
         self.length += n
         self.keys = self._keys[..., : self.length, :]
         self.values = self._values[..., : self.length, :]
-        return self.keys, self.values
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor, extra: int = 0) -> None:
         """Sets the cached keys and values (after rows were added or dropped), with fresh spare room."""
@@ -124,9 +134,11 @@ def pick_forward(
     max_rows: int = 16,
     checkpoint: Path | None = None,
     int4_rows: int | None = None,
-) -> FusedForward | GraphedDecode | TransformersForward:
+    compile_decode: bool = False,
+) -> FusedForward | GraphedDecode | CompiledDecode | TransformersForward:
     """`checkpoint` and `int4_rows`: where the fused pass looks for 4-bit weights and up to how many rows it
-    uses them (None: measured), see FusedForward."""
+    uses them (None: measured), see FusedForward. `compile_decode`: one-row decode steps on the CPU compiled
+    (compiled.py)."""
     reason = unsupported_reason(model) if fused else "chosen in the settings"
     if reason is None:
         forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows)
@@ -141,6 +153,13 @@ def pick_forward(
             log.info("CUDA graphs are for a GPU; not used on the %s", model.device.type)
         else:
             forward = GraphedDecode(forward, max_rows, capture=True)
+    if compile_decode:
+        if reason is not None:
+            log.info("compiling the decode step needs the fused forward pass (%s); not used", reason)
+        elif model.device.type != "cpu":
+            log.info("compiling the decode step is for the CPU; not used on the %s", model.device.type)
+        else:
+            forward = CompiledDecode(forward)
     log.info("forward pass: %s", forward.kind)
     return forward
 
@@ -163,9 +182,10 @@ class BatchRunner:
         checkpoint: Path | None = None,
         prefix_cache: PrefixCache | None = None,
         int4_rows: int | None = None,
+        compile_decode: bool = False,
     ) -> None:
         self.model = model
-        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint, int4_rows)
+        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint, int4_rows, compile_decode)
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache
@@ -180,6 +200,9 @@ class BatchRunner:
         capture_all = getattr(self.forward, "capture_all", None)
         if capture_all is not None:
             capture_all(self.device)
+        compile_now = getattr(self.forward, "compile_now", None)
+        if compile_now is not None:
+            compile_now(new_cache(self.model))
 
     @property
     def num_columns(self) -> int:
