@@ -232,7 +232,8 @@ def main() -> None:
     parser.add_argument(
         "--servers",
         default="llmchat,transformers,transformers-bf16,llama.cpp",
-        help="transformers serves the weights as stored (float32); transformers-bf16 adds --dtype bfloat16",
+        help="transformers serves the weights as stored (float32); transformers-bf16 adds --dtype bfloat16; "
+        "llmchat-compile is llmchat with --compile",
     )
     parser.add_argument(
         "--llama-cpp-python",
@@ -263,6 +264,7 @@ def main() -> None:
     wanted = args.servers.split(",")
     candidates = {
         "llmchat": lambda: servers.llmchat(args.llmchat_args.split()),
+        "llmchat-compile": lambda: servers.llmchat([*args.llmchat_args.split(), "--compile"], "llmchat-compile"),
         "transformers": lambda: servers.transformers_serve(weights),
         "transformers-bf16": lambda: servers.transformers_serve(weights, "bfloat16"),
         "llama.cpp": lambda: servers.llama_cpp(bundled_gguf(), args.llama_cpp_python, tools="tools" in scenarios),

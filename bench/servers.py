@@ -70,10 +70,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llmchat(extra: list[str]) -> Server:
+def llmchat(extra: list[str], name: str = "llmchat") -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "llmchat", "serve", "--port", str(port), "--log-level", "warning", *extra]
-    return Server("llmchat", cmd, "SmolLM2-135M-Instruct", "/health", port=port)
+    return Server(name, cmd, "SmolLM2-135M-Instruct", "/health", port=port)
 
 
 def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:
