@@ -43,9 +43,11 @@ class CompiledDecode:
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
-        if ids.shape != (1, 1) or mask is not None or self.failure is not None:
-            return self.fused(ids, mask, positions, cache)
         length = cache.layers[0].get_seq_length()
+        # A cache of 0 or 1 columns (a one-token prompt): torch.compile specialises the sizes 0 and 1, so
+        # compiling for them would take another minute for a step the eager pass takes in milliseconds.
+        if ids.shape != (1, 1) or mask is not None or length < 2 or self.failure is not None:
+            return self.fused(ids, mask, positions, cache)
         for layer in cache.layers:
             # A spare column past the new one: the graph was compiled for a buffer longer than the keys it
             # attends over, and a step whose keys filled the buffer exactly would compile another (a minute).

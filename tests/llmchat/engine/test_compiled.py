@@ -1,5 +1,6 @@
 """One-row decode steps compiled by torch.compile on the CPU (LLMCHAT_COMPILE), on the bundled model."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -65,6 +66,17 @@ def test_a_failed_compile_decodes_eagerly_and_says_why():
     ours = teacher_forced(compiled, loaded.model, loaded.tokenizer, masked=False)
     assert torch.equal(ours, exact)
     assert compiled.kind == f"{fused.kind}, one-row decode not compiled (RuntimeError: Compiler: g++ not found)"
+
+
+def test_a_one_token_prompt_and_its_first_step_run_eagerly():
+    loaded = bundled()
+    compiled = CompiledDecode(FusedForward(loaded.model))
+    compiled._step = lambda *args: pytest.fail("compiled for a cache of 0 or 1 columns")
+    cache = new_cache(loaded.model)
+    with torch.inference_mode():
+        for column in (0, 1):
+            compiled(torch.tensor([[5]]), None, torch.tensor([[column]]), cache)
+    assert cache.layers[0].get_seq_length() == 2 and compiled.failure is None
 
 
 class Recording:
