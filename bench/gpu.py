@@ -17,8 +17,9 @@ from bench.levers import time_decode
 from llmchat.engine import gpu
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, load_model
-from llmchat.engine.runner import TransformersForward, new_cache
+from llmchat.engine.runner import TransformersForward
 from llmchat.settings import Settings
 
 # dtype auto: bfloat16 where the GPU computes it natively; int8 loads always compute in float16.

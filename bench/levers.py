@@ -17,8 +17,9 @@ from transformers.cache_utils import DynamicCache
 
 from bench.report import captioned
 from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
-from llmchat.engine.runner import TransformersForward, new_cache
+from llmchat.engine.runner import TransformersForward
 from llmchat.settings import Settings
 
 CACHES = {"dynamic (torch.cat)": lambda m: DynamicCache(config=m.config), "spare columns": new_cache}

@@ -175,7 +175,7 @@ def teacher_forced(forward, model, tokenizer, masked: bool = True):
     with the mask or, as the runner passes an unpadded batch, without (`masked=False`)."""
     import torch
 
-    from llmchat.engine.runner import new_cache
+    from llmchat.engine.kv_cache import new_cache
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)

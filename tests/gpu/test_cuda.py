@@ -11,8 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llmchat.engine import Engine, SchedulerConfig
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, load_model
-from llmchat.engine.runner import TransformersForward, new_cache
+from llmchat.engine.runner import TransformersForward
 from llmchat.engine.sampling import SamplingParams, sample
 from llmchat.server import create_app
 from llmchat.settings import Settings

@@ -7,8 +7,8 @@ from torch._dynamo.utils import counters
 from llmchat.engine import SchedulerConfig
 from llmchat.engine.compiled import CompiledDecode
 from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, load_model
-from llmchat.engine.runner import new_cache
 from llmchat.engine.sampling import SamplingParams
 from llmchat.settings import Settings
 from tests.conftest import drain, prompt_ids, run_engine, teacher_forced

@@ -11,8 +11,9 @@ from llmchat.engine import Engine
 from llmchat.engine.attention import Attention
 from llmchat.engine.cuda_graphs import GraphedDecode, buckets_for
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason, uses_packed_bf16
+from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, load_model
-from llmchat.engine.runner import TransformersForward, new_cache, pick_forward
+from llmchat.engine.runner import TransformersForward, pick_forward
 from llmchat.server import create_app
 from llmchat.settings import Settings
 from tests.conftest import start_server
