@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from bench.report import captioned
-from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine import int4
+from llmchat.engine.fused_forward import FusedForward, on_torch_kernel
 from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
 from llmchat.engine.runner import TransformersForward
@@ -48,6 +49,13 @@ def time_decode(model, forward, make_cache, rows: int, context: int, steps: int)
     return times[0], 1000 * sum(steady) / len(steady)
 
 
+def linears_of(part) -> list:
+    """A fused layer's projections, or the fused pass's logits matmul."""
+    if isinstance(part, FusedForward):
+        return [part.lm_head]
+    return [part.qkv, part.o, part.gate_up, part.down]
+
+
 def cases(args, weights):
     """(dtype or quantization, model, {name: forward pass}) for each load the table compares."""
     for dtype in (torch.float32, torch.bfloat16):
@@ -58,6 +66,10 @@ def cases(args, weights):
             forwards["fused, unpacked"] = FusedForward(model, packed=False, int4_rows=0)
         four_bit = FusedForward(model, checkpoint=weights)  # up to the crossover measured on this machine
         forwards[four_bit.kind] = four_bit
+        if int4.DOT8_KERNEL in four_bit.kind:  # the same with torch's int4 kernel, side by side
+            theirs = FusedForward(model, checkpoint=weights)
+            on_torch_kernel([q for part in (*theirs.layers, theirs) for q in linears_of(part) if q.int4 is not None])
+            forwards[theirs.kind.replace(int4.DOT8_KERNEL, int4.TORCH_KERNEL)] = theirs
         if args.compile:
             forwards["transformers + torch.compile"] = TransformersForward(torch.compile(model, dynamic=True), "")
         yield str(dtype).removeprefix("torch."), model, forwards

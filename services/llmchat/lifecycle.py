@@ -154,6 +154,8 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
             loaded = load_model(model_config(settings), stage, while_converting=extending_start_timeout)
             if settings.compile:  # inductor's compiled code outlives /tmp there, so later starts reuse it
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
+            if loaded.device == "cpu":  # where the 4-bit kernel is compiled at first start (engine/dot8.py)
+                os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(settings.cache_dir / "kernels"))
             stage("preparing the forward pass")
             engine = Engine(
                 loaded,

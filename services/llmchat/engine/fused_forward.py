@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from llmchat.engine import int4
+from llmchat.engine import dot8, int4
 from llmchat.engine.attention import Attention
 from llmchat.engine.cpu import has_amx_bf16
 from llmchat.engine.quantized import QUANTIZED, Modules, dequantize_on_cpu, dequantized, projection_kind
@@ -68,7 +68,7 @@ class Linear:
         self,
         linears: list[torch.nn.Linear],
         packed: bool,
-        grid: int4.Int4Weight | None = None,
+        grid: int4.Grid | None = None,
         dequantize_to: torch.dtype | None = None,
     ) -> None:
         """`grid`: the weights' 4-bit form, used for steps of up to `int4_rows` rows (set once measured).
@@ -103,7 +103,7 @@ class Linear:
     def extra_bytes(self) -> int:
         """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
         extra = self.weight.nbytes if self.copied else 0
-        return extra + (sum(t.nbytes for t in self.int4) if self.int4 is not None else 0)
+        return extra + (self.int4.nbytes if self.int4 is not None else 0)
 
     def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         """Prefill always takes the dense matmul, so a prompt's keys and values do not depend on its chunking."""
@@ -117,7 +117,7 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
 
     def quantized(self, flat: torch.Tensor) -> torch.Tensor:
-        out = int4.matmul(flat, self.int4)
+        out = self.int4.matmul(flat)
         return out if self.bias is None else out + self.bias
 
 
@@ -145,7 +145,7 @@ class Layer:
 
 def _checkpoint_grids(
     model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None
-) -> list[int4.Int4Weight | None]:
+) -> list[int4.Grid | None]:
     """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one)."""
     if checkpoint is None:
         return [None] * len(projections)
@@ -154,8 +154,9 @@ def _checkpoint_grids(
     return int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in projections])
 
 
-# Crossovers measured in this process, by what decides them: engines loaded again (tests) reuse them.
-_crossovers: dict[tuple, int] = {}
+# Kernel choices (whether torch's int4 kernel won) and crossovers measured in this process, by what decides
+# them: engines loaded again (tests) reuse them.
+_crossovers: dict[tuple, tuple[bool, int]] = {}
 
 
 # Projections whose crossovers are timed apart, in `_projections` order (the logits matmul comes last): their
@@ -169,7 +170,8 @@ CROSSOVER_BYTES = 64 * 2**20
 
 
 def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype) -> dict[str, int]:
-    """Each role's crossover of the 4-bit and dense matmuls on this machine (of the roles with 4-bit weights)."""
+    """Each role's crossover of the 4-bit and dense matmuls on this machine (of the roles with 4-bit weights),
+    after moving a role's grids to torch's int4 kernel where that is faster at one row than llmchat's."""
     crossovers = {}
     for role in dict.fromkeys(roles):
         group = [p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None]
@@ -177,17 +179,31 @@ def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype) -> d
             continue
         first = group[0]
         group = group[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
-        key = (len(group), first.in_features, first.out_features, first.int4[1].shape[0], first.packed, dtype)
+        key = (len(group), first.in_features, first.out_features, first.int4.kernel, first.packed, dtype)
         if key not in _crossovers:
+            torch_kernel = first.int4.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
+                [p.int4 for p in group], first.in_features, dtype
+            )
+            if torch_kernel:
+                on_torch_kernel(group)
             timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
-            _crossovers[key] = int4.crossover(timer, role)
-        crossovers[role] = _crossovers[key]
+            _crossovers[key] = (torch_kernel, int4.crossover(timer, role))
+        torch_kernel, crossovers[role] = _crossovers[key]
+        if torch_kernel:
+            on_torch_kernel([p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None])
     return crossovers
 
 
+def on_torch_kernel(linears: list[Linear]) -> None:
+    """Their grids multiplied by torch's int4 kernel from now on."""
+    for p in linears:
+        if p.int4.kernel == int4.DOT8_KERNEL:
+            p.int4 = int4.Grid(*p.int4.levels, dot8_kernel=False)
+
+
 def _four_bit_kind(linears: list[Linear], roles: list[str]) -> str:
-    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ
-    ("" when none are kept)."""
+    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ,
+    and the kernel that multiplies them ("" when none are kept)."""
     used = {role: p.int4_rows for p, role in zip(linears, roles, strict=True) if p.int4 is not None}
     num_int4 = sum(p.int4 is not None for p in linears)
     if not used:
@@ -196,7 +212,11 @@ def _four_bit_kind(linears: list[Linear], roles: list[str]) -> str:
         limit = f"{next(iter(used.values()))} rows"
     else:
         limit = ", ".join(f"{role} {n}" for role, n in used.items()) + " rows"
-    return f", 4-bit weights up to {limit} ({num_int4} of {len(linears)} matmuls)"
+    kernels = dict.fromkeys(p.int4.kernel for p in linears if p.int4 is not None)
+    kernel = ", ".join(kernels)
+    if int4.DOT8_KERNEL not in kernels and (why := dot8.unavailable()):
+        kernel += f": {why}"
+    return f", 4-bit weights up to {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"
 
 
 def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:

@@ -4,19 +4,17 @@ Decoding a few rows reads every weight once per token, so on the CPU that step i
 bandwidth. A Q4_1 GGUF stores 4-bit values in groups of 32 along each row, with a scale and an
 offset per group, the group's lowest value at level 0 and its highest at 15; float32 spends 32 bits
 on each of them again. Where the converted weights lie exactly on such a grid, the fused pass also
-keeps them in torch's packed int4 layout (scale and offset rounded to bfloat16, as its kernel takes
-them: the same rounding bfloat16 weights get) and uses it for steps of up to a crossover number of
-rows, measured at load (`crossover`): larger batches keep the dense matmul, faster once many rows
-share each weight read. The kernel runs on AVX2 and AVX-512 CPUs alike, AMX or not; it takes
-bfloat16 activations (a float32 input falls to a reference path tens of times slower), so a float32
-model's rows are rounded to bfloat16 on the way in, as a bfloat16 model's already are.
+keeps their levels (`Grid`) and uses them for steps of up to a crossover number of rows, measured at
+load (`crossover`): larger batches keep the dense matmul, faster once many rows share each weight
+read. A Q8_0 weight (the bundled GGUF's embedding, tied to its logits matmul) is 8-bit values times
+a scale per group of 32, kept the same way. A weight off both grids gets no copy: a bfloat16
+checkpoint's, or a 4-bit type whose groups need not span all 16 levels (Q4_0, the K-quants), where
+a group that does not fails the exact check.
 
-A Q8_0 weight (the bundled GGUF's embedding, tied to its logits matmul) is 8-bit values q times a
-scale d per group of 32. It splits exactly into two 4-bit grids, q + 128 = 16 * high + low: the
-weight is high's grid (scale 16d) plus low's (scale d), stored side by side along the input as one
-matmul over the input twice. A weight off both grids gets no copy: a bfloat16 checkpoint's, or a
-4-bit type whose groups need not span all 16 levels (Q4_0, the K-quants), where a group that does
-not fails the exact check.
+On AVX2 CPUs (AVX-512 ones included) llmchat's kernel (dot8.py) multiplies them, rounding each input
+row to 8 bits per group of 32. Elsewhere, or where it cannot be built, torch's int4 kernel does, on a
+copy in its layout with scales rounded to bfloat16; it takes bfloat16 inputs, so either way a float32
+model's rows lose about as much precision on the way in as a bfloat16 model's.
 """
 
 import json
@@ -30,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmchat.engine import cpu
+from llmchat.engine import cpu, dot8
 
 log = logging.getLogger("llmchat.int4")
 
@@ -38,14 +36,18 @@ GROUP = 32
 # Row counts the crossover is timed at, in order; it stops at the first the dense matmul wins.
 CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
-Int4Weight = tuple[torch.Tensor, torch.Tensor]  # (packed int4, scales and zeros [in / GROUP, out, 2])
 CACHE_FILE = "int4.safetensors"
-# Bump the number when to_int4's output changes; the packed layout may differ by torch build and CPU.
-FORMAT = f"2 torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+# Bump the number when the grids' stored form changes.
+FORMAT = "3"
+PARTS = ("levels", "scales", "offsets")
+# A weight's levels on a Q4_1 grid (uint8 [out, in / 2], a group's first 16 levels in the low nibbles, the next
+# 16 in the high; float32 scales and offsets [out, in / 32]) or a Q8_0 grid (int8 [out, in]; offsets None).
+Levels = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+DOT8_KERNEL, TORCH_KERNEL = "8-bit dot products", "torch's int4 kernel"
 
 
-def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weight | None]:
-    """The 4-bit form of each projection (its parts' parameter names, fused in order), or None off the grid.
+def load_grids(checkpoint: Path, projections: list[list[str]]) -> list["Grid | None"]:
+    """The grid of each projection (its parts' parameter names, fused in order), or None off the grid.
 
     Checking every weight takes seconds per hundred million parameters, so the result is kept beside
     the checkpoint and read back on later starts.
@@ -58,7 +60,9 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weigh
             if meta.get("format") == FORMAT and json.loads(meta.get("keys", "[]")) == keys:
                 stored = set(f.keys())
                 return [
-                    (f.get_tensor(f"{k}.packed"), f.get_tensor(f"{k}.scales")) if f"{k}.packed" in stored else None
+                    Grid(*(f.get_tensor(f"{k}.{part}") if f"{k}.{part}" in stored else None for part in PARTS))
+                    if f"{k}.levels" in stored
+                    else None
                     for k in keys
                 ]
     with ExitStack() as files:
@@ -68,30 +72,59 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list[Int4Weigh
             if path.name != CACHE_FILE:
                 f = files.enter_context(safe_open(path, framework="pt"))
                 holder.update(dict.fromkeys(f.keys(), f))
-        grids = []
+        found = []
         for names in projections:
             parts = [holder[name].get_tensor(name) if name in holder else None for name in names]
-            grids.append(from_grid(torch.cat(parts)) if all(p is not None for p in parts) else None)
+            found.append(grid_levels(torch.cat(parts)) if all(p is not None for p in parts) else None)
     tensors = {}
-    for key, grid in zip(keys, grids, strict=True):
-        if grid is not None:
-            tensors[f"{key}.packed"], tensors[f"{key}.scales"] = grid
+    for key, levels in zip(keys, found, strict=True):
+        for part, tensor in zip(PARTS, levels, strict=True) if levels is not None else ():
+            if tensor is not None:
+                tensors[f"{key}.{part}"] = tensor
     temporary = checkpoint / f".{CACHE_FILE}.{os.getpid()}.tmp"  # replicas starting together each write their own
     try:
         save_file(tensors, temporary, metadata={"format": FORMAT, "keys": json.dumps(keys)})
         os.replace(temporary, cache)
     except OSError as exc:  # a read-only cache costs the check at every start, nothing more
         log.warning("could not keep the 4-bit weights in %s: %s", checkpoint, exc)
-    return grids
+    return [Grid(*levels) if levels is not None else None for levels in found]
 
 
-def from_grid(weight: torch.Tensor) -> Int4Weight | None:
-    """The packed form of a float32 [out, in] weight on a Q4_1 or Q8_0 grid, else None."""
-    return to_int4(weight) or q8_to_int4(weight)
+class Grid:
+    """A weight's `Levels` as a kernel takes them: llmchat's (dot8.py) takes them as they are; torch's int4
+    kernel, used where llmchat's cannot run or `dot8_kernel` is False, takes a copy in its layout, and then
+    `levels` is None (not held twice)."""
+
+    def __init__(
+        self, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, dot8_kernel: bool = True
+    ) -> None:
+        if dot8_kernel and dot8.unavailable() is None:
+            self.kernel = DOT8_KERNEL
+            self.levels: Levels | None = (levels, scales, offsets)
+            self.tensors = (levels, scales) if offsets is None else (levels, scales, offsets)
+            self._matmul = dot8.q8_mm if offsets is None else dot8.q4_mm
+        else:
+            self.kernel = TORCH_KERNEL
+            self.levels = None
+            self.tensors = _torch_int4(levels, scales, offsets)
+            self._matmul = _torch_int4_matmul
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] times the weight, in x's dtype."""
+        return self._matmul(x, *self.tensors)
 
 
-def to_int4(weight: torch.Tensor) -> Int4Weight | None:
-    """The packed form of a float32 [out, in] weight whose rows are 4-bit values in groups of 32, else None."""
+def grid_levels(weight: torch.Tensor) -> Levels | None:
+    """A float32 [out, in] weight's levels on a Q4_1 or Q8_0 grid, else None."""
+    return q4_1_levels(weight) or q8_0_levels(weight)
+
+
+def q4_1_levels(weight: torch.Tensor) -> Levels | None:
+    """A float32 [out, in] weight's levels if its rows are 4-bit values in groups of 32, else None."""
     out_features, in_features = weight.shape
     if in_features % GROUP:
         return None
@@ -102,13 +135,13 @@ def to_int4(weight: torch.Tensor) -> Int4Weight | None:
     levels = ((groups - low) / step).round()
     if ((levels * scale + low - groups).abs() > 1e-3 * step).any():
         return None
-    # torch's kernel computes (level - 8) * scale + zero.
-    return _pack(levels, scale, low + 8 * scale)
+    levels = levels.to(torch.uint8)
+    nibbles = levels[..., : GROUP // 2] | (levels[..., GROUP // 2 :] << 4)
+    return nibbles.flatten(1).contiguous(), scale.squeeze(-1), low.squeeze(-1)
 
 
-def q8_to_int4(weight: torch.Tensor) -> Int4Weight | None:
-    """A float32 [out, in] weight that is 8-bit values times a scale per group of 32 (Q8_0), as two 4-bit
-    grids side by side along the input [out, 2 * in], else None."""
+def q8_0_levels(weight: torch.Tensor) -> Levels | None:
+    """A float32 [out, in] weight's levels if its rows are 8-bit values times a scale per group of 32, else None."""
     out_features, in_features = weight.shape
     if in_features % GROUP:
         return None
@@ -119,7 +152,23 @@ def q8_to_int4(weight: torch.Tensor) -> Int4Weight | None:
     levels = (groups / step).round()
     if ((levels * scale - groups).abs() > 1e-6 * step).any():
         return None
-    high, low = (levels + 128).div(16, rounding_mode="floor"), (levels + 128).remainder(16)
+    return levels.to(torch.int8).flatten(1), scale.squeeze(-1), None
+
+
+def _torch_int4(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """torch's packed int4 layout of a grid, with scales and zeros rounded to bfloat16 as its kernel takes them.
+
+    A Q8_0 level q splits exactly into two 4-bit ones, q + 128 = 16 * high + low: the weight is high's grid
+    (scale 16 s) plus low's (scale s), stored side by side along the input as one matmul over the input twice.
+    """
+    scale = scales.unsqueeze(-1)
+    if offsets is not None:
+        nibbles = levels.view(levels.shape[0], -1, GROUP // 2)
+        four_bit = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)
+        # torch's kernel computes (level - 8) * scale + zero.
+        return _pack(four_bit, scale, offsets.unsqueeze(-1) + 8 * scale)
+    shifted = levels.view(levels.shape[0], -1, GROUP).to(torch.int32) + 128
+    high, low = shifted.div(16, rounding_mode="floor"), shifted.remainder(16)
     # high: (high - 8) * 16 * scale with zero 0; low: (low - 8) * scale + 8 * scale = low * scale.
     return _pack(
         torch.cat([high, low], dim=1),
@@ -128,16 +177,15 @@ def q8_to_int4(weight: torch.Tensor) -> Int4Weight | None:
     )
 
 
-def _pack(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Int4Weight:
+def _pack(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's int4 layout of `levels` [out, groups, GROUP] with per-group `scale` and `zero` [out, groups, 1]."""
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32).flatten(1), 2)
     return packed, scales_and_zeros
 
 
-def matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
-    """x [rows, in] times the weight, in x's dtype; the kernel computes in bfloat16."""
-    packed, scales_and_zeros = weight
+def _torch_int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The kernel computes in bfloat16 (a float32 input falls to a reference path tens of times slower)."""
     inputs = x.to(torch.bfloat16)
     if scales_and_zeros.shape[0] * GROUP > x.shape[-1]:  # a Q8_0 weight's two grids each take the input
         inputs = torch.cat([inputs, inputs], dim=-1)
@@ -159,6 +207,15 @@ def crossover(seconds_at: Callable[[int], tuple[float, float]], name: str = "") 
             break
         rows_won = rows
     return rows_won
+
+
+def torch_kernel_is_faster(grids: list[Grid], width: int, dtype: torch.dtype) -> bool:
+    """Whether torch's int4 kernel multiplies one row by these grids (llmchat's kernel's) faster than llmchat's:
+    where torch has AVX-512 code and llmchat's kernel only AVX2, the flags alone do not say."""
+    theirs = [Grid(*g.levels, dot8_kernel=False) for g in grids]
+    ours_s, theirs_s = timer([(a.matmul, b.matmul) for a, b in zip(grids, theirs, strict=True)], width, dtype)(1)
+    log.info("one row, %d grids: llmchat's kernel %.2f ms, torch's %.2f ms", len(grids), ours_s * 1e3, theirs_s * 1e3)
+    return theirs_s < ours_s
 
 
 def timer(pairs: list[tuple[Callable, Callable]], width: int, dtype: torch.dtype, repeats: int = 3):

@@ -32,8 +32,8 @@ def test_compiled_steps_stay_as_close_to_exact_as_the_eager_four_bit_pass():
     eager = teacher_forced(four_bit, loaded.model, loaded.tokenizer, masked=False)
     ours = teacher_forced(compiled, loaded.model, loaded.tokenizer, masked=False)
     assert torch.equal(ours.argmax(-1), exact.argmax(-1))
-    # The 4-bit kernel rounds its inputs to bfloat16, so the compiled kernels' different float32 rounding
-    # shows at that scale: as close to the exact logits as the eager 4-bit pass, not equal to it.
+    # Compiled kernels round float32 differently: as close to the exact logits as the eager 4-bit pass, not
+    # equal to it.
     assert (ours - exact).abs().max() <= 1.5 * (eager - exact).abs().max()
 
 
