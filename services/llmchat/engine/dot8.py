@@ -9,7 +9,7 @@ torch's kernel takes, for about a fifth more work. Measured there, one row throu
 matmuls took 6.5 ms instead of 9.5 and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers`
 compares whole decode steps with either kernel).
 
-It is compiled at first use with the system's C++ compiler against this torch (about 15 s) and kept in
+It is compiled at first use with the system's C++ compiler against this torch (about 20 s) and kept in
 `TORCH_EXTENSIONS_DIR` (the service sets it under its cache directory). Without AVX2, an x86 CPU, or a
 compiler, `unavailable()` says why and the 4-bit weights use torch's kernel. Where it runs, the fused pass
 still times one row through both kernels at load, per kind of projection, and keeps the faster: torch's
@@ -77,7 +77,7 @@ def _built(compiler: str) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the 8-bit dot-product kernel into %s (once, about 15 s)", target)
+    log.info("compiling the 8-bit dot-product kernel into %s (once, about 20 s)", target)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # replicas starting together each build their own
         built = Path(scratch) / target.name
         result = subprocess.run(

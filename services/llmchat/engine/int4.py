@@ -11,10 +11,10 @@ a scale per group of 32, kept the same way. A weight off both grids gets no copy
 checkpoint's, or a 4-bit type whose groups need not span all 16 levels (Q4_0, the K-quants), where
 a group that does not fails the exact check.
 
-On AVX2 CPUs (AVX-512 ones included) llmchat's kernel (dot8.py) multiplies them, rounding each input
-row to 8 bits per group of 32. Elsewhere, or where it cannot be built, torch's int4 kernel does, on a
-copy in its layout with scales rounded to bfloat16; it takes bfloat16 inputs, so either way a float32
-model's rows lose about as much precision on the way in as a bfloat16 model's.
+On AVX2 CPUs (AVX-512 ones included) llmchat's kernel (dot8.py) multiplies them, keeping about 16 bits
+of each input. Elsewhere, where it cannot be built, or where it is slower (`torch_kernel_is_faster`),
+torch's int4 kernel does, on a copy in its layout with scales rounded to bfloat16, made at each start;
+it takes bfloat16 inputs, so a float32 model's rows are rounded to bfloat16 on the way in.
 """
 
 import json
