@@ -54,7 +54,7 @@ class MaskBatch:
         words = (constraints[0].vocab_size + 31) // 32
         self.bits = torch.zeros((len(constraints), words), dtype=torch.int32)
         jobs = [(c.matcher, i) for i, c in enumerate(constraints)]
-        self.done: Future = future_of(jobs, self.bits.data_ptr(), words * 4, len(constraints))
+        self.done: Future = future_of(jobs, self.bits)
         for i, constraint in enumerate(constraints):
             constraint.mask = (self, i)
 
@@ -72,10 +72,16 @@ class GrammarMasks:
         if constraints:
             MaskBatch(constraints, self._submit)
 
-    def _submit(self, *args) -> Future:
+    def _submit(self, jobs: list, bits: torch.Tensor) -> Future:
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        return self._thread.submit(self._executor.unsafe_compute_mask_ptr, *args)
+        # The job holds the tensor, not just its address: when every row of a batch finishes while its masks
+        # are computed (a reply cut by max_tokens, an engine stopping), the mask thread must not write into
+        # freed memory. That corrupted the heap and crashed the service later, somewhere else.
+        return self._thread.submit(self._fill, jobs, bits)
+
+    def _fill(self, jobs: list, bits: torch.Tensor) -> None:
+        self._executor.unsafe_compute_mask_ptr(jobs, bits.data_ptr(), bits.shape[1] * 4, bits.shape[0])
 
     def apply(self, constraints: list[Constraint | None], logits: torch.Tensor) -> list[GrammarError | None]:
         """Masks the logits rows of the given constraints in place (None: a free row); returns each row's error.

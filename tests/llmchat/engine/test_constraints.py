@@ -1,7 +1,10 @@
 """Constrained decoding in the engine: batched grammar masks, and forced tokens appended without model steps
 giving exactly the tokens step-by-step decoding gives."""
 
+import gc
 import json
+import threading
+import weakref
 
 import jsonschema
 import pytest
@@ -173,6 +176,29 @@ def test_masks_for_a_batch_equal_each_matchers_own(loaded, compiler):
         assert torch.equal(masked[row][allowed], logits[row][allowed])
         assert 0 < int(allowed.sum()) < vocab
     assert torch.equal(masked[-1], logits[-1])
+
+
+def test_masks_being_computed_keep_their_memory_when_their_rows_go(compiler):
+    """A batch whose rows all finish while the mask thread fills it: the memory it writes must stay allocated
+    until it is done, then be freed."""
+    masks = GrammarMasks()
+    busy = threading.Event()
+    try:
+        masks._thread.submit(busy.wait, 30)  # the mask thread is busy, so the batch below waits its turn
+        constraint = compiler.constraint(grammars(compiler)["cast"])
+        masks.start([constraint])
+        batch, _ = constraint.mask
+        bits, done = weakref.ref(batch.bits), batch.done
+        del constraint, batch  # its only row finished: nothing in the engine refers to the batch any more
+        gc.collect()
+        assert bits() is not None
+        busy.set()
+        done.result(timeout=30)  # written
+    finally:
+        busy.set()
+        masks.shutdown()
+    gc.collect()
+    assert bits() is None  # and freed once written
 
 
 def test_a_reply_with_forced_tokens_is_reused_by_the_next_turn(loaded, compiler):
