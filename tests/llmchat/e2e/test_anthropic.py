@@ -224,9 +224,11 @@ def test_image_block_is_refused(client):
 
 
 def test_output_config_format_gives_json_matching_the_schema(client):
-    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    # A bounded string, so the object is complete within max_tokens whatever the model writes in it.
+    capital = {"type": "string", "maxLength": 20}
+    schema = {"type": "object", "properties": {"capital": capital}, "required": ["capital"]}
     reply = ask(
-        client, max_tokens=30, extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}}
+        client, max_tokens=40, extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}}
     )
     assert reply.stop_reason == "end_turn"
     jsonschema.validate(json.loads(reply.content[0].text), schema)
