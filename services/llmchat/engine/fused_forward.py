@@ -180,17 +180,18 @@ def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype) -> d
         first = group[0]
         group = group[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
         key = (len(group), first.in_features, first.out_features, first.int4.kernel, first.packed, dtype)
-        if key not in _crossovers:
+        if key in _crossovers:
+            torch_kernel = _crossovers[key][0]
+        else:
             torch_kernel = first.int4.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
                 [p.int4 for p in group], first.in_features, dtype
             )
-            if torch_kernel:
-                on_torch_kernel(group)
+        if torch_kernel:  # before the crossover is timed, which then times torch's kernel
+            on_torch_kernel([p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None])
+        if key not in _crossovers:
             timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
             _crossovers[key] = (torch_kernel, int4.crossover(timer, role))
-        torch_kernel, crossovers[role] = _crossovers[key]
-        if torch_kernel:
-            on_torch_kernel([p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None])
+        crossovers[role] = _crossovers[key][1]
     return crossovers
 
 
