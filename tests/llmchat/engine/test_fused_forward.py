@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from llmchat.engine import Engine
+from llmchat.engine import Engine, fused_forward
 from llmchat.engine.attention import Attention
 from llmchat.engine.cuda_graphs import GraphedDecode, buckets_for
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason, uses_packed_bf16
@@ -263,6 +263,15 @@ def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
     for a, b, r in zip(ours, theirs, reference, strict=True):
         ours_error, theirs_error = (a.float() - r).abs().max(), (b.float() - r).abs().max()
         assert ours_error <= 1.5 * theirs_error + 0.01 * r.abs().max()
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["AMX", "no AMX"])
+def test_bfloat16_weights_are_prepacked_only_on_amx_cpus(monkeypatch, amx):
+    """The choice on any CPU (faked flags); the prepacked matmuls themselves run in the test above where the CPU
+    has AMX."""
+    monkeypatch.setattr(fused_forward, "has_amx_bf16", lambda: amx)
+    assert uses_packed_bf16(tiny_model("llama").to(torch.bfloat16)) == (amx and torch.backends.mkldnn.is_available())
+    assert not uses_packed_bf16(tiny_model("llama"))  # float32 weights are never prepacked
 
 
 def test_models_it_cannot_run_say_why_and_quantized_ones_it_can(tmp_path):
