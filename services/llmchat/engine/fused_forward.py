@@ -114,11 +114,25 @@ class Linear:
     def dense(self, flat: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(flat, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return packed_linear(flat, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
 
     def quantized(self, flat: torch.Tensor) -> torch.Tensor:
         out = self.int4.matmul(flat)
         return out if self.bias is None else out + self.bias
+
+
+@torch.library.custom_op("llmchat::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's matmul on a prepacked weight, opaque to torch.compile: inductor's own lowering of it fails on
+    dynamic shapes (LLMCHAT_COMPILE on AMX CPUs), and the matmul is one call either way."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _projections(layer) -> list[list[torch.nn.Linear]]:
