@@ -298,7 +298,13 @@ def convert_gguf(source: ModelSource, target: Path) -> None:
         log.info("converting: writing safetensors to %s", target)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # Another process (a replica, a second server) converted the same file at the same time.
+            log.info("converting: %s was converted by another process meanwhile; using it", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converting: done in %.0fs", time.perf_counter() - start)

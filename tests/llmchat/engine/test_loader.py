@@ -190,6 +190,36 @@ def test_second_load_uses_the_converted_cache():
     assert second.describe()["weights_cache_hit"] is True
 
 
+def test_a_conversion_another_process_finished_first_is_used(tmp_path, monkeypatch):
+    """Two servers (replicas, or a test beside a running service) starting on one GGUF both convert it; the one
+    that finishes second keeps the first's folder rather than failing its start. Faked converter: the race is
+    the point, not the minute of dequantizing."""
+    import transformers
+
+    from llmchat.engine.loader import ModelSource, convert_gguf
+
+    target = tmp_path / "converted" / "m"
+
+    class Converted:
+        config = object()
+
+        def save_pretrained(self, folder):
+            (Path(folder) / "model.safetensors").write_text("ours")
+            target.mkdir(exist_ok=True)  # meanwhile the other process renames its own into place
+            (target / "model.safetensors").write_text("theirs")
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return Converted()
+
+    monkeypatch.setattr(transformers, "AutoTokenizer", Loader)
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Loader)
+    convert_gguf(ModelSource("gguf", str(tmp_path), "m", "m.gguf"), target)
+    assert (target / "model.safetensors").read_text() == "theirs"
+    assert [p.name for p in target.parent.iterdir()] == ["m"]  # no half-written folder left behind
+
+
 def _greedy(loaded, question: str, max_new_tokens: int = 12) -> str:
     tok = loaded.tokenizer
     inputs = tok.apply_chat_template(
