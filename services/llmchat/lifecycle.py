@@ -109,6 +109,7 @@ def model_config(settings: Settings) -> ModelConfig:
         cache_dir=settings.cache_dir,
         served_model_name=settings.served_model_name,
         trust_remote_code=settings.trust_remote_code,
+        remeasure=settings.remeasure,
     )
 
 

@@ -70,6 +70,12 @@ class Settings(ServiceSettings):
         "GGUF stores on a Q4_1 or Q8_0 grid (kept beside the converted model); unset: the crossover with the "
         "dense matmuls, timed at load on this machine; 0: never.",
     )
+    remeasure: bool = Field(
+        False,
+        description="On the CPU, time the choices made at load (dtype where AVX512_BF16 leaves it open, each kind "
+        "of projection's 4-bit kernel and row crossover) again and keep the new ones; by default a start reuses "
+        "those kept under cache_dir/measured for this CPU, torch and model, so restarts decode alike.",
+    )
     quantization: Literal["auto", "none", "nf4", "int8"] = Field(
         "auto",
         description="bitsandbytes quantization; auto is none when the model's 16-bit weights fit in half the GPU's "
@@ -144,7 +150,8 @@ class Settings(ServiceSettings):
     )
     cache_dir: Path = Field(
         Path(platformdirs.user_cache_dir("llmchat")),
-        description="Where converted weights (from GGUF) are cached so later starts are fast.",
+        description="Where converted weights (from GGUF) are cached so later starts are fast, llmchat's 4-bit kernel "
+        "is built and the choices timed at load are kept (measured/).",
     )
 
     @field_validator("max_memory")

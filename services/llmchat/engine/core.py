@@ -74,6 +74,7 @@ class Engine:
             prefix_cache=self.prefix_cache,
             int4_rows=int4_rows,
             compile_decode=compile_decode,
+            choices=loaded.choices,
         )
         self.masks = GrammarMasks()
         self.jump_forward = jump_forward

@@ -9,6 +9,7 @@ bitsandbytes' layers run inside the pass (quantized.py). It reads and writes the
 as transformers' forward, so the runner does not care which ran.
 """
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 
 from llmchat.engine import dot8, int4
 from llmchat.engine.attention import Attention
+from llmchat.engine.choices import Choices
 from llmchat.engine.cpu import has_amx_bf16
 from llmchat.engine.quantized import QUANTIZED, Modules, dequantize_on_cpu, dequantized, projection_kind
 
@@ -168,9 +170,9 @@ def _checkpoint_grids(
     return int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in projections])
 
 
-# Kernel choices (whether torch's int4 kernel won) and crossovers measured in this process, by what decides
-# them: engines loaded again (tests) reuse them.
-_crossovers: dict[tuple, tuple[bool, int]] = {}
+# Kernel choices and crossovers measured in this process, for forward passes built without kept choices: engines
+# loaded again (tests) reuse them.
+_measured = Choices()
 
 
 # Projections whose crossovers are timed apart, in `_projections` order (the logits matmul comes last): their
@@ -183,36 +185,46 @@ ROLES = ("q/k/v", "o", "gate/up", "down")
 CROSSOVER_BYTES = 64 * 2**20
 
 
-def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype) -> dict[str, int]:
+def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype, choices: Choices) -> dict[str, int]:
     """Each role's crossover of the 4-bit and dense matmuls on this machine (of the roles with 4-bit weights),
-    after moving a role's grids to torch's int4 kernel where that is faster at one row than llmchat's."""
+    after moving a role's grids to torch's int4 kernel where that is faster at one row than llmchat's.
+    `choices` keeps both per role and shape, so a restart (or a second engine) makes the same ones."""
     crossovers = {}
     for role in dict.fromkeys(roles):
-        group = [p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None]
-        if not group:
+        grids = [p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None]
+        if not grids:
             continue
-        first = group[0]
-        group = group[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
-        key = (len(group), first.in_features, first.out_features, first.int4.kernel, first.packed, dtype)
-        if key in _crossovers:
-            torch_kernel = _crossovers[key][0]
-        else:
-            torch_kernel = first.int4.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
-                [p.int4 for p in group], first.in_features, dtype
-            )
-        if torch_kernel:  # before the crossover is timed, which then times torch's kernel
-            on_torch_kernel([p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None])
-        if key not in _crossovers:
-            timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
-            _crossovers[key] = (torch_kernel, int4.crossover(timer, role))
-        crossovers[role] = _crossovers[key][1]
+        first = grids[0]
+        group = grids[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
+        layout = "prepacked" if first.packed else "plain"
+        # The kernel first meant to multiply them is part of the key: where llmchat's can no longer be built (no
+        # compiler), torch's must not inherit its crossover.
+        key = (
+            f"4-bit {role}: {len(group)} x {first.out_features}x{first.in_features}, {layout} {dtype}, "
+            f"from {first.int4.kernel}"
+        )
+        chosen = choices.get(key, partial(_measure_role, group, role, dtype))
+        if chosen["kernel"] == int4.TORCH_KERNEL:
+            on_torch_kernel(grids)
+        crossovers[role] = chosen["rows"]
     return crossovers
+
+
+def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
+    """The kernel for one kind of projection (timed on `group`, a few of them) and its crossover."""
+    first = group[0]
+    if first.int4.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
+        [p.int4 for p in group], first.in_features, dtype
+    ):
+        on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
+    timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
+    return {"kernel": first.int4.kernel, "rows": int4.crossover(timer, role)}
 
 
 def on_torch_kernel(linears: list[Linear]) -> None:
     """Their grids multiplied by torch's int4 kernel from now on."""
     for p in linears:
-        if p.int4.kernel == int4.DOT8_KERNEL:
+        if p.int4.kernel != int4.TORCH_KERNEL:
             p.int4 = int4.Grid(*p.int4.levels, dot8_kernel=False)
 
 
@@ -258,9 +270,11 @@ class FusedForward:
         packed: bool | None = None,
         checkpoint: Path | None = None,
         int4_rows: int | None = None,
+        choices: Choices | None = None,
     ) -> None:
         """`checkpoint`: the float32 safetensors converted from a GGUF, checked for 4-bit grids (int4.py), used
-        on the CPU for steps of up to `int4_rows` rows (None: the crossover measured here; 0: never)."""
+        on the CPU for steps of up to `int4_rows` rows (None: the crossover measured here; 0: never). `choices`:
+        where the measured kernels and crossovers are kept (default: in this process)."""
         config = model.config
         packed = uses_packed_bf16(model) if packed is None else packed
         projections = [*(p for layer in model.model.layers for p in _projections(layer)), [model.lm_head]]
@@ -286,7 +300,10 @@ class FusedForward:
         self.graph_blocker = "bitsandbytes' 8-bit layers" if QUANTIZED["Linear8bitLt"] in quantized else None
         roles = [*ROLES * len(model.model.layers), "logits"]
         if any(p.int4 is not None for p in linears):
-            rows = _int4_rows(linears, roles, model.dtype) if int4_rows is None else dict.fromkeys(roles, int4_rows)
+            if int4_rows is None:
+                rows = _int4_rows(linears, roles, model.dtype, _measured if choices is None else choices)
+            else:
+                rows = dict.fromkeys(roles, int4_rows)
             for p, role in zip(linears, roles, strict=True):
                 p.int4_rows = rows.get(role, 0) if p.int4 is not None else 0
                 p.int4 = p.int4 if p.int4_rows else None  # never faster: not kept

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llmchat.engine import cpu, gpu
+from llmchat.engine.choices import Choices, kept_for
 
 log = logging.getLogger("llmchat.engine.loader")
 
@@ -45,6 +46,7 @@ class ModelConfig:
     cache_dir: Path = Path(".cache")
     served_model_name: str | None = None
     trust_remote_code: bool = False
+    remeasure: bool = False  # time the CPU's choices again rather than reuse those kept (choices.py)
 
 
 @dataclass(slots=True)
@@ -76,6 +78,8 @@ class LoadedModel:
     max_memory: str | None = None
     # The float32 safetensors converted from a GGUF: where the fused pass looks for 4-bit weight grids.
     checkpoint: Path | None = None
+    # On the CPU: the choices timed at load, kept for later starts on this machine.
+    choices: Choices | None = None
 
     def describe(self) -> dict:
         return {
@@ -95,6 +99,7 @@ class LoadedModel:
             "device_map": self.device_map,
             "max_memory": self.max_memory,
             "placement": placement(self.model, self.device),
+            "measured": self.choices.describe() if self.choices is not None else None,
         }
 
 
@@ -151,8 +156,8 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
-    """The dtype to load in, and why."""
+def pick_dtype(dtype: str, device: str, kept: Choices | None = None) -> tuple[torch.dtype, str]:
+    """The dtype to load in, and why; on the CPU, matmuls timed once are `kept` for later starts."""
     if dtype != "auto":
         return _DTYPES[dtype], "chosen in the settings"
     if device == "cuda":
@@ -160,7 +165,9 @@ def pick_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
         if native == torch.bfloat16:
             return native, "the GPU computes bfloat16 natively"
         return native, "the GPU has no native bfloat16 (NVIDIA below compute capability 8.0, older AMD)"
-    return cpu.pick_dtype()
+    if kept is None:
+        return cpu.pick_dtype()
+    return cpu.pick_dtype(lambda dt: kept.get(f"matmul seconds, {dt}", lambda: cpu.time_matmuls(dt)))
 
 
 def pick_quantization(quantization: str, device: str, weight_bytes=lambda: 0) -> tuple[str, str]:
@@ -340,7 +347,9 @@ def load_model(
     quiet_progress_bars()
     source = resolve_source(config.model)
     device = pick_device(config.device)
-    dtype, dtype_reason = pick_dtype(config.dtype, device)
+    on_cpu = device == "cpu"
+    kept = kept_for(config.cache_dir, model_key(source, config.cache_dir), config.remeasure) if on_cpu else None
+    dtype, dtype_reason = pick_dtype(config.dtype, device, kept)
     placement_kwargs = pick_placement(config, source, device)
     if device == "cuda":
         gpu.skip_cudnn_attention()
@@ -402,4 +411,11 @@ def load_model(
         device_map=config.device_map,
         max_memory=config.max_memory,
         checkpoint=Path(path) if source.kind == "gguf" else None,
+        choices=kept,
     )
+
+
+def model_key(source: ModelSource, cache_dir: Path) -> str:
+    """What tells models apart for the kept choices: a GGUF's converted folder (named by its size and contents),
+    a directory's path, or a hub id."""
+    return converted_dir(source, cache_dir).name if source.kind == "gguf" else source.path

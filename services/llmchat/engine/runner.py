@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache
 
+from llmchat.engine.choices import Choices
 from llmchat.engine.compiled import CompiledDecode
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason
@@ -72,13 +73,14 @@ def pick_forward(
     checkpoint: Path | None = None,
     int4_rows: int | None = None,
     compile_decode: bool = False,
+    choices: Choices | None = None,
 ) -> FusedForward | GraphedDecode | CompiledDecode | TransformersForward:
-    """`checkpoint` and `int4_rows`: where the fused pass looks for 4-bit weights and up to how many rows it
-    uses them (None: measured), see FusedForward. `compile_decode`: one-row decode steps on the CPU compiled
-    (compiled.py)."""
+    """`checkpoint`, `int4_rows` and `choices`: where the fused pass looks for 4-bit weights, up to how many rows
+    it uses them (None: measured) and where it keeps what it measured, see FusedForward. `compile_decode`:
+    one-row decode steps on the CPU compiled (compiled.py)."""
     reason = unsupported_reason(model) if fused else "chosen in the settings"
     if reason is None:
-        forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows)
+        forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows, choices=choices)
     else:
         forward = TransformersForward(model, reason)
     if cuda_graphs:
@@ -120,9 +122,10 @@ class BatchRunner:
         prefix_cache: PrefixCache | None = None,
         int4_rows: int | None = None,
         compile_decode: bool = False,
+        choices: Choices | None = None,
     ) -> None:
         self.model = model
-        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint, int4_rows, compile_decode)
+        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint, int4_rows, compile_decode, choices)
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache
