@@ -94,23 +94,26 @@ def tool_call_grammar(
 ) -> str:
     """An llguidance grammar, written in Lark: free text or calls (required=False), or calls only; each
     call names an offered tool and its arguments match that tool's schema. After each call the model may
-    end the block, up to `max_calls` calls in it."""
+    end the block, up to `max_calls` calls in it. A marker of the syntax that the tokenizer has as one token
+    of its own (`special_token`; Qwen's <tool_call>, Llama's <|python_tag|>) is that token in the grammar: a
+    model trained on it writes the token, never the marker's text."""
+    tokens = {marker: token for marker in syntax.markers if (token := special_token(marker)) is not None}
     alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
     lines = ["%llguidance {}"]
-    calls = "call" if max_calls == 1 else f"call ({_lit(syntax.sep)} call){{0,{max_calls - 1}}}"
-    token = special_token(syntax.open) if syntax.open else None
-    trigger = f"<[{token}]>" if token is not None else _lit(syntax.open)
-    block = f"{_lit(syntax.list_open)} {calls} {_lit(syntax.close)}".replace('"" ', "").replace(' ""', "")
+    calls = "call" if max_calls == 1 else f"call ({_spell(syntax.sep, tokens)} call){{0,{max_calls - 1}}}"
+    block = " ".join(part for part in (_spell(syntax.list_open, tokens), calls, _spell(syntax.close, tokens)) if part)
+    trigger = _spell(syntax.open, tokens)
     if required:
-        lines.append(f"start: {trigger if syntax.open else ''} {block}")
+        lines.append(f"start: {trigger} {block}")
     elif syntax.open:
-        # TEXT may not contain the trigger, so once the model starts a call it has to finish a valid one.
-        forbidden = "" if token is not None else f" & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
-        lines += [
-            f"start: TEXT | head {block} TEXT",
-            f"head[lazy]: TEXT {trigger}",
-            f"TEXT: /(.|\\n)*/{forbidden}",
-        ]
+        # TEXT may not contain the trigger (nor its text where it is a token: the parser reads text), so once
+        # the model starts a call it has to finish a valid one. llguidance takes a token only in a rule, not
+        # in a lazy lexeme like `head`; TEXT cannot hold a token anyway.
+        text = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
+        if syntax.open in tokens:
+            lines += [f"start: TEXT | TEXT {trigger} {block} TEXT", text]
+        else:
+            lines += [f"start: TEXT | head {block} TEXT", f"head[lazy]: TEXT {trigger}", text]
     else:
         lines += [f"start: PLAIN | {block}", "PLAIN: /\\s*([^{\\s](.|\\n)*)?/"]
     lines.append(f'call: "{{\\"name\\": \\"" ({alternatives}) "}}"')
@@ -118,6 +121,15 @@ def tool_call_grammar(
         head = _lit(f'{tool.name}", "{syntax.args_key}": ')
         lines.append(f"tool_{n}: {head} %json {_schema(tool.parameters)}")
     return llguidance.grammar_from("lark", "\n".join(lines))
+
+
+def _spell(text: str, tokens: dict[str, int]) -> str:
+    """`text` as a sequence in a grammar rule: quoted text, with each marker in `tokens` as its token ("" when
+    `text` is empty)."""
+    if not tokens:
+        return _lit(text) if text else ""
+    parts = re.split("(" + "|".join(map(re.escape, tokens)) + ")", text)
+    return " ".join(f"<[{tokens[part]}]>" if part in tokens else _lit(part) for part in parts if part)
 
 
 def json_grammar(schema: dict[str, Any] | None) -> str:
@@ -134,8 +146,9 @@ class GrammarCompiler:
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size)
 
     def special_token(self, text: str) -> int | None:
-        token = self.tokenizer.convert_tokens_to_ids(text)
-        return token if token is not None and token != self.tokenizer.unk_token_id else None
+        """The token `text` is, where the tokenizer adds it to its vocabulary as one (Qwen's <tool_call>, marked
+        special or not: llguidance keeps every added token apart from text), else None."""
+        return self.tokenizer.get_added_vocab().get(text)
 
     def constraint(self, grammar: str) -> Constraint:
         """Raises GrammarError with llguidance's explanation when the grammar cannot be built."""

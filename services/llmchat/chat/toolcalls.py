@@ -37,6 +37,8 @@ class CallSyntax:
     sep: str
     close: str
     args_key: str = "arguments"
+    # The markers in the strings above that a tokenizer may hold as tokens of their own (grammar.py).
+    markers: tuple[str, ...] = ()
 
 
 def new_call_id() -> str:
@@ -297,7 +299,9 @@ class HermesParser(ToolParser):
     family = "hermes"
     open = "<tool_call>"
     close = "</tool_call>"
-    syntax = CallSyntax("<tool_call>", "\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>")
+    syntax = CallSyntax(
+        "<tool_call>", "\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>")
+    )
 
 
 class MistralParser(ToolParser):
@@ -308,7 +312,7 @@ class MistralParser(ToolParser):
     list_open = "["
     sep = ","
     close = "]"
-    syntax = CallSyntax("[TOOL_CALLS]", "[", ", ", "]")
+    syntax = CallSyntax("[TOOL_CALLS]", "[", ", ", "]", markers=("[TOOL_CALLS]",))
 
 
 class Llama3Parser(ToolParser):

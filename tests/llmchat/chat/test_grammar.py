@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from llmchat.chat.grammar import closed, json_grammar, tool_call_grammar
+from llmchat.chat.grammar import GrammarCompiler, closed, json_grammar, tool_call_grammar
 from llmchat.chat.prompt import CallRecord, ChatMessage, PromptRenderer
 from llmchat.chat.toolcalls import PARSERS, ToolSpec
 
@@ -122,3 +122,62 @@ def test_tool_aware_template_gets_tools_and_mapping_arguments(chat):
     assert "TOOL get_weather\nTOOL now\n" in text
     assert "CALL get_weather Paris" in text
     assert 'tool:{"temp": 18} FROM get_weather' in text
+
+
+@pytest.fixture(scope="module")
+def marker_tokens(chat):
+    """The bundled tokenizer with every family's markers added as tokens of their own, as Qwen's, Llama 3's and
+    Mistral's tokenizers have them: each family's token path, in seconds, without their models."""
+    tokenizer = copy.deepcopy(chat.engine.tokenizer)
+    markers = sorted({m for parser in PARSERS.values() for m in (*parser.syntax.markers, parser.alt_open) if m})
+    tokenizer.add_tokens(markers)
+    return GrammarCompiler(tokenizer, chat.engine.vocab_size)
+
+
+def token_ids(compiler, *pieces: str) -> list[int]:
+    """Each piece as the tokenizer encodes it, a marker as its one token."""
+    tokenizer = compiler.tokenizer
+    return [i for piece in pieces for i in tokenizer.encode(piece, add_special_tokens=False)]
+
+
+def consumes(compiler, grammar: str, ids: list[int]) -> bool:
+    matcher = compiler.constraint(grammar).matcher
+    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("family", ["hermes", "mistral"])
+def test_markers_that_are_tokens_are_those_tokens_in_the_grammar(marker_tokens, family):
+    syntax = PARSERS[family].syntax
+    special = marker_tokens.special_token
+    call = f'{{"name": "get_weather", "{syntax.args_key}": {{"city": "Paris"}}}}'
+    ids = token_ids(marker_tokens, syntax.open, syntax.list_open, call, syntax.close)
+    assert all(special(m) in ids for m in syntax.markers)  # each marker is its one token here
+    for required in (True, False):
+        grammar = tool_call_grammar(syntax, TOOLS, required=required, max_calls=3, special_token=special)
+        assert consumes(marker_tokens, grammar, ids)
+        # The markers' text, spelled in ordinary tokens, is not the marker.
+        spelled = [t for m in (syntax.open,) for t in chat_tokens(marker_tokens, m)]
+        assert not consumes(marker_tokens, grammar, spelled + ids[1:])
+    auto = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3, special_token=special)
+    assert consumes(marker_tokens, auto, token_ids(marker_tokens, "It is sunny in Paris."))
+    assert consumes(marker_tokens, auto, token_ids(marker_tokens, "Let me check. ") + ids)
+
+
+def chat_tokens(compiler, text: str) -> list[int]:
+    """`text` in the tokens of the original tokenizer (character by character: no marker token)."""
+    return [i for ch in text for i in compiler.tokenizer.encode(ch, add_special_tokens=False)]
+
+
+def test_forced_text_after_a_call_is_the_close_marker_token(marker_tokens):
+    """llguidance spells forced text in its canonical tokens: the close marker must come out as its token, which
+    the grammar then accepts (Qwen's replies failed there with a 500)."""
+    syntax = PARSERS["hermes"].syntax
+    grammar = tool_call_grammar(syntax, TOOLS, required=True, max_calls=1, special_token=marker_tokens.special_token)
+    matcher = marker_tokens.constraint(grammar).matcher
+    call = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert matcher.consume_tokens(token_ids(marker_tokens, syntax.open, call))
+    forced = matcher.compute_ff_tokens()
+    assert (
+        forced == token_ids(marker_tokens, "\n</tool_call>") and marker_tokens.special_token("</tool_call>") in forced
+    )
+    assert matcher.consume_tokens(forced) and matcher.is_stopped()
