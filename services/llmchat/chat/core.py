@@ -406,6 +406,10 @@ class Chat:
                 if output.text:
                     for event in prepared.parse(output.text):
                         yield event
+                if output.refusal is not None:
+                    yield Notice(
+                        "grammar.refused", f"the reply ended where the grammar refused a token: {output.refusal}"
+                    )
                 reason = output.finish_reason
                 if reason is None:
                     # Ending here leaves the loop, which aborts the sequence; the tokens counted are those up to

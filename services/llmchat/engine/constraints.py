@@ -33,6 +33,10 @@ class Constraint:
         if not self.matcher.consume_tokens(tokens):
             raise GrammarError(f"the grammar refused a token: {self.matcher.get_error()}")
 
+    def try_consume(self, tokens: list[int]) -> int:
+        """How many of `tokens`, from the first, the grammar took; it stops at a refused one (no error)."""
+        return self.matcher.try_consume_tokens(tokens)
+
     def forced(self) -> list[int]:
         """The tokens the grammar allows as the only continuation, in llguidance's canonical tokenization.
 

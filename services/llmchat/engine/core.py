@@ -16,7 +16,7 @@ import psutil
 import torch
 from tokenizers.decoders import DecodeStream
 
-from llmchat.engine.constraints import GrammarMasks
+from llmchat.engine.constraints import GrammarError, GrammarMasks
 from llmchat.engine.loader import LoadedModel
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner
@@ -295,7 +295,8 @@ class Engine:
         """Picks every sequence's next token in one pass (grammar masks for all constrained rows at once),
         appends it and any tokens its grammar then forces, and starts the constrained rows' next masks.
 
-        A row whose grammar, processor or logits fail (NaN) ends its own request; the others go on.
+        A row whose grammar refuses its token ends there, with what was valid (the output's `refusal` says why);
+        one whose processor or logits fail (NaN) ends in an error. The other rows go on.
         """
         constraints = [seq.params.constraint for seq in seqs]
         asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
@@ -324,7 +325,12 @@ class Engine:
                 if errors[i] is not None:
                     raise errors[i]
                 forced, complete = self._forced_after(seq, tokens[i])
-            except Exception as exc:  # a grammar's, processor's or the logits' failure ends its own sequence
+            except GrammarError as exc:  # the output so far is valid: it ends there, not in an error
+                output = self._output(seq, seq.stops.flush(), "stop")
+                output.refusal = str(exc)
+                seq.finish(output)
+                continue
+            except Exception as exc:  # a processor's or the logits' failure ends its own sequence
                 log.error("sampling failed; ending one sequence", exc_info=exc)
                 seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
                 continue
@@ -343,8 +349,9 @@ class Engine:
         if not self.jump_forward or seq.params.logprobs is not None:
             return [token], False
         forced = constraint.forced()
-        if forced:
-            constraint.consume(forced)
+        # llguidance spells forced text in its canonical tokens; where the grammar refuses one of them (a marker
+        # the tokenizer also has as a token of its own), the rest is decoded step by step under the mask.
+        forced = forced[: constraint.try_consume(forced)]
         return [token, *forced], constraint.is_done
 
     def _decode_one(self, token: int) -> str:

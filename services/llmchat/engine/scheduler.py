@@ -40,6 +40,8 @@ class Output:
     error: str | None = None
     stop_sequence: str | None = None  # the stop string that ended it
     logprobs: list[TokenLogprob] | None = None  # the tokens sampled since the last output, when asked for
+    # Why a grammar refused the model's next token, which ended the output with what was valid before it.
+    refusal: str | None = None
 
 
 @dataclass(slots=True, eq=False)

@@ -12,6 +12,7 @@ import pytest
 from opentelemetry import trace
 
 from llmchat.chat.call_object import call_key
+from llmchat.engine.constraints import Constraint, GrammarError
 from tests.conftest import WEATHER_SCHEMA
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -108,6 +109,44 @@ def test_the_call_cap_is_a_setting(live, client):
     finally:
         chat.max_tool_calls = before
     assert whole.choices[0].finish_reason == "tool_calls" and len(calls_of(whole)) == 1
+
+
+class RefusesAfterACall(Constraint):
+    """A grammar that refuses every token once a whole call has been consumed (its arguments and the call's
+    object closed): what a marker the grammar does not expect looks like at that point."""
+
+    def __init__(self, inner: Constraint, tokenizer) -> None:
+        super().__init__(inner.matcher, inner.vocab_size)
+        self.tokenizer, self.ids = tokenizer, []
+
+    def _closed(self) -> bool:
+        return "}}" in self.tokenizer.decode(self.ids)
+
+    def consume(self, tokens: list[int]) -> None:
+        if self._closed():
+            raise GrammarError("the grammar refused a token (injected)")
+        super().consume(tokens)
+        self.ids += tokens
+
+    def try_consume(self, tokens: list[int]) -> int:
+        taken = 0
+        while taken < len(tokens) and not self._closed() and super().try_consume(tokens[taken : taken + 1]):
+            self.ids.append(tokens[taken])
+            taken += 1
+        return taken
+
+
+def test_a_refused_token_ends_the_reply_and_a_whole_call_stays_a_call(live, client, spans, monkeypatch):
+    """Never a 5xx: the reply ends with what was valid, streamed and whole alike, and the span says why."""
+    grammar = live.app.state.runtime.chat.grammar
+    build = grammar.constraint
+    monkeypatch.setattr(grammar, "constraint", lambda text: RefusesAfterACall(build(text), grammar.tokenizer))
+    whole = ask(client)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert [name for name, _ in calls_of(whole)] == ["get_weather"]  # the repeat that would follow never came
+    assert_whole_distinct(calls_of(whole), {"get_weather": WEATHER_SCHEMA})
+    assert "grammar.refused" in span_events(spans)
+    assert streamed(client) == (calls_of(whole), "tool_calls", whole.usage.completion_tokens)
 
 
 def test_a_call_cut_by_max_tokens_is_left_out_of_whole_responses(live, client, spans):

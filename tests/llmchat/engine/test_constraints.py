@@ -13,7 +13,7 @@ import torch
 from llmchat.chat.grammar import GrammarCompiler, json_grammar, tool_call_grammar
 from llmchat.chat.toolcalls import PARSERS, ToolSpec
 from llmchat.engine import Engine, SchedulerConfig
-from llmchat.engine.constraints import GrammarMasks
+from llmchat.engine.constraints import Constraint, GrammarMasks
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import WEATHER_SCHEMA, prompt_ids, run_engine
 
@@ -227,24 +227,62 @@ def test_a_reply_with_forced_tokens_is_reused_by_the_next_turn(loaded, compiler)
     assert cached.completion_ids == uncached.completion_ids
 
 
-def test_a_grammar_failure_ends_only_its_own_request(loaded, compiler):
-    """A token the grammar refuses (here a processor forces one) ends that request with an error; its batch goes on."""
+def test_a_refused_token_ends_the_reply_with_what_was_valid(loaded, compiler):
+    """A token the grammar refuses (here a processor forces one at the fourth step) ends that reply there, as a
+    stop with the refusal said, never an error; the tokens before it stay, and its batch goes on."""
     refused = loaded.tokenizer.encode("zzz", add_special_tokens=False)[0]
 
-    def force_refused(_, row: torch.Tensor) -> torch.Tensor:
+    def force_refused(completion_ids: list[int], row: torch.Tensor) -> torch.Tensor:
+        if len(completion_ids) < 3:
+            return row
         out = torch.full_like(row, float("-inf"))
         out[refused] = 0.0
         return out
 
     async def body(engine: Engine):
+        grammar = json_grammar(CAST)
         bad = SamplingParams(
-            10, temperature=0.0, constraint=compiler.constraint(json_grammar(CAST)), logits_processors=(force_refused,)
+            40, temperature=0.0, constraint=compiler.constraint(grammar), logits_processors=(force_refused,)
         )
-        good = SamplingParams(10, temperature=0.0, constraint=compiler.constraint(json_grammar(CAST)))
+        good = SamplingParams(10, temperature=0.0, constraint=compiler.constraint(grammar))
         seqs = [engine.submit(prompt_ids(loaded, PROMPTS[0]), p) for p in (bad, good)]
         outputs = [[o async for o in engine.stream(seq)] for seq in seqs]
         return seqs, outputs
 
-    (bad, good), (bad_outputs, _) = run_engine(loaded, SchedulerConfig(), body)
-    assert bad.finish_reason == "error" and "refused" in bad_outputs[-1].error
+    (bad, good), (bad_outputs, _) = run_engine(loaded, SchedulerConfig(), body, jump_forward=False)
+    last = bad_outputs[-1]
+    assert bad.finish_reason == last.finish_reason == "stop" and last.error is None
+    assert "refused" in last.refusal and refused not in bad.completion_ids
+    assert len(bad.completion_ids) == 3 and "".join(o.text for o in bad_outputs).startswith("{")
     assert good.finish_reason == "length"
+
+
+class RefusesForced(Constraint):
+    """A grammar whose forced tokens start with one it refuses, as llguidance's canonical spelling of a marker
+    that the tokenizer also holds as a token of its own once did."""
+
+    def __init__(self, inner: Constraint, refused: int) -> None:
+        super().__init__(inner.matcher, inner.vocab_size)
+        self.refused = refused
+
+    def forced(self) -> list[int]:
+        forced = super().forced()
+        return [self.refused, *forced] if forced else forced
+
+
+def test_forced_tokens_the_grammar_refuses_are_decoded_step_by_step(loaded, compiler):
+    refused = loaded.tokenizer.encode("zzz", add_special_tokens=False)[0]
+    grammar = grammars(compiler)["required calls"]
+
+    async def body(engine: Engine, wrap: bool):
+        constraint = compiler.constraint(grammar)
+        params = SamplingParams(
+            60, temperature=0.0, constraint=RefusesForced(constraint, refused) if wrap else constraint
+        )
+        seq = engine.submit(prompt_ids(loaded, PROMPTS[2]), params)
+        outputs = [o async for o in engine.stream(seq)]
+        return seq.completion_ids, outputs[-1]
+
+    ids, last = run_engine(loaded, SchedulerConfig(), lambda engine: body(engine, True))
+    plain, _ = run_engine(loaded, SchedulerConfig(), lambda engine: body(engine, False), jump_forward=False)
+    assert ids == plain and last.refusal is None and last.error is None
