@@ -27,6 +27,10 @@ lowest: sync-dev
 serve service="llmchat" *args: (sync service)
     .venv/bin/python $(python3 hrserve/registry.py serve-args {{service}}) {{args}}
 
+# fetch a tool-trained model for the tests and benchmark once (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M) and print its path
+fetch-model name="qwen2.5-coder-0.5b": sync
+    .venv/bin/python bin/fetch-model {{name}}
+
 # run the test suite (pytest flags pass through)
 test *args: sync-dev
     .venv-dev/bin/pytest {{args}}
