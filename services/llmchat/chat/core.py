@@ -299,6 +299,9 @@ class Chat:
                 names,
                 stream_arguments=constraint is not None,
                 max_calls=self._max_calls(request),
+                bare_calls=constraint is not None
+                and self.parser_class.syntax.bare
+                and self._marker_token() is not None,
             )
         reasoning = None
         # Output constrained from its first token (a required call, JSON) leaves the model no room to think;

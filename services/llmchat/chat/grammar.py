@@ -110,7 +110,19 @@ def tool_call_grammar(
         # the model starts a call it has to finish a valid one. llguidance takes a token only in a rule, not
         # in a lazy lexeme like `head`; TEXT cannot hold a token anyway.
         text = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
-        if syntax.open in tokens:
+        if syntax.open in tokens and syntax.bare and (bare := _bare_calls(tools, syntax.args_key)):
+            # A reply that starts with a JSON object (bare or in a ```json fence) whose "name" is an offered
+            # tool is that call; one naming anything else, or with another first key, stays text. LEAD text may
+            # not start with an object: where two lexemes read the same bytes llguidance keeps the longer, and
+            # the call would be refused.
+            lines += [
+                f"start: LEAD | LEAD {trigger} {block} TEXT | FENCE? bare",
+                f"LEAD: {text.removeprefix('TEXT: ')} & ~/\\s*(```(json)?\\s*)?\\{{(.|\\n)*/",
+                "FENCE: /\\s*(```(json)?)?\\s*/",
+                *bare,
+                text,
+            ]
+        elif syntax.open in tokens:
             lines += [f"start: TEXT | TEXT {trigger} {block} TEXT", text]
         else:
             lines += [f"start: TEXT | head {block} TEXT", f"head[lazy]: TEXT {trigger}", text]
@@ -121,6 +133,31 @@ def tool_call_grammar(
         head = _lit(f'{tool.name}", "{syntax.args_key}": ')
         lines.append(f"tool_{n}: {head} %json {_schema(tool.parameters)}")
     return llguidance.grammar_from("lark", "\n".join(lines))
+
+
+def _bare_calls(tools: Sequence[ToolSpec], args_key: str) -> list[str]:
+    """Lark rules for `bare`: a JSON object spelling a call to one of `tools` (any whitespace: fenced replies come
+    pretty-printed), or another object, which is text; none where a tool's schema refers to its own
+    definitions, which would not resolve inside the call."""
+    calls = " | ".join(f"bare_{n}" for n in range(len(tools)))
+    name_key = _lit('"name"')
+    rules = [
+        f'bare: "{{" WS ({name_key} WS ":" WS ({calls} | OTHER TEXT) | KEY TEXT)',
+        "WS: /\\s*/",
+        f'OTHER: /"([^"\\\\]|\\\\.)*"/ & ~/"({"|".join(re.escape(t.name) for t in tools)})"/',
+        'KEY: /"([^"\\\\]|\\\\.)*"/ & ~/"name"/',
+    ]
+    for n, tool in enumerate(tools):
+        parameters = closed(tool.parameters or NO_PARAMETERS)
+        if "$ref" in json.dumps(parameters):
+            return []
+        parameters["x-guidance"] = {"whitespace_flexible": True}
+        name, key = json.dumps(tool.name), json.dumps(args_key)
+        rules.append(
+            f'bare_{n}: {_lit(name)} WS "," WS {_lit(key)} WS ":" WS %json {json.dumps(parameters)} WS "}}" END'
+        )
+    rules.append("END: /\\s*(```)?\\s*/")
+    return rules
 
 
 def _spell(text: str, tokens: dict[str, int]) -> str:

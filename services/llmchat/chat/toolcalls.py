@@ -13,6 +13,7 @@ call whose name an earlier call already used is held until its arguments are com
 sends a fragment; a call under a new name streams at once.
 """
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,12 @@ class CallSyntax:
     args_key: str = "arguments"
     # The markers in the strings above that a tokenizer may hold as tokens of their own (grammar.py).
     markers: tuple[str, ...] = ()
+    # Whether models of the family, where the open marker is a token, also answer a call as a bare JSON object
+    # (in a ```json fence or not) at the start of the reply: small Qwen2.5 models do, under tool_choice auto.
+    bare: bool = False
+
+
+FENCE = "```"
 
 
 def new_call_id() -> str:
@@ -70,12 +77,19 @@ class ToolParser:
     close = ""
 
     def __init__(
-        self, tool_names: frozenset[str] | None = None, *, stream_arguments: bool = False, max_calls: int | None = None
+        self,
+        tool_names: frozenset[str] | None = None,
+        *,
+        stream_arguments: bool = False,
+        max_calls: int | None = None,
+        bare_calls: bool = False,
     ) -> None:
+        """`bare_calls`: a JSON object at the very start of the output, bare or in a ```json fence, is a call too
+        (CallSyntax.bare; the grammar then allows nothing else there)."""
         self.tool_names = tool_names
         self.stream_arguments = stream_arguments
         self.max_calls = max_calls
-        self.state = "text" if self.open else "start"
+        self.state = ("lead" if bare_calls else "text") if self.open else "start"
         self.buf = ""
         self.ws = ""
         self.raw = ""
@@ -139,6 +153,8 @@ class ToolParser:
             return False
         if state == "text":
             return self._find_open(final)
+        if state == "lead":
+            return self._at_lead(final)
         if state == "rejected":
             return self._skip_rejected()
         if state not in ("start", "call") and not self._skip_ws():
@@ -179,6 +195,21 @@ class ToolParser:
             self.buf, self.state = body, "item"
         else:
             self.state = "plain"
+        return True
+
+    def _at_lead(self, final: bool) -> bool:
+        """The output's start, where a JSON object, bare or in a ```json fence, is a call that ends the region."""
+        body = self.buf.lstrip()
+        fence = re.match(r"```(json)?\s*", body)
+        start = fence.end() if fence else 0
+        if body[start : start + 1] == "{":
+            self.raw = self.buf[: len(self.buf) - len(body) + start]
+            self.buf, self.state = body[start:], "item"
+            self.sep, self.close = "", FENCE if fence else ""
+            return True
+        if not final and (body == body[:start] or FENCE.startswith(body) or "```json".startswith(body)):
+            return False  # not yet known
+        self.state = "text"
         return True
 
     def _find_open(self, final: bool) -> bool:
@@ -300,7 +331,12 @@ class HermesParser(ToolParser):
     open = "<tool_call>"
     close = "</tool_call>"
     syntax = CallSyntax(
-        "<tool_call>", "\n", "\n</tool_call>\n<tool_call>\n", "\n</tool_call>", markers=("<tool_call>", "</tool_call>")
+        "<tool_call>",
+        "\n",
+        "\n</tool_call>\n<tool_call>\n",
+        "\n</tool_call>",
+        markers=("<tool_call>", "</tool_call>"),
+        bare=True,
     )
 
 

@@ -181,3 +181,22 @@ def test_forced_text_after_a_call_is_the_close_marker_token(marker_tokens):
         forced == token_ids(marker_tokens, "\n</tool_call>") and marker_tokens.special_token("</tool_call>") in forced
     )
     assert matcher.consume_tokens(forced) and matcher.is_stopped()
+
+
+def test_auto_takes_a_bare_json_call_at_the_start_where_the_marker_is_a_token(chat, marker_tokens):
+    """Qwen2.5's small models answer a call under auto as a bare JSON object as often as with <tool_call>: one
+    that names an offered tool must be a valid call; any other object, or text, stays text."""
+    syntax = PARSERS["hermes"].syntax
+    auto = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3, special_token=marker_tokens.special_token)
+
+    def allows(text: str) -> bool:
+        return consumes(marker_tokens, auto, token_ids(marker_tokens, text))
+
+    assert allows('{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    assert allows('```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Paris"}\n}\n```')
+    assert not allows('{"name": "get_weather", "arguments": {"town": "Paris"}}')
+    assert not allows('{"name": "get_weather", "arguments": {"city": "Paris"}} and more text')
+    assert allows('{"name": "tell_joke", "arguments": {}}') and allows('{"answer": 42}')
+    assert allows("```python\nprint(1)\n```") and allows("It is sunny in Paris.")
+    text_markers = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3)  # no marker token: no bare calls
+    assert accepts(chat, text_markers, '{"name": "get_weather", "arguments": {"town": "Paris"}}')

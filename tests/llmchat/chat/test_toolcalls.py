@@ -210,6 +210,35 @@ def test_streamed_equals_one_shot_equals_expected(family, text, expected, eager)
                 assert "<tool_call>" not in event.text or expected.notices, f"{name}: marker leaked"
 
 
+PRETTY = '{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}'
+# Outputs of a model that also writes a call as a bare JSON object at the start of its reply (Qwen2.5 under
+# tool_choice auto): (output, expected content, expected calls, expected notices).
+BARE_CASES = [
+    (WEATHER, "", [("get_weather", '{"city": "Paris"}')], []),
+    (f"```json\n{PRETTY}\n```", "", [("get_weather", '{\n    "city": "Paris"\n  }')], []),
+    (f"\n  {NOW}\n", "", [("now", "{}")], []),
+    (f"<tool_call>\n{NOW}\n</tool_call>", "", [("now", "{}")], []),
+    ("Sure, here is the weather.", "Sure, here is the weather.", [], []),
+    ("```python\nprint(1)\n```", "```python\nprint(1)\n```", [], []),
+    ("`x` and `y`", "`x` and `y`", [], []),
+    ('{"name": "tell_joke", "arguments": {}}', '{"name": "tell_joke", "arguments": {}}', [], ["tool_call.rejected"]),
+    ('{"answer": 42}', '{"answer": 42}', [], ["tool_call.rejected"]),
+    (f"Here: {WEATHER}", f"Here: {WEATHER}", [], []),  # not at the start: text, as the grammar allows
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls", "notices"), BARE_CASES)
+def test_a_bare_json_call_at_the_start_is_a_call(text, content, calls, notices):
+    expected = Result(content, calls, notices)
+    hermes = PARSERS["hermes"]
+    assert collect(parse_all(hermes(TOOLS, stream_arguments=True, bare_calls=True), text)) == expected
+    for name, chunks in chunkings(text, ("```json", "<tool_call>", "</tool_call>")):
+        parser = hermes(TOOLS, stream_arguments=True, bare_calls=True)
+        assert collect([e for chunk in chunks for e in parser.feed(chunk)] + parser.finish()) == expected, name
+    if calls and "<tool_call>" not in text:  # without bare calls (no marker token) the same output is text
+        assert collect(parse_all(hermes(TOOLS, stream_arguments=True), text)).calls == []
+
+
 def test_arguments_stream_before_the_call_ends():
     parser = PARSERS["hermes"](TOOLS, stream_arguments=True)
     events = parser.feed('<tool_call>{"name": "search", "arguments": {"q": "Eiff')

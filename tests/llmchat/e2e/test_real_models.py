@@ -109,6 +109,18 @@ def test_a_named_function_is_called(client, model):
     assert reply.choices[0].finish_reason == "tool_calls" and calls_of(reply) == [("get_time", {"city": "Paris"})]
 
 
+def test_auto_calls_where_the_question_needs_a_tool_and_answers_otherwise(client, model):
+    """Under auto this model writes its call as a bare JSON object or in a ```json fence rather than with
+    <tool_call>: the call is returned as one, whole and streamed alike. A question no tool fits gets text."""
+    reply = ask(client, model)
+    calls = calls_of(reply)
+    assert reply.choices[0].finish_reason == "tool_calls" and calls and calls[0][0] == "get_weather"
+    assert streamed(client, model) == ("", calls, "tool_calls")
+    joke = ask(client, model, messages=[{"role": "user", "content": "Hi! Tell me a joke about cats."}])
+    assert joke.choices[0].finish_reason == "stop" and not joke.choices[0].message.tool_calls
+    assert joke.choices[0].message.content
+
+
 def test_no_marker_reaches_content(client, model):
     for choice in ("auto", "none"):
         content, calls, finish = streamed(client, model, tool_choice=choice)
