@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from llmchat.engine.loader import resolve_source
+
 
 @dataclass
 class Server:
@@ -71,9 +73,11 @@ def free_port() -> int:
 
 
 def llmchat(extra: list[str], name: str = "llmchat") -> Server:
+    """llmchat serve with `extra` flags; requests name the model that `--model` (default: the bundled one) serves as."""
     port = free_port()
     cmd = [sys.executable, "-m", "llmchat", "serve", "--port", str(port), "--log-level", "warning", *extra]
-    return Server(name, cmd, "SmolLM2-135M-Instruct", "/health", port=port)
+    model = extra[extra.index("--model") + 1] if "--model" in extra[:-1] else "bundled"
+    return Server(name, cmd, resolve_source(model).name, "/health", port=port)
 
 
 def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:

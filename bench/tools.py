@@ -1,6 +1,8 @@
 """Tool replies on public function-calling data: prompts and function schemas from the Berkeley Function
 Calling Leaderboard (the `bfcl-eval` package's data files; `bin/sync` installs it without its dependencies),
 asked with tool_choice required, named (the expected function) and auto, greedy, max_tokens 200 by default.
+BFCL's irrelevance category (no offered tool fits the question) is asked with auto alone, as mode
+"auto, irrelevant": the right reply there is a plain answer, no call.
 
 A reply is whole when it ends with finish_reason tool_calls and every call names an offered tool, has
 arguments that are JSON and valid against that tool's schema, and differs from the reply's other calls.
@@ -33,6 +35,7 @@ CATEGORIES = (
     "live_multiple",
 )
 MODES = ("required", "named", "auto")
+IRRELEVANT = "irrelevance"
 # BFCL writes Python, Java and JavaScript type names; the JSON Schema type each stands for (None: any value).
 TYPES = {
     "dict": "object",
@@ -76,6 +79,7 @@ class ReplyResult:
     first_expected: bool
     completion_tokens: int
     error: str = ""
+    plain: bool = False  # answered (200) without a call
 
 
 def data_dir() -> Path | None:
@@ -114,21 +118,32 @@ def load_cases(per_category: int) -> list[Case]:
         for line in (root / "possible_answer" / f"BFCL_v4_{category}.json").open():
             answer = json.loads(line)
             answers[answer["id"]] = next(iter(answer["ground_truth"][0]))
-        step = max(len(entries) // per_category, 1)
-        for entry in entries[::step][:per_category]:
-            tools = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": f["name"],
-                        "description": f.get("description", ""),
-                        "parameters": json_schema(f["parameters"]),
-                    },
-                }
-                for f in entry["function"]
-            ]
-            cases.append(Case(entry["id"], category, entry["question"][0], tools, answers[entry["id"]]))
+        for entry in spread(entries, per_category):
+            cases.append(Case(entry["id"], category, entry["question"][0], bfcl_tools(entry), answers[entry["id"]]))
+    irrelevant = [json.loads(line) for line in (root / f"BFCL_v4_{IRRELEVANT}.json").open()]
+    for entry in spread(irrelevant, per_category):
+        cases.append(Case(entry["id"], IRRELEVANT, entry["question"][0], bfcl_tools(entry), ""))
     return cases
+
+
+def spread(entries: list, count: int) -> list:
+    """`count` of the entries, evenly spread over them."""
+    return entries[:: max(len(entries) // count, 1)][:count]
+
+
+def bfcl_tools(entry: dict) -> list[dict]:
+    """An entry's functions as OpenAI tools."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": f["name"],
+                "description": f.get("description", ""),
+                "parameters": json_schema(f["parameters"]),
+            },
+        }
+        for f in entry["function"]
+    ]
 
 
 def request_body(case: Case, mode: str, model: str, max_tokens: int) -> dict:
@@ -144,6 +159,7 @@ def request_body(case: Case, mode: str, model: str, max_tokens: int) -> dict:
 
 
 def score(server: str, case: Case, mode: str, status: int, body: dict) -> ReplyResult:
+    mode = f"{mode}, irrelevant" if case.category == IRRELEVANT else mode
     result = ReplyResult(server, mode, case.category, case.id, status, None, 0, False, False, False, False, False, 0)
     if status != 200:
         result.error = str(body.get("error", body))[:200]
@@ -166,6 +182,7 @@ def score(server: str, case: Case, mode: str, status: int, body: dict) -> ReplyR
             result.invalid = True
     result.finish_reason = choice["finish_reason"]
     result.num_calls = len(calls)
+    result.plain = not calls
     result.repeated = len(set(keys)) < len(keys)
     result.first_expected = bool(calls) and calls[0]["function"]["name"] == case.expected
     result.whole = (
@@ -178,7 +195,8 @@ def score(server: str, case: Case, mode: str, status: int, body: dict) -> ReplyR
 async def ask_all(
     server: servers.Server, cases: list[Case], max_tokens: int, concurrency: int, timeout_s: float
 ) -> list[ReplyResult]:
-    work = [(case, mode) for mode in MODES for case in cases]
+    work = [(case, mode) for mode in MODES for case in cases if case.category != IRRELEVANT]
+    work += [(case, "auto") for case in cases if case.category == IRRELEVANT]
     results: list[ReplyResult] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -227,7 +245,7 @@ def share(rows: list[ReplyResult], attr: str) -> str:
 def report(rows: list[ReplyResult], args, console: Console, out: Path) -> None:
     title = f"Tool replies on BFCL prompts (greedy, max_tokens {args.tools_max_tokens})"
     columns = ("server", "tool_choice", "replies", "whole", "tool_calls", "cut", "repeated", "invalid")
-    t = table(title, (*columns, "expected 1st", "errors", "tokens/reply"))
+    t = table(title, (*columns, "expected 1st", "no call", "errors", "tokens/reply"))
     for (server, mode), group in _groups(rows).items():
         answered = [r for r in group if r.status == 200]
         tokens = statistics.mean(r.completion_tokens for r in answered) if answered else 0
@@ -242,6 +260,7 @@ def report(rows: list[ReplyResult], args, console: Console, out: Path) -> None:
             share(group, "repeated"),
             share(group, "invalid"),
             share(group, "first_expected"),
+            share(group, "plain"),
             str(len(group) - len(answered)),
             f"{tokens:.0f}",
         )
