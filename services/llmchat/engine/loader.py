@@ -347,15 +347,16 @@ def load_model(
     quiet_progress_bars()
     source = resolve_source(config.model)
     device = pick_device(config.device)
-    on_cpu = device == "cpu"
-    kept = kept_for(config.cache_dir, model_key(source, config.cache_dir), config.remeasure) if on_cpu else None
+    cached = converted_dir(source, config.cache_dir) if source.kind == "gguf" else None
+    # A GGUF is told apart by its converted folder (named by its size and contents), else by its path or hub id.
+    model_key = cached.name if cached is not None else source.path
+    kept = kept_for(config.cache_dir, model_key, config.remeasure) if device == "cpu" else None
     dtype, dtype_reason = pick_dtype(config.dtype, device, kept)
     placement_kwargs = pick_placement(config, source, device)
     if device == "cuda":
         gpu.skip_cudnn_attention()
     path, cache_hit = source.path, None
-    if source.kind == "gguf":
-        cached = converted_dir(source, config.cache_dir)
+    if cached is not None:
         cache_hit = cached.is_dir()
         if not cache_hit:
             on_stage(f"converting {source.gguf_file} to safetensors in {cached} (first start only)")
@@ -410,12 +411,6 @@ def load_model(
         cache_hit=cache_hit,
         device_map=config.device_map,
         max_memory=config.max_memory,
-        checkpoint=Path(path) if source.kind == "gguf" else None,
+        checkpoint=cached,
         choices=kept,
     )
-
-
-def model_key(source: ModelSource, cache_dir: Path) -> str:
-    """What tells models apart for the kept choices: a GGUF's converted folder (named by its size and contents),
-    a directory's path, or a hub id."""
-    return converted_dir(source, cache_dir).name if source.kind == "gguf" else source.path
