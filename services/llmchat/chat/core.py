@@ -27,6 +27,7 @@ from llmchat.chat.events import (
 from llmchat.chat.grammar import (
     GrammarCompiler,
     GrammarError,
+    bare_calls_allowed,
     json_grammar,
     tool_call_grammar,
 )
@@ -300,8 +301,7 @@ class Chat:
                 stream_arguments=constraint is not None,
                 max_calls=self._max_calls(request),
                 bare_calls=constraint is not None
-                and self.parser_class.syntax.bare
-                and self._marker_token() is not None,
+                and bare_calls_allowed(self.parser_class.syntax, request.tools, self.grammar.special_token),
             )
         reasoning = None
         # Output constrained from its first token (a required call, JSON) leaves the model no room to think;

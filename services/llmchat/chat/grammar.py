@@ -95,7 +95,7 @@ def tool_call_grammar(
     """An llguidance grammar, written in Lark: free text or calls (required=False), or calls only; each
     call names an offered tool and its arguments match that tool's schema. After each call the model may
     end the block, up to `max_calls` calls in it. A marker of the syntax that the tokenizer has as one token
-    of its own (`special_token`; Qwen's <tool_call>, Llama's <|python_tag|>) is that token in the grammar: a
+    of its own (`special_token`; Qwen's <tool_call>, Mistral's [TOOL_CALLS]) is that token in the grammar: a
     model trained on it writes the token, never the marker's text."""
     tokens = {marker: token for marker in syntax.markers if (token := special_token(marker)) is not None}
     alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
@@ -109,17 +109,18 @@ def tool_call_grammar(
         # TEXT may not contain the trigger (nor its text where it is a token: the parser reads text), so once
         # the model starts a call it has to finish a valid one. llguidance takes a token only in a rule, not
         # in a lazy lexeme like `head`; TEXT cannot hold a token anyway.
-        text = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
-        if syntax.open in tokens and syntax.bare and (bare := _bare_calls(tools, syntax.args_key)):
+        free = f"/(.|\\n)*/ & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
+        text = f"TEXT: {free}"
+        if bare_calls_allowed(syntax, tools, special_token):
             # A reply that starts with a JSON object (bare or in a ```json fence) whose "name" is an offered
             # tool is that call; one naming anything else, or with another first key, stays text. LEAD text may
             # not start with an object: where two lexemes read the same bytes llguidance keeps the longer, and
             # the call would be refused.
             lines += [
                 f"start: LEAD | LEAD {trigger} {block} TEXT | FENCE? bare",
-                f"LEAD: {text.removeprefix('TEXT: ')} & ~/\\s*(```(json)?\\s*)?\\{{(.|\\n)*/",
+                f"LEAD: {free} & ~/\\s*(```(json)?\\s*)?\\{{(.|\\n)*/",
                 "FENCE: /\\s*(```(json)?)?\\s*/",
-                *bare,
+                *_bare_calls(tools, syntax.args_key),
                 text,
             ]
         elif syntax.open in tokens:
@@ -135,10 +136,23 @@ def tool_call_grammar(
     return llguidance.grammar_from("lark", "\n".join(lines))
 
 
+def bare_calls_allowed(
+    syntax: CallSyntax, tools: Sequence[ToolSpec], special_token: Callable[[str], int | None]
+) -> bool:
+    """Whether an auto reply may open with a bare JSON call (CallSyntax.bare): where the family allows it and its
+    open marker is a token of the tokenizer, unless a tool's schema refers to its own definitions, which would
+    not resolve inside the call's. The grammar and the parser both follow this."""
+    return (
+        syntax.bare
+        and bool(syntax.open)
+        and special_token(syntax.open) is not None
+        and not any("$ref" in json.dumps(tool.parameters or {}) for tool in tools)
+    )
+
+
 def _bare_calls(tools: Sequence[ToolSpec], args_key: str) -> list[str]:
     """Lark rules for `bare`: a JSON object spelling a call to one of `tools` (any whitespace: fenced replies come
-    pretty-printed), or another object, which is text; none where a tool's schema refers to its own
-    definitions, which would not resolve inside the call."""
+    pretty-printed), or another object, which is text."""
     calls = " | ".join(f"bare_{n}" for n in range(len(tools)))
     name_key = _lit('"name"')
     rules = [
@@ -149,8 +163,6 @@ def _bare_calls(tools: Sequence[ToolSpec], args_key: str) -> list[str]:
     ]
     for n, tool in enumerate(tools):
         parameters = closed(tool.parameters or NO_PARAMETERS)
-        if "$ref" in json.dumps(parameters):
-            return []
         parameters["x-guidance"] = {"whitespace_flexible": True}
         name, key = json.dumps(tool.name), json.dumps(args_key)
         rules.append(
@@ -181,11 +193,13 @@ class GrammarCompiler:
         self.vocab_size = max(vocab_size, len(tokenizer))
         self.tokenizer = tokenizer
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size)
+        # Asked for the call markers of every tool request; the tokenizer builds this map anew at each call.
+        self.added_tokens = tokenizer.get_added_vocab()
 
     def special_token(self, text: str) -> int | None:
         """The token `text` is, where the tokenizer adds it to its vocabulary as one (Qwen's <tool_call>, marked
         special or not: llguidance keeps every added token apart from text), else None."""
-        return self.tokenizer.get_added_vocab().get(text)
+        return self.added_tokens.get(text)
 
     def constraint(self, grammar: str) -> Constraint:
         """Raises GrammarError with llguidance's explanation when the grammar cannot be built."""

@@ -207,8 +207,8 @@ class ToolParser:
             self.buf, self.state = body[start:], "item"
             self.sep, self.close = "", FENCE if fence else ""
             return True
-        if not final and (body == body[:start] or FENCE.startswith(body) or "```json".startswith(body)):
-            return False  # not yet known
+        if not final and (start == len(body) or "```json".startswith(body)):
+            return False  # not yet known: nothing but whitespace or (part of) a fence so far
         self.state = "text"
         return True
 

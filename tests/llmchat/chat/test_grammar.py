@@ -18,8 +18,17 @@ def chat(live):
 
 
 def accepts(chat, grammar: str, text: str) -> bool:
-    matcher = chat.grammar.constraint(grammar).matcher
-    ids = chat.engine.tokenizer.encode(text, add_special_tokens=False)
+    return consumes(chat.grammar, grammar, token_ids(chat.grammar, text))
+
+
+def token_ids(compiler, *pieces: str) -> list[int]:
+    """Each piece as the compiler's tokenizer encodes it (a marker it holds as a token, as that token)."""
+    tokenizer = compiler.tokenizer
+    return [i for piece in pieces for i in tokenizer.encode(piece, add_special_tokens=False)]
+
+
+def consumes(compiler, grammar: str, ids: list[int]) -> bool:
+    matcher = compiler.constraint(grammar).matcher
     return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 
 
@@ -134,17 +143,6 @@ def marker_tokens(chat):
     return GrammarCompiler(tokenizer, chat.engine.vocab_size)
 
 
-def token_ids(compiler, *pieces: str) -> list[int]:
-    """Each piece as the tokenizer encodes it, a marker as its one token."""
-    tokenizer = compiler.tokenizer
-    return [i for piece in pieces for i in tokenizer.encode(piece, add_special_tokens=False)]
-
-
-def consumes(compiler, grammar: str, ids: list[int]) -> bool:
-    matcher = compiler.constraint(grammar).matcher
-    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
-
-
 @pytest.mark.parametrize("family", ["hermes", "mistral"])
 def test_markers_that_are_tokens_are_those_tokens_in_the_grammar(marker_tokens, family):
     syntax = PARSERS[family].syntax
@@ -156,14 +154,14 @@ def test_markers_that_are_tokens_are_those_tokens_in_the_grammar(marker_tokens, 
         grammar = tool_call_grammar(syntax, TOOLS, required=required, max_calls=3, special_token=special)
         assert consumes(marker_tokens, grammar, ids)
         # The markers' text, spelled in ordinary tokens, is not the marker.
-        spelled = [t for m in (syntax.open,) for t in chat_tokens(marker_tokens, m)]
+        spelled = char_tokens(marker_tokens, syntax.open)
         assert not consumes(marker_tokens, grammar, spelled + ids[1:])
     auto = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3, special_token=special)
     assert consumes(marker_tokens, auto, token_ids(marker_tokens, "It is sunny in Paris."))
     assert consumes(marker_tokens, auto, token_ids(marker_tokens, "Let me check. ") + ids)
 
 
-def chat_tokens(compiler, text: str) -> list[int]:
+def char_tokens(compiler, text: str) -> list[int]:
     """`text` in the tokens of the original tokenizer (character by character: no marker token)."""
     return [i for ch in text for i in compiler.tokenizer.encode(ch, add_special_tokens=False)]
 
