@@ -71,6 +71,7 @@ class Engine:
             cuda_graphs,
             config.max_running,
             checkpoint=loaded.checkpoint,
+            gguf=loaded.gguf,
             prefix_cache=self.prefix_cache,
             int4_rows=int4_rows,
             compile_decode=compile_decode,

@@ -1,4 +1,4 @@
-"""llmchat's own CPU kernel for few-row matmuls over Q4_1 and Q8_0 weights (dot8.cpp), on AVX2 CPUs.
+"""llmchat's own CPU kernel for few-row matmuls over a GGUF's 4-, 5-, 6- and 8-bit weights (dot8.cpp), on AVX2 CPUs.
 
 torch's int4 kernel widens every weight to float before multiplying, so on a 2-core AVX2 host a one-row
 decode step spent 13 of its 17.5 ms there, bound by arithmetic rather than by reading the weights.
@@ -57,7 +57,8 @@ def unavailable() -> str | None:
         reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
         log.warning("the 8-bit dot-product kernel could not be built; 4-bit weights use torch's kernel: %s", exc)
         return f"kernel build failed: {reason}"
-    for name in ("q4_mm", "q8_mm"):  # output shapes, for torch.compile to trace the compiled decode step through
+    # Output shapes, for torch.compile to trace the compiled decode step through.
+    for name in ("q4_mm", "q5_mm", "q8_mm"):
         torch.library.register_fake(f"llmchat_dot8::{name}", _fake)
     return None
 
@@ -96,8 +97,17 @@ def q4_mm(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: 
     return torch.ops.llmchat_dot8.q4_mm(x, levels, scales, offsets)
 
 
+def q5_mm(
+    x: torch.Tensor, levels: torch.Tensor, fifth: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """x [rows, in] times a 5-bit weight (Q5_0, Q5_1, Q5_K): `levels`' low four bits as q4_mm's, their fifth bits
+    `fifth` uint8 [out, in / 8] (a group's 32 as one little-endian word), `scales` and `offsets` as q4_mm's."""
+    return torch.ops.llmchat_dot8.q5_mm(x, levels, fifth, scales, offsets)
+
+
 def q8_mm(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] times a Q8_0 weight: `levels` int8 [out, in], `scales` float32 [out, in / 32]."""
+    """x [rows, in] times a signed 8-bit weight: `levels` int8 [out, in], `scales` float32 [out, in / 32] (Q8_0)
+    or [out, in / 16] (Q6_K)."""
     return torch.ops.llmchat_dot8.q8_mm(x, levels, scales)
 
 

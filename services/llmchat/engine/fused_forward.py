@@ -160,14 +160,15 @@ class Layer:
 
 
 def _checkpoint_grids(
-    model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None
+    model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None, gguf: Path | None
 ) -> list[int4.Grid | None]:
-    """Each projection's 4-bit form from the checkpoint, by its modules' parameter names (None without one)."""
+    """Each projection's 4-bit form from the checkpoint (and the GGUF it came from), by its modules' parameter
+    names (None without one)."""
     if checkpoint is None:
         return [None] * len(projections)
     # By parameter, so a logits matmul tied to the embedding finds the embedding's name in the checkpoint.
     names = {id(param): name for name, param in model.named_parameters()}
-    return int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in projections])
+    return int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in projections], gguf)
 
 
 # Kernel choices and crossovers measured in this process, for forward passes built without kept choices: engines
@@ -222,9 +223,9 @@ def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
 
 
 def on_torch_kernel(linears: list[Linear]) -> None:
-    """Their grids multiplied by torch's int4 kernel from now on."""
+    """Their grids multiplied by torch's int4 kernel from now on (those it can take)."""
     for p in linears:
-        if p.int4.kernel != int4.TORCH_KERNEL:
+        if p.int4.kernel != int4.TORCH_KERNEL and int4.torch_takes(p.int4.levels):
             p.int4 = int4.Grid(*p.int4.levels, dot8_kernel=False)
 
 
@@ -271,8 +272,9 @@ class FusedForward:
         checkpoint: Path | None = None,
         int4_rows: int | None = None,
         choices: Choices | None = None,
+        gguf: Path | None = None,
     ) -> None:
-        """`checkpoint`: the float32 safetensors converted from a GGUF, checked for 4-bit grids (int4.py), used
+        """`checkpoint`: the float32 safetensors converted from `gguf`, checked for 4-bit grids (int4.py), used
         on the CPU for steps of up to `int4_rows` rows (None: the crossover measured here; 0: never). `choices`:
         where the measured kernels and crossovers are kept (default: in this process)."""
         config = model.config
@@ -283,7 +285,7 @@ class FusedForward:
         dequantize, why = dequantize_on_cpu(model, projections)
         # A quantized model's own values are its quantized ones, not the grids of the checkpoint it came from.
         four_bit = model.device.type == "cpu" and int4_rows != 0 and not quantized
-        grids = _checkpoint_grids(model, projections, checkpoint if four_bit else None)
+        grids = _checkpoint_grids(model, projections, checkpoint if four_bit else None, gguf)
         linears = [
             Linear(p, packed, grid)
             if kind == "dense"

@@ -1,20 +1,20 @@
-"""4-bit copies of weights that already sit on a 4-bit or 8-bit grid, for decode steps with few rows.
+"""Compact copies of weights that sit on a GGUF's grid, for decode steps with few rows.
 
 Decoding a few rows reads every weight once per token, so on the CPU that step is bound by memory
-bandwidth. A Q4_1 GGUF stores 4-bit values in groups of 32 along each row, with a scale and an
-offset per group, the group's lowest value at level 0 and its highest at 15; float32 spends 32 bits
-on each of them again. Where the converted weights lie exactly on such a grid, the fused pass also
-keeps their levels (`Grid`) and uses them for steps of up to a crossover number of rows, measured at
-load (`crossover`): larger batches keep the dense matmul, faster once many rows share each weight
-read. A Q8_0 weight (the bundled GGUF's embedding, tied to its logits matmul) is 8-bit values times
-a scale per group of 32, kept the same way. A weight off both grids gets no copy: a bfloat16
-checkpoint's, or a 4-bit type whose groups need not span all 16 levels (Q4_0, the K-quants), where
-a group that does not fails the exact check.
+bandwidth. A GGUF stores each weight as small integer levels in groups along its rows, with a scale (and
+for some types an offset) per group; float32 spends 32 bits on each of them again. Where the converted
+weights lie exactly on such a grid, the fused pass also keeps their levels (`Grid`) and uses them for steps
+of up to a crossover number of rows, measured at load (`crossover`): larger batches keep the dense matmul,
+faster once many rows share each weight read. The levels are read from the GGUF's blocks where the file is
+at hand (gguf_grids.py: Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0); otherwise a float32 weight is
+checked for the grids its values alone reveal, Q4_1 groups spanning all 16 levels and Q8_0 ones.
 
 On AVX2 CPUs (AVX-512 ones included) llmchat's kernel (dot8.py) multiplies them, keeping about 16 bits
 of each input. Elsewhere, where it cannot be built, or where it is slower (`torch_kernel_is_faster`),
-torch's int4 kernel does, on a copy in its layout with scales rounded to bfloat16, made at each start;
-it takes bfloat16 inputs, so a float32 model's rows are rounded to bfloat16 on the way in.
+torch's int4 kernel does the 4- and 8-bit grids with a scale per 32, on a copy in its layout with scales
+rounded to bfloat16, made at each start; it takes bfloat16 inputs, so a float32 model's rows are rounded
+to bfloat16 on the way in. The 5-bit grids and Q6_K's scales per 16 it cannot take: those weights then
+stay dense.
 """
 
 import json
@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmchat.engine import cpu, dot8
+from llmchat.engine.gguf_grids import GGUFWeights
 
 log = logging.getLogger("llmchat.int4")
 
@@ -38,36 +39,49 @@ CANDIDATE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 CACHE_FILE = "int4.safetensors"
 # Bump the number when the grids' stored form changes.
-FORMAT = "3"
-PARTS = ("levels", "scales", "offsets")
-# A weight's levels on a Q4_1 grid (uint8 [out, in / 2], a group's first 16 levels in the low nibbles, the next
-# 16 in the high; float32 scales and offsets [out, in / 32]) or a Q8_0 grid (int8 [out, in]; offsets None).
-Levels = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+FORMAT = "4"
+PARTS = ("levels", "scales", "offsets", "fifth")
+# A weight's levels, scales, offsets and fifth bits on an unsigned grid (uint8 [out, in / 2], a group's first 16
+# levels' low four bits in the low nibbles, the next 16's in the high; float32 scales and offsets [out, in / 32];
+# for levels up to 31, their fifth bits uint8 [out, in / 8], a group's 32 as one little-endian word, else None)
+# or a signed one (int8 [out, in]; scales [out, in / 32] or, Q6_K's, [out, in / 16]; offsets and fifth None).
+Levels = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 DOT8_KERNEL, TORCH_KERNEL = "8-bit dot products", "torch's int4 kernel"
 # torch's kernel must be this much faster to be chosen: timing noise must not flip the choice (and with it the
 # logits) from one start to the next.
 MARGIN = 0.9
 
 
-def load_grids(checkpoint: Path, projections: list[list[str]]) -> list["Grid | None"]:
-    """The grid of each projection (its parts' parameter names, fused in order), or None off the grid.
+def load_grids(checkpoint: Path, projections: list[list[str]], gguf: Path | None = None) -> list["Grid | None"]:
+    """The grid of each projection (its parts' parameter names, fused in order), or None off the grid: from the
+    blocks of `gguf` (the file the checkpoint was converted from) where given, else from the float32 values.
 
     Checking every weight takes seconds per hundred million parameters, so the result is kept beside
     the checkpoint and read back on later starts.
     """
     keys = ["+".join(names) for names in projections]
+    blocks = None
+    if gguf is not None:
+        try:
+            blocks = GGUFWeights(gguf)
+        except (OSError, ValueError) as exc:  # moved or unreadable: the values still show the plainest grids
+            log.warning("cannot read the blocks of %s, so only grids its values show are used: %s", gguf, exc)
+    origin = "blocks" if blocks is not None else "values"
     cache = checkpoint / CACHE_FILE
     if cache.is_file():
         with safe_open(cache, framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") == FORMAT and json.loads(meta.get("keys", "[]")) == keys:
+            same = meta.get("format") == FORMAT and meta.get("from") == origin
+            if same and json.loads(meta.get("keys", "[]")) == keys:
                 stored = set(f.keys())
                 return [
-                    Grid(*(f.get_tensor(f"{k}.{part}") if f"{k}.{part}" in stored else None for part in PARTS))
+                    make_grid(tuple(f.get_tensor(f"{k}.{part}") if f"{k}.{part}" in stored else None for part in PARTS))
                     if f"{k}.levels" in stored
                     else None
                     for k in keys
                 ]
+    if blocks is not None:
+        log.info("reading the levels of %s's quantized weights (once; kept in %s)", gguf.name, checkpoint)
     with ExitStack() as files:
         # Each checkpoint file opened once; a name is looked up in the file that holds it.
         holder = {}
@@ -78,7 +92,12 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list["Grid | N
         found = []
         for names in projections:
             parts = [holder[name].get_tensor(name) if name in holder else None for name in names]
-            found.append(grid_levels(torch.cat(parts)) if all(p is not None for p in parts) else None)
+            if any(p is None for p in parts):
+                found.append(None)
+            elif blocks is not None:
+                found.append(fused_levels([blocks.levels(name, part) for name, part in zip(names, parts, strict=True)]))
+            else:
+                found.append(grid_levels(torch.cat(parts)))
     tensors = {}
     for key, levels in zip(keys, found, strict=True):
         for part, tensor in zip(PARTS, levels, strict=True) if levels is not None else ():
@@ -86,11 +105,66 @@ def load_grids(checkpoint: Path, projections: list[list[str]]) -> list["Grid | N
                 tensors[f"{key}.{part}"] = tensor
     temporary = checkpoint / f".{CACHE_FILE}.{os.getpid()}.tmp"  # replicas starting together each write their own
     try:
-        save_file(tensors, temporary, metadata={"format": FORMAT, "keys": json.dumps(keys)})
+        save_file(tensors, temporary, metadata={"format": FORMAT, "from": origin, "keys": json.dumps(keys)})
         os.replace(temporary, cache)
     except OSError as exc:  # a read-only cache costs the check at every start, nothing more
         log.warning("could not keep the 4-bit weights in %s: %s", checkpoint, exc)
-    return [Grid(*levels) if levels is not None else None for levels in found]
+    return [make_grid(levels) if levels is not None else None for levels in found]
+
+
+def make_grid(levels: Levels) -> "Grid | None":
+    """The grid for a kernel that can run here, None where only llmchat's takes it and cannot run."""
+    if dot8.unavailable() is None or torch_takes(levels):
+        return Grid(*levels)
+    return None
+
+
+def torch_takes(levels: Levels) -> bool:
+    """Whether torch's int4 kernel can multiply these: 4- or 8-bit levels with a scale per 32, in rows of 16."""
+    values, scales, _, fifth = levels
+    per_32 = scales.shape[1] * GROUP == values.shape[1] * (2 if values.dtype == torch.uint8 else 1)
+    return fifth is None and per_32 and values.shape[0] % 16 == 0
+
+
+def fused_levels(parts: list[tuple[torch.Tensor, ...] | None]) -> Levels | None:
+    """The grid of projections fused along their outputs (q, k and v; gate and up) from each one's levels, scales
+    and offsets (gguf_grids.py), or None where one has none. Parts of different kinds (a Q8_0 v beside Q5_0 q and
+    k) meet as signed levels with a scale per 16 or 32, where that is exact."""
+    if any(p is None for p in parts):
+        return None
+    if len({(p[2] is None, p[1].shape[1]) for p in parts}) > 1:
+        parts = [_signed(p) for p in parts]
+        if any(p is None for p in parts):
+            return None
+        finest = max(p[1].shape[1] for p in parts)
+        parts = [(p[0], p[1].repeat_interleave(finest // p[1].shape[1], 1), None) for p in parts]
+    levels, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return pack(levels, scales, torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None)
+
+
+def _signed(part: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, None] | None:
+    """Unsigned levels whose offset is a whole number of steps below zero (Q4_0's -8, Q5_0's -16) as signed ones."""
+    levels, scales, offsets = part
+    if offsets is None:
+        return levels, scales, None
+    shift = torch.round(-offsets / torch.where(scales == 0, 1, scales))
+    if not torch.equal(shift * scales, -offsets):
+        return None
+    return levels - shift.repeat_interleave(GROUP, 1).to(levels.dtype), scales, None
+
+
+def pack(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> Levels:
+    """`Levels` from integer levels [out, in] (unsigned up to 31 with offsets, signed without)."""
+    if offsets is None:
+        return levels.to(torch.int8).contiguous(), scales.contiguous(), None, None
+    groups = levels.view(levels.shape[0], -1, GROUP).to(torch.int32)
+    low = groups & 15
+    nibbles = (low[..., : GROUP // 2] | (low[..., GROUP // 2 :] << 4)).to(torch.uint8).flatten(1).contiguous()
+    fifth = None
+    if int(groups.max()) > 15:
+        bits = (groups >> 4).view(levels.shape[0], -1, GROUP // 8, 8) << torch.arange(8, dtype=torch.int32)
+        fifth = bits.sum(-1).to(torch.uint8).flatten(1).contiguous()
+    return nibbles, scales.contiguous(), offsets.contiguous(), fifth
 
 
 class Grid:
@@ -99,14 +173,25 @@ class Grid:
     `levels` is None (not held twice)."""
 
     def __init__(
-        self, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, dot8_kernel: bool = True
+        self,
+        levels: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor | None,
+        fifth: torch.Tensor | None = None,
+        dot8_kernel: bool = True,
     ) -> None:
+        self.levels: Levels | None = (levels, scales, offsets, fifth)
         if dot8_kernel and dot8.unavailable() is None:
             self.kernel = DOT8_KERNEL
-            self.levels: Levels | None = (levels, scales, offsets)
-            self.tensors = (levels, scales) if offsets is None else (levels, scales, offsets)
-            self._matmul = dot8.q8_mm if offsets is None else dot8.q4_mm
+            if fifth is not None:
+                self.tensors, self._matmul = (levels, fifth, scales, offsets), dot8.q5_mm
+            elif offsets is None:
+                self.tensors, self._matmul = (levels, scales), dot8.q8_mm
+            else:
+                self.tensors, self._matmul = (levels, scales, offsets), dot8.q4_mm
         else:
+            if not torch_takes(self.levels):
+                raise ValueError("torch's int4 kernel takes 4- and 8-bit levels with a scale per 32 only")
             self.kernel = TORCH_KERNEL
             self.levels = None
             self.tensors = _torch_int4(levels, scales, offsets)
@@ -138,9 +223,7 @@ def q4_1_levels(weight: torch.Tensor) -> Levels | None:
     levels = ((groups - low) / step).round()
     if ((levels * scale + low - groups).abs() > 1e-3 * step).any():
         return None
-    levels = levels.to(torch.uint8)
-    nibbles = levels[..., : GROUP // 2] | (levels[..., GROUP // 2 :] << 4)
-    return nibbles.flatten(1).contiguous(), scale.squeeze(-1), low.squeeze(-1)
+    return pack(levels.flatten(1), scale.squeeze(-1), low.squeeze(-1))
 
 
 def q8_0_levels(weight: torch.Tensor) -> Levels | None:
@@ -155,7 +238,7 @@ def q8_0_levels(weight: torch.Tensor) -> Levels | None:
     levels = (groups / step).round()
     if ((levels * scale - groups).abs() > 1e-6 * step).any():
         return None
-    return levels.to(torch.int8).flatten(1), scale.squeeze(-1), None
+    return pack(levels.flatten(1), scale.squeeze(-1), None)
 
 
 def _torch_int4(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -214,7 +297,10 @@ def crossover(seconds_at: Callable[[int], tuple[float, float]], name: str = "") 
 
 def torch_kernel_is_faster(grids: list[Grid], width: int, dtype: torch.dtype) -> bool:
     """Whether torch's int4 kernel multiplies one row by these grids (llmchat's kernel's) faster than llmchat's:
-    where torch has AVX-512 code and llmchat's kernel only AVX2, the flags alone do not say."""
+    where torch has AVX-512 code and llmchat's kernel only AVX2, the flags alone do not say. False where torch's
+    cannot take one of them."""
+    if not all(torch_takes(g.levels) for g in grids):
+        return False
     theirs = [Grid(*g.levels, dot8_kernel=False) for g in grids]
     ours_s, theirs_s = timer([(a.matmul, b.matmul) for a, b in zip(grids, theirs, strict=True)], width, dtype)(1)
     log.info("one row, %d grids: llmchat's kernel %.2f ms, torch's %.2f ms", len(grids), ours_s * 1e3, theirs_s * 1e3)

@@ -78,6 +78,8 @@ class LoadedModel:
     max_memory: str | None = None
     # The float32 safetensors converted from a GGUF: where the fused pass looks for 4-bit weight grids.
     checkpoint: Path | None = None
+    # The GGUF file it was converted from, whose blocks give the grids' levels exactly (gguf_grids.py).
+    gguf: Path | None = None
     # On the CPU: the choices timed at load, kept for later starts on this machine.
     choices: Choices | None = None
 
@@ -412,5 +414,6 @@ def load_model(
         device_map=config.device_map,
         max_memory=config.max_memory,
         checkpoint=cached,
+        gguf=Path(source.path) / source.gguf_file if cached is not None else None,
         choices=kept,
     )

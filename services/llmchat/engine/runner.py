@@ -74,13 +74,14 @@ def pick_forward(
     int4_rows: int | None = None,
     compile_decode: bool = False,
     choices: Choices | None = None,
+    gguf: Path | None = None,
 ) -> FusedForward | GraphedDecode | CompiledDecode | TransformersForward:
-    """`checkpoint`, `int4_rows` and `choices`: where the fused pass looks for 4-bit weights, up to how many rows
-    it uses them (None: measured) and where it keeps what it measured, see FusedForward. `compile_decode`:
+    """`checkpoint`, `gguf`, `int4_rows` and `choices`: where the fused pass looks for 4-bit weights, up to how many
+    rows it uses them (None: measured) and where it keeps what it measured, see FusedForward. `compile_decode`:
     one-row decode steps on the CPU compiled (compiled.py)."""
     reason = unsupported_reason(model) if fused else "chosen in the settings"
     if reason is None:
-        forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows, choices=choices)
+        forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows, choices=choices, gguf=gguf)
     else:
         forward = TransformersForward(model, reason)
     if cuda_graphs:
@@ -123,9 +124,12 @@ class BatchRunner:
         int4_rows: int | None = None,
         compile_decode: bool = False,
         choices: Choices | None = None,
+        gguf: Path | None = None,
     ) -> None:
         self.model = model
-        self.forward = pick_forward(model, fused, cuda_graphs, max_rows, checkpoint, int4_rows, compile_decode, choices)
+        self.forward = pick_forward(
+            model, fused, cuda_graphs, max_rows, checkpoint, int4_rows, compile_decode, choices, gguf
+        )
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache

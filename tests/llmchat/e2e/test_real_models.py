@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 
+from llmchat.engine import dot8
 from tests.conftest import spawn_llmchat
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -90,6 +91,15 @@ def streamed(client, model, **kwargs) -> tuple[str, list[tuple[str, dict]], str]
 def test_the_markers_are_tokens_and_health_names_the_family(qwen):
     health = httpx.get(f"{qwen.base_url}/health").json()
     assert health["status"] == "ok" and health["tool_parser"] == "hermes"
+
+
+def test_every_matmul_of_the_k_quant_file_decodes_from_its_own_levels(qwen):
+    # Q4_K_M: Q5_0 (rows of 896 are no whole K-quant block), Q4_K and Q6_K down projections, Q8_0 v and logits.
+    forward = httpx.get(f"{qwen.base_url}/health").json()["forward"]
+    if dot8.unavailable() is None:
+        assert "(97 of 97 matmuls, " in forward  # per kind of projection, torch's kernel where it is faster
+    else:  # torch's kernel takes the 4- and 8-bit grids with a scale per 32 only
+        assert "of 97 matmuls, torch's int4 kernel" in forward
 
 
 @pytest.mark.parametrize("parallel", [True, False])

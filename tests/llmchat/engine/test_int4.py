@@ -54,7 +54,7 @@ def test_eight_bit_weights_keep_their_values():
     weight = q8_0_like(80, 128)
     weight[2, 32:64] = 0.0  # an all-zero group: scale 0
     assert int4.q4_1_levels(weight) is None  # more than 16 levels a group
-    levels, scales, offsets = int4.grid_levels(weight)
+    levels, scales, offsets, _ = int4.grid_levels(weight)
     assert levels.dtype == torch.int8 and offsets is None
     assert torch.equal(levels.float() * scales.repeat_interleave(int4.GROUP, dim=1), weight)
     x = torch.randn(5, 128)
@@ -143,6 +143,12 @@ def test_grids_are_kept_beside_the_checkpoint(tmp_path):
     projections = [["a.weight", "b.weight"], ["c.weight"], ["missing.weight"]]
     first = int4.load_grids(tmp_path, projections)
     assert [g is not None for g in first] == [True, False, False]
+    # A GGUF that cannot be read leaves the grids its values show.
+    assert [g is not None for g in int4.load_grids(tmp_path, projections, gguf=tmp_path / "gone.gguf")] == [
+        True,
+        False,
+        False,
+    ]
     assert (tmp_path / int4.CACHE_FILE).is_file()
     (tmp_path / "model.safetensors").unlink()  # a second start reads the kept copy alone
     again = int4.load_grids(tmp_path, projections)
@@ -157,8 +163,9 @@ def load(dtype: str):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bundled_gguf_decodes_few_rows_in_four_bits_as_closely_as_bfloat16(dtype):
     served, f32 = load(dtype), load("float32")
-    four_bit = FusedForward(served.model, checkpoint=served.checkpoint, int4_rows=4)
-    # Every layer's matmuls are Q4_1 in the bundled GGUF, its tied embedding (the logits matmul) Q8_0.
+    four_bit = FusedForward(served.model, checkpoint=served.checkpoint, int4_rows=4, gguf=served.gguf)
+    # Every layer's matmuls are Q4_1 in the bundled GGUF, its tied embedding (the logits matmul) Q8_0; the levels
+    # are read from its blocks, as the engine does.
     assert ", 4-bit weights up to 4 rows (121 of 121 matmuls, " in four_bit.kind
     plain_pass = FusedForward(served.model)
     assert four_bit.extra_bytes > plain_pass.extra_bytes  # /health counts the 4-bit copies too
