@@ -124,10 +124,11 @@ class Settings(ServiceSettings):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with a hub model; only for models whose code you trust."
     )
-    tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = Field(
+    tool_parser: Literal["auto", "hermes", "llama3", "mistral", "mistral_args", "none"] = Field(
         "auto",
         description="Tool-call syntax to parse; auto reads it from the chat template "
-        "(hermes when the template has no tool support and the built-in tool prompt is used).",
+        "(hermes when the template has no tool support and the built-in tool prompt is used; none when it has "
+        "tool support in a syntax llmchat does not know). none: tools reach the template, replies are text.",
     )
     validate_tool_names: bool = Field(
         True, description="Return a parsed call only if it names an offered tool; others become content."

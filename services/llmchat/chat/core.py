@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from llmchat.chat.toolcalls import PARSERS, ToolParser, ToolSpec
 from llmchat.engine import Engine, Sequence
 from llmchat.engine.constraints import Constraint
 from llmchat.engine.sampling import SamplingParams
+
+log = logging.getLogger("llmchat.chat")
 
 
 class ChatError(Exception):
@@ -205,16 +208,26 @@ class PreparedChat:
 
 
 def detect_family(template: str | None, knows_tools: bool) -> str:
-    """The tool-call family from the chat template; our built-in prompt teaches the Hermes syntax."""
+    """The tool-call family from the chat template; our built-in prompt teaches the Hermes syntax. A template that
+    takes tools but spells calls in none of the known ways gets "none" (NO_PARSER)."""
     if not knows_tools or not template:
         return "hermes"
     if "[TOOL_CALLS]" in template:
-        return "mistral"
+        return "mistral_args" if "[ARGS]" in template else "mistral"
     if "<tool_call>" in template:
         return "hermes"
     if "<|python_tag|>" in template or "parameters" in template:
         return "llama3"
-    return "hermes"
+    return NO_PARSER
+
+
+# Tools reach the template, but calls are neither constrained nor parsed: the reply is the model's text.
+NO_PARSER = "none"
+UNKNOWN_SYNTAX = (
+    "the chat template takes tools but marks calls in no syntax llmchat knows (hermes, llama3, mistral, "
+    "mistral_args), so "
+    "tools are passed to the template and replies come back as text, without constrained or parsed calls"
+)
 
 
 class Chat:
@@ -230,7 +243,11 @@ class Chat:
         family = options.tool_parser
         if family == "auto":
             family = detect_family(tokenizer.chat_template, self.renderer.knows_tools)
-        self.parser_class = PARSERS[family]
+        self.parser_class = PARSERS.get(family)
+        self.no_parser_reason = None
+        if self.parser_class is None:
+            self.no_parser_reason = UNKNOWN_SYNTAX if options.tool_parser == "auto" else "set by tool_parser=none"
+            log.warning("tool calls: %s", self.no_parser_reason)
         self.validate_tool_names = options.validate_tool_names
         self.max_tool_calls = options.max_tool_calls
         reasoning = options.reasoning_parser
@@ -248,11 +265,12 @@ class Chat:
 
     def describe(self) -> dict:
         """What /health shows of the chat layer: how tool calls and reasoning are parsed."""
-        return {"tool_parser": self.family, "reasoning_parser": "think" if self.reasons else "none"}
+        described = {"tool_parser": self.family, "reasoning_parser": "think" if self.reasons else "none"}
+        return described | ({"tool_parser_reason": self.no_parser_reason} if self.no_parser_reason else {})
 
     @property
     def family(self) -> str:
-        return self.parser_class.family
+        return self.parser_class.family if self.parser_class is not None else NO_PARSER
 
     async def prepare(self, request: ChatRequest) -> PreparedChat:
         """Renders and tokenizes the conversation and builds its grammar (off the event loop); checks it fits."""
@@ -294,7 +312,7 @@ class Chat:
             logprobs=request.logprobs,
         )
         parser = None
-        if request.uses_tools:
+        if request.uses_tools and self.parser_class is not None:
             names = frozenset(t.name for t in request.tools) if self.validate_tool_names else None
             parser = self.parser_class(
                 names,
@@ -320,6 +338,13 @@ class Chat:
                 )
         elif not request.messages:
             raise ChatError(lambda n: f"{n['messages']} is empty; send at least one message.", "messages")
+        if request.uses_tools and self.parser_class is None and request.tool_choice in ("required", "function"):
+            raise ChatError(
+                "This model's tool calls cannot be enforced or read: "
+                f"{self.no_parser_reason}. Send tool_choice auto (the model may still write a call, as text), "
+                "or start the server with a tool_parser for the model's syntax.",
+                "tool_choice",
+            )
         if reserved := sorted(RESERVED_TEMPLATE_KEYS & request.template_kwargs.keys()):
             raise ChatError(
                 f"chat_template_kwargs cannot set {', '.join(reserved)}: the server sets it from the request.",
@@ -361,7 +386,7 @@ class Chat:
             ) from None
 
     def _grammar_text(self, request: ChatRequest) -> str | None:
-        if request.uses_tools:
+        if request.uses_tools and self.parser_class is not None:
             tools = request.tools
             if request.tool_choice == "function":
                 tools = tuple(t for t in tools if t.name == request.tool_name)
@@ -381,7 +406,7 @@ class Chat:
         return self.max_tool_calls if request.parallel_tool_calls and request.tool_choice != "function" else 1
 
     def _marker_token(self) -> int | None:
-        marker = self.parser_class.open
+        marker = self.parser_class.open if self.parser_class is not None else ""
         return self.grammar.special_token(marker) if marker else None
 
     async def count_prompt_tokens(self, request: ChatRequest) -> int:

@@ -103,6 +103,8 @@ def tool_call_grammar(
     calls = "call" if max_calls == 1 else f"call ({_spell(syntax.sep, tokens)} call){{0,{max_calls - 1}}}"
     block = " ".join(part for part in (_spell(syntax.list_open, tokens), calls, _spell(syntax.close, tokens)) if part)
     trigger = _spell(syntax.open, tokens)
+    if syntax.lead in tokens:  # calls at the start may follow the lead token (Llama 3's <|python_tag|>)
+        block = f"({_spell(syntax.lead, tokens)})? {block}"
     if required:
         lines.append(f"start: {trigger} {block}")
     elif syntax.open:
@@ -129,10 +131,15 @@ def tool_call_grammar(
             lines += [f"start: TEXT | head {block} TEXT", f"head[lazy]: TEXT {trigger}", text]
     else:
         lines += [f"start: PLAIN | {block}", "PLAIN: /\\s*([^{\\s](.|\\n)*)?/"]
-    lines.append(f'call: "{{\\"name\\": \\"" ({alternatives}) "}}"')
-    for n, tool in enumerate(tools):
-        head = _lit(f'{tool.name}", "{syntax.args_key}": ')
-        lines.append(f"tool_{n}: {head} %json {_schema(tool.parameters)}")
+    if syntax.args_marker:  # NAME[ARGS]{...}
+        lines.append(f"call: {alternatives}")
+        marker = _spell(syntax.args_marker, tokens)
+        lines += [f"tool_{n}: {_lit(t.name)} {marker} %json {_schema(t.parameters)}" for n, t in enumerate(tools)]
+    else:
+        lines.append(f'call: "{{\\"name\\": \\"" ({alternatives}) "}}"')
+        for n, tool in enumerate(tools):
+            head = _lit(f'{tool.name}", "{syntax.args_key}": ')
+            lines.append(f"tool_{n}: {head} %json {_schema(tool.parameters)}")
     return llguidance.grammar_from("lark", "\n".join(lines))
 
 

@@ -13,6 +13,7 @@ call whose name an earlier call already used is held until its arguments are com
 sends a fragment; a call under a new name streams at once.
 """
 
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ class CallSyntax:
     # Whether models of the family, where the open marker is a token, also answer a call as a bare JSON object
     # (in a ```json fence or not) at the start of the reply: small Qwen2.5 models do, under tool_choice auto.
     bare: bool = False
+    # A marker the model may write just before calls that start the output (Llama 3's <|python_tag|>), allowed
+    # where the tokenizer has it as a token; the text it decodes to is the parser's alt_open.
+    lead: str = ""
+    # Where set, a call is spelled NAME, this marker, then the arguments' JSON object (newer Mistral tokenizers'
+    # get_weather[ARGS]{...}) rather than a JSON object holding both.
+    args_marker: str = ""
 
 
 FENCE = "```"
@@ -351,16 +358,119 @@ class MistralParser(ToolParser):
     syntax = CallSyntax("[TOOL_CALLS]", "[", ", ", "]", markers=("[TOOL_CALLS]",))
 
 
+class MistralArgsParser(ToolParser):
+    """Newer Mistral tokenizers (Mistral Small 3.2, Magistral, Devstral): [TOOL_CALLS]name[ARGS]{...}, each call
+    after a [TOOL_CALLS] of its own. Read by rewriting each call as the JSON object the other families write."""
+
+    family = "mistral_args"
+    open = "[TOOL_CALLS]"
+    sep = "[TOOL_CALLS]"
+    syntax = CallSyntax(
+        "[TOOL_CALLS]", "", "[TOOL_CALLS]", "", markers=("[TOOL_CALLS]", "[ARGS]"), args_marker="[ARGS]"
+    )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rewrite = ArgsMarkerCalls(self.open, self.syntax.args_marker)
+
+    def feed(self, text: str) -> list[ChatEvent]:
+        return super().feed(self.rewrite.feed(text))
+
+    def finish(self) -> list[ChatEvent]:
+        self.buf += self.rewrite.feed("", final=True)
+        return super().finish()
+
+
+NAME_CHARS = re.compile(r"[\w.\-]*")
+
+
+class ArgsMarkerCalls:
+    """Streamed text in which each `open` marker is followed by NAME `marker` {arguments}, rewritten so that each
+    call reads {"name": NAME, "arguments": {arguments}}; everything else passes unchanged. Text after the open
+    marker that is not a name, the marker and an object is passed on as it was (the parser then rejects it as a
+    call); a name cut off by the end of the output is passed on as the start of a call object, which the parser
+    then reports as unterminated."""
+
+    def __init__(self, open: str, marker: str) -> None:
+        self.open, self.marker = open, marker
+        self.state, self.buf, self.name = "text", "", ""
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def feed(self, text: str, final: bool = False) -> str:
+        self.buf += text
+        out: list[str] = []
+        while self.buf:
+            if self.state == "text":
+                at = self.buf.find(self.open)
+                if at < 0:
+                    keep = 0 if final else partial_suffix(self.buf, self.open)
+                    out.append(self.buf[: len(self.buf) - keep])
+                    self.buf = self.buf[len(self.buf) - keep :]
+                    break
+                out.append(self.buf[: at + len(self.open)])
+                self.buf, self.state = self.buf[at + len(self.open) :], "name"
+            elif self.state == "name":
+                at = self.buf.find(self.marker)
+                name = self.buf[:at] if at >= 0 else self.buf[: len(self.buf) - partial_suffix(self.buf, self.marker)]
+                if NAME_CHARS.fullmatch(name) is None:
+                    out.append(self.buf)  # not a call in this syntax: left for the parser to reject
+                    self.buf, self.state = "", "text"
+                elif at < 0:
+                    if final:
+                        out.append(f'{{"name": "{name}')
+                        self.buf = ""
+                    break
+                else:
+                    self.name, self.buf, self.state = name, self.buf[at + len(self.marker) :], "object"
+            elif self.state == "object":  # the arguments must open an object
+                body = self.buf.lstrip()
+                if not body and not final:
+                    break
+                if body.startswith("{"):
+                    out.append(f'{{"name": {json.dumps(self.name)}, "arguments": ')
+                    self.state, self.depth = "args", 0
+                else:
+                    out.append(self.name + self.marker + self.buf)
+                    self.buf, self.state = "", "text"
+            else:
+                out.append(self._arguments())
+        return "".join(out)
+
+    def _arguments(self) -> str:
+        """The arguments' JSON, passed on up to the object's end, which also closes the call."""
+        for n, ch in enumerate(self.buf):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    done, self.buf, self.state = self.buf[: n + 1], self.buf[n + 1 :], "text"
+                    return done + "}"
+        done, self.buf = self.buf, ""
+        return done
+
+
 class Llama3Parser(ToolParser):
     """Llama 3.x JSON calls: the whole output is {"name": ..., "parameters": {...}}; several are joined by ';'."""
 
     family = "llama3"
     alt_open = "<|python_tag|>"
     sep = ";"
-    syntax = CallSyntax("", "", "; ", "", "parameters")
+    syntax = CallSyntax("", "", "; ", "", "parameters", markers=("<|python_tag|>",), lead="<|python_tag|>")
 
 
-PARSERS: dict[str, type[ToolParser]] = {p.family: p for p in (HermesParser, Llama3Parser, MistralParser)}
+PARSERS: dict[str, type[ToolParser]] = {
+    p.family: p for p in (HermesParser, Llama3Parser, MistralParser, MistralArgsParser)
+}
 
 
 def parse_all(parser: ToolParser, text: str) -> list[ChatEvent]:

@@ -34,7 +34,10 @@ def consumes(compiler, grammar: str, ids: list[int]) -> bool:
 
 def call_text(family: str, *calls: tuple[str, str]) -> str:
     s = PARSERS[family].syntax
-    bodies = [f'{{"name": "{name}", "{s.args_key}": {args}}}' for name, args in calls]
+    bodies = [
+        f"{name}{s.args_marker}{args}" if s.args_marker else f'{{"name": "{name}", "{s.args_key}": {args}}}'
+        for name, args in calls
+    ]
     return s.open + s.list_open + s.sep.join(bodies) + s.close
 
 
@@ -143,11 +146,12 @@ def marker_tokens(chat):
     return GrammarCompiler(tokenizer, chat.engine.vocab_size)
 
 
-@pytest.mark.parametrize("family", ["hermes", "mistral"])
+@pytest.mark.parametrize("family", ["hermes", "mistral", "mistral_args"])
 def test_markers_that_are_tokens_are_those_tokens_in_the_grammar(marker_tokens, family):
     syntax = PARSERS[family].syntax
     special = marker_tokens.special_token
-    call = f'{{"name": "get_weather", "{syntax.args_key}": {{"city": "Paris"}}}}'
+    call = call_text(family, ("get_weather", '{"city": "Paris"}'))[len(syntax.open + syntax.list_open) :]
+    call = call[: len(call) - len(syntax.close)] if syntax.close else call
     ids = token_ids(marker_tokens, syntax.open, syntax.list_open, call, syntax.close)
     assert all(special(m) in ids for m in syntax.markers)  # each marker is its one token here
     for required in (True, False):
@@ -159,6 +163,25 @@ def test_markers_that_are_tokens_are_those_tokens_in_the_grammar(marker_tokens, 
     auto = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3, special_token=special)
     assert consumes(marker_tokens, auto, token_ids(marker_tokens, "It is sunny in Paris."))
     assert consumes(marker_tokens, auto, token_ids(marker_tokens, "Let me check. ") + ids)
+
+
+def test_llama3_calls_may_follow_the_python_tag_token(marker_tokens):
+    """Llama 3.x writes <|python_tag|> (a token of its own) before a call as often as not; the grammar allows the
+    token there and nowhere else, and never its text."""
+    syntax = PARSERS["llama3"].syntax
+    special = marker_tokens.special_token
+    tag = special("<|python_tag|>")
+    call = token_ids(marker_tokens, '{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    for required in (True, False):
+        grammar = tool_call_grammar(syntax, TOOLS, required=required, max_calls=2, special_token=special)
+        assert consumes(marker_tokens, grammar, [tag, *call]) and consumes(marker_tokens, grammar, call)
+        assert not consumes(marker_tokens, grammar, [tag, tag, *call])
+        # Its text is no call (under auto, plain text that starts with "<").
+        spelled = consumes(marker_tokens, grammar, char_tokens(marker_tokens, "<|python_tag|>") + call)
+        assert spelled is not required
+    # Without the token in the vocabulary the grammar is as before: calls only.
+    plain = tool_call_grammar(syntax, TOOLS, required=True, max_calls=2)
+    assert "<[" not in plain
 
 
 def char_tokens(compiler, text: str) -> list[int]:

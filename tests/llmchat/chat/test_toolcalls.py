@@ -184,6 +184,17 @@ CASES = [
     ),
     ("mistral", f"Sure. [TOOL_CALLS] [{WEATHER}]", "Sure.", [("get_weather", '{"city": "Paris"}')], [], BOTH),
     ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", [], ["tool_call.rejected"], BOTH),
+    (
+        "mistral_args",
+        'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Pa\\"ris}"}[TOOL_CALLS]now[ARGS]{}',
+        "Sure.",
+        [("get_weather", '{"city": "Pa\\"ris}"}'), ("now", "{}")],
+        [],
+        BOTH,
+    ),
+    ("mistral_args", "[TOOL_CALLS]now [ARGS]{}", "[TOOL_CALLS]now [ARGS]{}", [], ["tool_call.rejected"], BOTH),
+    ("mistral_args", "[TOOL_CALLS]now[ARGS]oops", "[TOOL_CALLS]now[ARGS]oops", [], ["tool_call.rejected"], BOTH),
+    ("mistral_args", "no [ARGS] call here", "no [ARGS] call here", [], [], BOTH),
 ]
 
 
@@ -250,8 +261,13 @@ def test_arguments_stream_before_the_call_ends():
 @pytest.mark.parametrize("family", sorted(PARSERS))
 def test_a_call_cut_off_before_its_name_is_not_content_under_a_grammar(family):
     # max_tokens can end a grammar-forced second call early; its marker text must not reach the client.
-    first = {"hermes": f"<tool_call>{WEATHER}</tool_call>", "llama3": WEATHER, "mistral": f"[TOOL_CALLS][{WEATHER}"}
-    cut = {"hermes": '<tool_call>\n{"na', "llama3": '; {"na', "mistral": ', {"na'}
+    first = {
+        "hermes": f"<tool_call>{WEATHER}</tool_call>",
+        "llama3": WEATHER,
+        "mistral": f"[TOOL_CALLS][{WEATHER}",
+        "mistral_args": f"[TOOL_CALLS]{args_marker_call(WEATHER)}",
+    }
+    cut = {"hermes": '<tool_call>\n{"na', "llama3": '; {"na', "mistral": ', {"na', "mistral_args": "[TOOL_CALLS]no"}
     text = first[family] + cut[family]
     streamed = collect(parse_all(PARSERS[family](TOOLS, stream_arguments=True), text))
     assert streamed.calls == [("get_weather", '{"city": "Paris"}')] and streamed.content == ""
@@ -295,7 +311,15 @@ def spell(family: str, *calls: str) -> str:
     syntax = PARSERS[family].syntax
     if family == "llama3":
         calls = tuple(c.replace('"arguments"', '"parameters"') for c in calls)
+    if syntax.args_marker:
+        calls = tuple(args_marker_call(c) for c in calls)
     return syntax.open + syntax.list_open + syntax.sep.join(calls) + syntax.close
+
+
+def args_marker_call(call: str) -> str:
+    """A call object as newer Mistral tokenizers spell it: name[ARGS]{arguments}."""
+    parsed = json.loads(call)
+    return f"{parsed['name']}[ARGS]{json.dumps(parsed['arguments'])}"
 
 
 LYON = '{"name": "get_weather", "arguments": {"city": "Lyon"}}'
@@ -363,6 +387,8 @@ def test_a_call_cut_inside_its_arguments_is_marked(family):
         ("{% if tools %}<tools>{{ tools }}</tools>{% endif %}<tool_call>", "hermes"),  # Qwen 2.5 / Hermes
         ("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]", "mistral"),
         ('{% if tools %}{{ tools }}{% endif %}{"name": ..., "parameters": ...}<|python_tag|>', "llama3"),
+        ("{% if tools %}{{ tools }}{% endif %}<<CALL name args>>", "none"),  # tools, but no syntax we know
+        ("{% if tools %}[AVAILABLE_TOOLS]{{ tools }}{% endif %}[TOOL_CALLS]{{ name }}[ARGS]", "mistral_args"),
     ],
 )
 def test_family_is_detected_from_the_chat_template(template, family):
