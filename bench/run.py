@@ -4,6 +4,7 @@ installed) on the same weights: each server is started in turn and every chosen 
     just bench                                  # every scenario, every available server
     just bench --concurrency 1,8                # throughput at a subset of levels
     just bench --scenarios agent,arrival        # only the agent sessions and the long prompt arrival
+    just bench --model ~/m.gguf --prompt-tokens 0,1000,3000   # every server on that GGUF, at three prompt sizes
 
 Scenarios: throughput (the same streaming load at several concurrencies), constrained and protocols (llmchat
 only), agent (bench/agent.py), arrival (bench/arrival.py) and tools (bench/tools.py: tool replies on public
@@ -22,10 +23,10 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from bench import agent, arrival, constrained, protocols, report, servers, tools
+from bench import agent, arrival, constrained, filler, protocols, report, servers, tools
 from bench.report import percentile, ratio, table
 from bench.stream import one_request
-from llmchat.engine.loader import ModelConfig, bundled_gguf, converted_dir, load_model, resolve_source
+from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
 # constrained and protocols compare llmchat with itself, so they run against llmchat only.
@@ -54,6 +55,7 @@ PROMPTS = [
 class Result:
     server: str
     concurrency: int
+    prompt_tokens: int  # the shared text before each short prompt (0: the short prompts alone)
     num_requests: int
     errors: int
     output_tokens: int
@@ -74,11 +76,12 @@ async def run_level(
     extra: dict | None = None,
     ask=None,
     server_counts: bool = False,
+    head: str = "",
 ) -> Result:
     """`num_requests` over `concurrency` clients; ask(client, prompt) replaces the chat request when given.
     With `server_counts`, output tokens are the usage's completion_tokens (the request must ask for usage)
     rather than the streamed text re-tokenized, so tokens a client never sees as text (a tool call's
-    markup) count too."""
+    markup) count too. `head`: text every prompt starts with (long context, shared as a system prompt is)."""
     ask = ask or (lambda client, prompt: one_request(client, server.model, prompt, max_tokens, count, extra))
     queue = list(range(num_requests))
     done: list[dict] = []
@@ -89,7 +92,7 @@ async def run_level(
         while queue:
             i = queue.pop(0)
             try:
-                done.append(await ask(client, PROMPTS[i % len(PROMPTS)]))
+                done.append(await ask(client, head + PROMPTS[i % len(PROMPTS)]))
             except Exception:  # counted, the run goes on
                 errors += 1
 
@@ -103,6 +106,7 @@ async def run_level(
     return Result(
         server=server.name,
         concurrency=concurrency,
+        prompt_tokens=count(head),
         num_requests=num_requests,
         errors=errors,
         output_tokens=tokens,
@@ -174,14 +178,19 @@ def _decoding(server: servers.Server) -> dict | None:
     return httpx.get(server.base_url + "/health").json().get("decoding")
 
 
+def prompt_sizes(args) -> list[int]:
+    return [int(n) for n in args.prompt_tokens.split(",")]
+
+
 def render(results: list[Result], console: Console) -> None:
     title = "Streaming load, greedy, max_tokens fixed (same prompts and weights for every server)"
-    columns = ("server", "conc", "requests", "errors", "tok/s (all)", "TTFT p50 s", "TTFT p95 s")
+    columns = ("server", "conc", "text ahead", "requests", "errors", "tok/s (all)", "TTFT p50 s", "TTFT p95 s")
     results_table = table(title, (*columns, "decode tok/s p50", "peak RSS MB"))
     for r in results:
         results_table.add_row(
             r.server,
             str(r.concurrency),
+            str(r.prompt_tokens),
             str(r.num_requests),
             str(r.errors),
             f"{r.throughput_tok_s:.1f}",
@@ -191,13 +200,15 @@ def render(results: list[Result], console: Console) -> None:
             f"{r.peak_rss_mb:.0f}",
         )
     console.print(results_table)
-    ours = {r.concurrency: r for r in results if r.server == "llmchat"}
+    ours = {(r.concurrency, r.prompt_tokens): r for r in results if r.server == "llmchat"}
     for peer in sorted({r.server for r in results} - {"llmchat"}):
-        ratios = table(f"llmchat / {peer}", ("conc", "throughput x", "TTFT p50 x (lower is better)", "decode x"))
-        for r in (r for r in results if r.server == peer and r.concurrency in ours):
-            o = ours[r.concurrency]
+        columns = ("conc", "text ahead", "throughput x", "TTFT p50 x (lower is better)", "decode x")
+        ratios = table(f"llmchat / {peer}", columns)
+        for r in (r for r in results if r.server == peer and (r.concurrency, r.prompt_tokens) in ours):
+            o = ours[(r.concurrency, r.prompt_tokens)]
             ratios.add_row(
                 str(r.concurrency),
+                str(r.prompt_tokens),
                 ratio(o.throughput_tok_s, r.throughput_tok_s),
                 ratio(o.ttft_p50_s, r.ttft_p50_s),
                 ratio(o.decode_tok_s_p50, r.decode_tok_s_p50),
@@ -205,19 +216,19 @@ def render(results: list[Result], console: Console) -> None:
         console.print(ratios)
 
 
-def plot(results: list[Result], path: Path) -> None:
+def plot(results: list[Result], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r.server for r in results):
-        points = [(r.concurrency, r.throughput_tok_s) for r in results if r.server == name]
-        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    for name, size in dict.fromkeys((r.server, r.prompt_tokens) for r in results):
+        points = [(r.concurrency, r.throughput_tok_s) for r in results if (r.server, r.prompt_tokens) == (name, size)]
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{name}, {size} tokens ahead" if size else name)
     ax.set_xlabel("concurrent streaming clients")
     ax.set_ylabel("aggregate output tokens/s")
-    ax.set_title("Throughput on SmolLM2-135M-Instruct (same weights)")
+    ax.set_title(f"Throughput on {model} (same weights)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -240,6 +251,18 @@ def main() -> None:
         help="a Python with llama-cpp-python[server] installed (default: this one), e.g. a separate venv's",
     )
     parser.add_argument("--llmchat-args", default="", help="extra flags for llmchat serve, e.g. '--dtype bfloat16'")
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="what every server serves: a GGUF file (llama.cpp reads it, transformers its converted copy), "
+        "default the bundled one",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        default="0",
+        help="throughput at each of these prompt sizes (a comma list): that many tokens of shared text before "
+        "each short prompt, as an agent's system prompt and tools are",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="a comma list of " + ", ".join(SCENARIOS))
     agent.add_arguments(parser)
@@ -252,9 +275,14 @@ def main() -> None:
     console = Console(width=140)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    # The converted cache is a safetensors copy of the bundled GGUF: transformers serve loads it.
-    loaded = load_model(ModelConfig("bundled", device="cpu", cache_dir=Settings().cache_dir))
-    weights = converted_dir(resolve_source("bundled"), Settings().cache_dir)
+    # The converted cache is a safetensors copy of the GGUF: transformers serve loads it.
+    loaded = load_model(ModelConfig(args.model, device="cpu", cache_dir=Settings().cache_dir))
+    source = resolve_source(args.model)
+    weights = converted_dir(source, Settings().cache_dir)
+    gguf = Path(source.path) / source.gguf_file
+    llmchat_args = args.llmchat_args.split()
+    if "--model" not in llmchat_args:
+        llmchat_args += ["--model", args.model]
     tokenizer = loaded.tokenizer
     del loaded
 
@@ -263,13 +291,14 @@ def main() -> None:
 
     wanted = args.servers.split(",")
     candidates = {
-        "llmchat": lambda: servers.llmchat(args.llmchat_args.split()),
-        "llmchat-compile": lambda: servers.llmchat([*args.llmchat_args.split(), "--compile"], "llmchat-compile"),
+        "llmchat": lambda: servers.llmchat(llmchat_args),
+        "llmchat-compile": lambda: servers.llmchat([*llmchat_args, "--compile"], "llmchat-compile"),
         "transformers": lambda: servers.transformers_serve(weights),
         "transformers-bf16": lambda: servers.transformers_serve(weights, "bfloat16"),
-        "llama.cpp": lambda: servers.llama_cpp(bundled_gguf(), args.llama_cpp_python, tools="tools" in scenarios),
+        "llama.cpp": lambda: servers.llama_cpp(gguf, args.llama_cpp_python, tools="tools" in scenarios),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
+    heads = [filler.numbered_rules(seed=0, tokens=n, count=count) + "\n\n" if n else "" for n in prompt_sizes(args)]
     results: list[Result] = []
     agent_rows: list[agent.TurnResult] = []
     arrival_rows: list[arrival.ArrivalResult] = []
@@ -289,11 +318,15 @@ def main() -> None:
                 report.levers = f"{health['dtype']}, {health['forward']}"
             asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
             if "throughput" in scenarios:
-                for c in levels:
-                    num_requests = max(c * args.requests_per_client, 3)
-                    result = asyncio.run(run_level(server, c, num_requests, args.max_tokens, count))
-                    console.print(f"  {server.name} c={c}: {result.throughput_tok_s} tok/s, errors {result.errors}")
-                    results.append(result)
+                for head in heads:
+                    for c in levels:
+                        num_requests = max(c * args.requests_per_client, 3)
+                        result = asyncio.run(run_level(server, c, num_requests, args.max_tokens, count, head=head))
+                        console.print(
+                            f"  {server.name} c={c}, {result.prompt_tokens} prompt tokens ahead: "
+                            f"{result.throughput_tok_s} tok/s, errors {result.errors}"
+                        )
+                        results.append(result)
             if key == "llmchat" and "constrained" in scenarios:
                 constrained.run(server, count, args.max_tokens, console, args.out)
             if key == "llmchat" and "protocols" in scenarios:
@@ -309,7 +342,7 @@ def main() -> None:
     if "throughput" in scenarios:
         render(results, console)
         (args.out / "throughput.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-        plot(results, args.out / "throughput.png")
+        plot(results, args.out / "throughput.png", source.name)
         console.print(f"wrote {args.out / 'throughput.json'} and {args.out / 'throughput.png'}")
     if "agent" in scenarios:
         agent.report(agent_rows, args, console, args.out / "agent.json")

@@ -135,6 +135,11 @@ def llama_cpp(gguf: Path, python: str | None = None, tools: bool = False) -> Ser
         "8192",
         "--cache",
         "True",
+        # llama-cpp-python's default is half the CPUs; llmchat (torch) uses all of them.
+        "--n_threads",
+        str(os.cpu_count() or 1),
+        "--n_threads_batch",
+        str(os.cpu_count() or 1),
     ]
     if tools:
         cmd += ["--chat_format", "chatml-function-calling"]
