@@ -394,7 +394,7 @@ class ArgsMarkerCalls:
     def __init__(self, open: str, marker: str) -> None:
         self.open, self.marker = open, marker
         self.state, self.buf, self.name = "text", "", ""
-        self.depth, self.in_string, self.escaped = 0, False, False
+        self.scan = CallObject()
 
     def feed(self, text: str, final: bool = False) -> str:
         self.buf += text
@@ -427,8 +427,11 @@ class ArgsMarkerCalls:
                 if not body and not final:
                     break
                 if body.startswith("{"):
-                    out.append(f'{{"name": {json.dumps(self.name)}, "arguments": ')
-                    self.state, self.depth = "args", 0
+                    head = f'{{"name": {json.dumps(self.name)}, "arguments": '
+                    out.append(head)
+                    self.state, self.scan = "args", CallObject()
+                    for ch in head:
+                        self.scan.feed(ch)
                 else:
                     out.append(self.name + self.marker + self.buf)
                     self.buf, self.state = "", "text"
@@ -437,24 +440,13 @@ class ArgsMarkerCalls:
         return "".join(out)
 
     def _arguments(self) -> str:
-        """The arguments' JSON, passed on up to the object's end, which also closes the call."""
+        """The arguments' JSON, passed on up to the object's end (found by a CallObject scanning the rewritten
+        call), which also closes the call."""
         for n, ch in enumerate(self.buf):
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.in_string = False
-            elif ch == '"':
-                self.in_string = True
-            elif ch in "{[":
-                self.depth += 1
-            elif ch in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    done, self.buf, self.state = self.buf[: n + 1], self.buf[n + 1 :], "text"
-                    return done + "}"
+            self.scan.feed(ch)
+            if self.scan.args_end is not None or self.scan.error is not None:
+                done, self.buf, self.state = self.buf[: n + 1], self.buf[n + 1 :], "text"
+                return done + ("}" if self.scan.error is None else "")
         done, self.buf = self.buf, ""
         return done
 
