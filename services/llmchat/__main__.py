@@ -24,7 +24,14 @@ log = logging.getLogger("llmchat")
 
 TOOL_PARSERS = get_args(Settings.model_fields["tool_parser"].annotation)
 # vLLM's --tool-call-parser names whose syntax one of ours parses; its others have no equivalent here.
-VLLM_TOOL_PARSERS = {"hermes": "hermes", "llama3_json": "llama3", "llama4_json": "llama3", "mistral": "mistral"}
+VLLM_TOOL_PARSERS = {
+    "hermes": "hermes",
+    "llama3_json": "llama3",
+    "llama4_json": "llama3",
+    "mistral": "mistral",
+    "qwen3_coder": "qwen3_coder",
+    "qwen3_xml": "qwen3_coder",
+}
 
 
 def token_count(value: str) -> int:

@@ -124,7 +124,7 @@ class Settings(ServiceSettings):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with a hub model; only for models whose code you trust."
     )
-    tool_parser: Literal["auto", "hermes", "llama3", "mistral", "mistral_args", "none"] = Field(
+    tool_parser: Literal["auto", "hermes", "llama3", "mistral", "mistral_args", "qwen3_coder", "none"] = Field(
         "auto",
         description="Tool-call syntax to parse; auto reads it from the chat template "
         "(hermes when the template has no tool support and the built-in tool prompt is used; none when it has "

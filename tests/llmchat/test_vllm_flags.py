@@ -88,8 +88,8 @@ def test_help_shows_each_vllm_name_beside_ours():
     [
         (
             ["--tool-call-parser", "pythonic"],
-            "'pythonic' has no llmchat equivalent; accepted: auto, hermes, llama3, mistral, mistral_args, none, "
-            "or vLLM's hermes, llama3_json, llama4_json, mistral",
+            "'pythonic' has no llmchat equivalent; accepted: auto, hermes, llama3, mistral, mistral_args, qwen3_coder, "
+            "none, or vLLM's hermes, llama3_json, llama4_json, mistral, qwen3_coder, qwen3_xml",
         ),
         (["--max-model-len", "1M"], "'1M' is not a token count"),
         (["--max-model-len", "auto"], "'auto' is not a token count"),

@@ -27,6 +27,14 @@ def _integral(value: Any) -> Any:
     return value
 
 
+def partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(text), len(marker) - 1), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 class CallObject:
     """Scans one JSON object spelling a call, {"name": ..., "arguments": {...}}, one character at a time.
 

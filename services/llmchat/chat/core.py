@@ -214,6 +214,8 @@ def detect_family(template: str | None, knows_tools: bool) -> str:
         return "hermes"
     if "[TOOL_CALLS]" in template:
         return "mistral_args" if "[ARGS]" in template else "mistral"
+    if "<function=" in template and "<parameter=" in template:
+        return "qwen3_coder"
     if "<tool_call>" in template:
         return "hermes"
     if "<|python_tag|>" in template or "parameters" in template:
@@ -225,7 +227,7 @@ def detect_family(template: str | None, knows_tools: bool) -> str:
 NO_PARSER = "none"
 UNKNOWN_SYNTAX = (
     "the chat template takes tools but marks calls in no syntax llmchat knows (hermes, llama3, mistral, "
-    "mistral_args), so "
+    "mistral_args, qwen3_coder), so "
     "tools are passed to the template and replies come back as text, without constrained or parsed calls"
 )
 
@@ -320,6 +322,7 @@ class Chat:
                 max_calls=self._max_calls(request),
                 bare_calls=constraint is not None
                 and bare_calls_allowed(self.parser_class.syntax, request.tools, self.grammar.special_token),
+                schemas={t.name: t.parameters or {} for t in request.tools},
             )
         reasoning = None
         # Output constrained from its first token (a required call, JSON) leaves the model no room to think;

@@ -131,7 +131,9 @@ def tool_call_grammar(
             lines += [f"start: TEXT | head {block} TEXT", f"head[lazy]: TEXT {trigger}", text]
     else:
         lines += [f"start: PLAIN | {block}", "PLAIN: /\\s*([^{\\s](.|\\n)*)?/"]
-    if syntax.args_marker:  # NAME[ARGS]{...}
+    if syntax.xml:
+        lines += _xml_calls(tools, alternatives)
+    elif syntax.args_marker:  # NAME[ARGS]{...}
         lines.append(f"call: {alternatives}")
         marker = _spell(syntax.args_marker, tokens)
         lines += [f"tool_{n}: {_lit(t.name)} {marker} %json {_schema(t.parameters)}" for n, t in enumerate(tools)]
@@ -177,6 +179,49 @@ def _bare_calls(tools: Sequence[ToolSpec], args_key: str) -> list[str]:
         )
     rules.append("END: /\\s*(```)?\\s*/")
     return rules
+
+
+# Qwen3-Coder's values by type, each followed by the parameter's end; a string may hold anything but that end.
+_XML_SCALARS = {
+    "integer": "/-?(0|[1-9][0-9]*)/",
+    "number": "/-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?/",
+    "boolean": '"true" | "false" | "True" | "False"',  # the template writes Python's spelling
+    "null": '"null"',
+}
+_XML_END = "\n</parameter>\n"
+
+
+def _xml_calls(tools: Sequence[ToolSpec], alternatives: str) -> list[str]:
+    """Lark rules for Qwen3-Coder's XML calls: <function=NAME>, then each parameter of the schema in its order
+    (the optional ones may be left out) as <parameter=KEY>, its value on lines of its own, </parameter>."""
+    lines = [f'call: "<function=" ({alternatives}) "</function>"']
+    for n, tool in enumerate(tools):
+        schema = closed(tool.parameters or NO_PARAMETERS)
+        required = set(schema.get("required", []))
+        parts = []
+        for i, (key, prop) in enumerate(schema.get("properties", {}).items()):
+            value = f"v_{n}_{i}"
+            parts.append(f"p_{n}_{i}" + ("" if key in required else "?"))
+            lines.append(f"p_{n}_{i}: {_lit(f'<parameter={key}>' + chr(10))} {value}")
+            lines.append(_xml_value(value, prop if isinstance(prop, dict) else {}))
+        lines.append(f"tool_{n}: {_lit(tool.name + '>' + chr(10))} {' '.join(parts)}".rstrip())
+    return lines
+
+
+def _xml_value(rule: str, schema: dict[str, Any]) -> str:
+    """One parameter's value and end: plain text for a string (a lazy lexeme, ended by the first end marker; its
+    minLength and maxLength held, not its pattern or format), the literal for an enum of strings, a scalar's
+    pattern, or JSON for anything else."""
+    kind = schema.get("type")
+    if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]) and schema["enum"]:
+        return f"{rule}: ({' | '.join(_lit(v) for v in schema['enum'])}) {_lit(_XML_END)}"
+    if kind == "string":
+        longest = schema.get("maxLength")
+        repeat = f"{{{schema.get('minLength', 0)},{longest}}}" if isinstance(longest, int) else "*"
+        return f"{rule}[lazy]: /(.|\\n){repeat}/ {_lit(_XML_END)}"
+    if kind in _XML_SCALARS:
+        return f"{rule}: ({_XML_SCALARS[kind]}) {_lit(_XML_END)}"
+    return f"{rule}: %json {_schema(schema)} {_lit(_XML_END)}"
 
 
 def _spell(text: str, tokens: dict[str, int]) -> str:

@@ -4,8 +4,8 @@ Character-driven like the tool parsers: only a tail that may be the start of a t
 events concatenate to the same result however the text is chunked.
 """
 
+from llmchat.chat.call_object import partial_suffix
 from llmchat.chat.events import ReasoningDelta, TextDelta
-from llmchat.chat.toolcalls import partial_suffix
 
 OPEN_TAG, CLOSE_TAG = "<think>", "</think>"
 

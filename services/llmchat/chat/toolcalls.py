@@ -13,13 +13,14 @@ call whose name an earlier call already used is held until its arguments are com
 sends a fragment; a call under a new name streams at once.
 """
 
-import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmchat.chat.call_object import CallObject, call_key
+from llmchat.chat.call_object import CallObject, call_key, partial_suffix
+from llmchat.chat.call_rewrites import ArgsMarkerCalls, XmlCalls
 from llmchat.chat.events import ChatEvent, Notice, TextDelta, ToolCallCut, ToolCallDelta, ToolCallStart
 
 
@@ -50,6 +51,8 @@ class CallSyntax:
     # Where set, a call is spelled NAME, this marker, then the arguments' JSON object (newer Mistral tokenizers'
     # get_weather[ARGS]{...}) rather than a JSON object holding both.
     args_marker: str = ""
+    # Calls spelled as Qwen3-Coder's XML (call_rewrites.XmlCalls) rather than a JSON object.
+    xml: bool = False
 
 
 FENCE = "```"
@@ -57,14 +60,6 @@ FENCE = "```"
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ToolParser:
@@ -90,9 +85,11 @@ class ToolParser:
         stream_arguments: bool = False,
         max_calls: int | None = None,
         bare_calls: bool = False,
+        schemas: Mapping[str, Any] | None = None,
     ) -> None:
         """`bare_calls`: a JSON object at the very start of the output, bare or in a ```json fence, is a call too
-        (CallSyntax.bare; the grammar then allows nothing else there)."""
+        (CallSyntax.bare; the grammar then allows nothing else there). `schemas`: each offered tool's parameters,
+        for families whose arguments are not written as JSON."""
         self.tool_names = tool_names
         self.stream_arguments = stream_arguments
         self.max_calls = max_calls
@@ -358,20 +355,15 @@ class MistralParser(ToolParser):
     syntax = CallSyntax("[TOOL_CALLS]", "[", ", ", "]", markers=("[TOOL_CALLS]",))
 
 
-class MistralArgsParser(ToolParser):
-    """Newer Mistral tokenizers (Mistral Small 3.2, Magistral, Devstral): [TOOL_CALLS]name[ARGS]{...}, each call
-    after a [TOOL_CALLS] of its own. Read by rewriting each call as the JSON object the other families write."""
+class RewrittenParser(ToolParser):
+    """A family whose calls are not JSON objects, read by rewriting each as one (call_rewrites.py) first."""
 
-    family = "mistral_args"
-    open = "[TOOL_CALLS]"
-    sep = "[TOOL_CALLS]"
-    syntax = CallSyntax(
-        "[TOOL_CALLS]", "", "[TOOL_CALLS]", "", markers=("[TOOL_CALLS]", "[ARGS]"), args_marker="[ARGS]"
-    )
-
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, schemas: Mapping[str, Any] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.rewrite = ArgsMarkerCalls(self.open, self.syntax.args_marker)
+        self.rewrite = self.rewriter(schemas)
+
+    def rewriter(self, schemas: Mapping[str, Any] | None):
+        raise NotImplementedError
 
     def feed(self, text: str) -> list[ChatEvent]:
         return super().feed(self.rewrite.feed(text))
@@ -381,74 +373,40 @@ class MistralArgsParser(ToolParser):
         return super().finish()
 
 
-NAME_CHARS = re.compile(r"[\w.\-]*")
+class MistralArgsParser(RewrittenParser):
+    """Newer Mistral tokenizers (Mistral Small 3.2, Magistral, Devstral): [TOOL_CALLS]name[ARGS]{...}, each call
+    after a [TOOL_CALLS] of its own."""
+
+    family = "mistral_args"
+    open = "[TOOL_CALLS]"
+    sep = "[TOOL_CALLS]"
+    syntax = CallSyntax(
+        "[TOOL_CALLS]", "", "[TOOL_CALLS]", "", markers=("[TOOL_CALLS]", "[ARGS]"), args_marker="[ARGS]"
+    )
+
+    def rewriter(self, schemas: Mapping[str, Any] | None) -> ArgsMarkerCalls:
+        return ArgsMarkerCalls(self.open, self.syntax.args_marker)
 
 
-class ArgsMarkerCalls:
-    """Streamed text in which each `open` marker is followed by NAME `marker` {arguments}, rewritten so that each
-    call reads {"name": NAME, "arguments": {arguments}}; everything else passes unchanged. Text after the open
-    marker that is not a name, the marker and an object is passed on as it was (the parser then rejects it as a
-    call); a name cut off by the end of the output is passed on as the start of a call object, which the parser
-    then reports as unterminated."""
+class Qwen3CoderParser(RewrittenParser):
+    """Qwen3-Coder: <tool_call>, then <function=NAME> holding <parameter=KEY> VALUE </parameter> elements, each on
+    lines of their own, then </function> and </tool_call>; one block per call. A value's JSON type comes from its
+    parameter's schema."""
 
-    def __init__(self, open: str, marker: str) -> None:
-        self.open, self.marker = open, marker
-        self.state, self.buf, self.name = "text", "", ""
-        self.scan = CallObject()
+    family = "qwen3_coder"
+    open = "<tool_call>"
+    close = "</tool_call>"
+    syntax = CallSyntax(
+        "<tool_call>",
+        "\n",
+        "\n</tool_call>\n<tool_call>\n",
+        "\n</tool_call>",
+        markers=("<tool_call>", "</tool_call>"),
+        xml=True,
+    )
 
-    def feed(self, text: str, final: bool = False) -> str:
-        self.buf += text
-        out: list[str] = []
-        while self.buf:
-            if self.state == "text":
-                at = self.buf.find(self.open)
-                if at < 0:
-                    keep = 0 if final else partial_suffix(self.buf, self.open)
-                    out.append(self.buf[: len(self.buf) - keep])
-                    self.buf = self.buf[len(self.buf) - keep :]
-                    break
-                out.append(self.buf[: at + len(self.open)])
-                self.buf, self.state = self.buf[at + len(self.open) :], "name"
-            elif self.state == "name":
-                at = self.buf.find(self.marker)
-                name = self.buf[:at] if at >= 0 else self.buf[: len(self.buf) - partial_suffix(self.buf, self.marker)]
-                if NAME_CHARS.fullmatch(name) is None:
-                    out.append(self.buf)  # not a call in this syntax: left for the parser to reject
-                    self.buf, self.state = "", "text"
-                elif at < 0:
-                    if final:
-                        out.append(f'{{"name": "{name}')
-                        self.buf = ""
-                    break
-                else:
-                    self.name, self.buf, self.state = name, self.buf[at + len(self.marker) :], "object"
-            elif self.state == "object":  # the arguments must open an object
-                body = self.buf.lstrip()
-                if not body and not final:
-                    break
-                if body.startswith("{"):
-                    head = f'{{"name": {json.dumps(self.name)}, "arguments": '
-                    out.append(head)
-                    self.state, self.scan = "args", CallObject()
-                    for ch in head:
-                        self.scan.feed(ch)
-                else:
-                    out.append(self.name + self.marker + self.buf)
-                    self.buf, self.state = "", "text"
-            else:
-                out.append(self._arguments())
-        return "".join(out)
-
-    def _arguments(self) -> str:
-        """The arguments' JSON, passed on up to the object's end (found by a CallObject scanning the rewritten
-        call), which also closes the call."""
-        for n, ch in enumerate(self.buf):
-            self.scan.feed(ch)
-            if self.scan.args_end is not None or self.scan.error is not None:
-                done, self.buf, self.state = self.buf[: n + 1], self.buf[n + 1 :], "text"
-                return done + ("}" if self.scan.error is None else "")
-        done, self.buf = self.buf, ""
-        return done
+    def rewriter(self, schemas: Mapping[str, Any] | None) -> XmlCalls:
+        return XmlCalls(self.open, schemas)
 
 
 class Llama3Parser(ToolParser):
@@ -461,7 +419,7 @@ class Llama3Parser(ToolParser):
 
 
 PARSERS: dict[str, type[ToolParser]] = {
-    p.family: p for p in (HermesParser, Llama3Parser, MistralParser, MistralArgsParser)
+    p.family: p for p in (HermesParser, Llama3Parser, MistralParser, MistralArgsParser, Qwen3CoderParser)
 }
 
 

@@ -1,6 +1,7 @@
 """Grammars for tool calls and JSON output, checked token by token against the bundled model's tokenizer."""
 
 import copy
+import json
 
 import pytest
 
@@ -32,10 +33,23 @@ def consumes(compiler, grammar: str, ids: list[int]) -> bool:
     return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 
 
+def xml_call(name: str, arguments: str) -> str:
+    """A call as Qwen3-Coder writes it: each argument a <parameter=...> element, strings as they are."""
+    params = "".join(
+        f"<parameter={key}>\n{value if isinstance(value, str) else json.dumps(value)}\n</parameter>\n"
+        for key, value in json.loads(arguments).items()
+    )
+    return f"<function={name}>\n{params}</function>"
+
+
 def call_text(family: str, *calls: tuple[str, str]) -> str:
     s = PARSERS[family].syntax
     bodies = [
-        f"{name}{s.args_marker}{args}" if s.args_marker else f'{{"name": "{name}", "{s.args_key}": {args}}}'
+        xml_call(name, args)
+        if s.xml
+        else f"{name}{s.args_marker}{args}"
+        if s.args_marker
+        else f'{{"name": "{name}", "{s.args_key}": {args}}}'
         for name, args in calls
     ]
     return s.open + s.list_open + s.sep.join(bodies) + s.close
@@ -66,6 +80,34 @@ def test_auto_allows_text_or_valid_calls(chat, family):
     assert accepts(chat, auto, call_text(family, ("get_weather", '{"city": "Paris"}')))
     if PARSERS[family].open:
         assert not accepts(chat, auto, PARSERS[family].open + " not a call")
+
+
+def test_qwen3_coder_values_follow_their_parameters_types(chat):
+    schema = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "lines": {"type": "integer"},
+            "mode": {"type": "string", "enum": ["read", "write"]},
+            "force": {"type": "boolean"},
+            "meta": {"type": "object", "properties": {"tag": {"type": "string"}}},
+        },
+        "required": ["path"],
+    }
+    tools = (ToolSpec("edit", None, schema),)
+    grammar = tool_call_grammar(PARSERS["qwen3_coder"].syntax, tools, required=True, max_calls=1)
+
+    def call(*params: tuple[str, str]) -> str:
+        body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params)
+        return f"<tool_call>\n<function=edit>\n{body}</function>\n</tool_call>"
+
+    assert accepts(chat, grammar, call(("path", "a b\n<c>\n</parameter"), ("lines", "12")))
+    assert accepts(chat, grammar, call(("path", "x"), ("mode", "write"), ("force", "true"), ("meta", '{"tag": "t"}')))
+    assert not accepts(chat, grammar, call(("path", "x"), ("lines", "twelve")))
+    assert not accepts(chat, grammar, call(("path", "x"), ("mode", "append")))
+    assert not accepts(chat, grammar, call(("path", "x"), ("meta", '{"other": 1}')))
+    assert not accepts(chat, grammar, call(("lines", "1"), ("path", "x")))  # the schema's order
+    assert not accepts(chat, grammar, call(("lines", "1")))  # path is required
 
 
 def test_json_grammar(chat):
@@ -146,7 +188,7 @@ def marker_tokens(chat):
     return GrammarCompiler(tokenizer, chat.engine.vocab_size)
 
 
-@pytest.mark.parametrize("family", ["hermes", "mistral", "mistral_args"])
+@pytest.mark.parametrize("family", ["hermes", "mistral", "mistral_args", "qwen3_coder"])
 def test_markers_that_are_tokens_are_those_tokens_in_the_grammar(marker_tokens, family):
     syntax = PARSERS[family].syntax
     special = marker_tokens.special_token

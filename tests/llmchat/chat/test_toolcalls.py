@@ -195,6 +195,25 @@ CASES = [
     ("mistral_args", "[TOOL_CALLS]now [ARGS]{}", "[TOOL_CALLS]now [ARGS]{}", [], ["tool_call.rejected"], BOTH),
     ("mistral_args", "[TOOL_CALLS]now[ARGS]oops", "[TOOL_CALLS]now[ARGS]oops", [], ["tool_call.rejected"], BOTH),
     ("mistral_args", "no [ARGS] call here", "no [ARGS] call here", [], [], BOTH),
+    (
+        "qwen3_coder",
+        "Let me look.\n<tool_call>\n<function=search>\n<parameter=q>\nline one\n<b>two</b>\n</parameter>\n"
+        "<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=now>\n</function>\n"
+        "</tool_call>",
+        "Let me look.",
+        [("search", '{"q": "line one\\n<b>two</b>", "n": 3}'), ("now", "{}")],
+        [],
+        BOTH,
+    ),
+    (  # a JSON call inside the block, as Qwen2.5 writes it, is read too
+        "qwen3_coder",
+        f"<tool_call>\n{WEATHER}\n</tool_call>",
+        "",
+        [("get_weather", '{"city": "Paris"}')],
+        [],
+        BOTH,
+    ),
+    ("qwen3_coder", "<tool_call>\nnot a call", "<tool_call>\nnot a call", [], ["tool_call.rejected"], BOTH),
 ]
 
 
@@ -266,8 +285,15 @@ def test_a_call_cut_off_before_its_name_is_not_content_under_a_grammar(family):
         "llama3": WEATHER,
         "mistral": f"[TOOL_CALLS][{WEATHER}",
         "mistral_args": f"[TOOL_CALLS]{args_marker_call(WEATHER)}",
+        "qwen3_coder": f"<tool_call>\n{xml_call(WEATHER)}\n</tool_call>",
     }
-    cut = {"hermes": '<tool_call>\n{"na', "llama3": '; {"na', "mistral": ', {"na', "mistral_args": "[TOOL_CALLS]no"}
+    cut = {
+        "hermes": '<tool_call>\n{"na',
+        "llama3": '; {"na',
+        "mistral": ', {"na',
+        "mistral_args": "[TOOL_CALLS]no",
+        "qwen3_coder": "\n<tool_call>\n<function=no",
+    }
     text = first[family] + cut[family]
     streamed = collect(parse_all(PARSERS[family](TOOLS, stream_arguments=True), text))
     assert streamed.calls == [("get_weather", '{"city": "Paris"}')] and streamed.content == ""
@@ -313,7 +339,19 @@ def spell(family: str, *calls: str) -> str:
         calls = tuple(c.replace('"arguments"', '"parameters"') for c in calls)
     if syntax.args_marker:
         calls = tuple(args_marker_call(c) for c in calls)
+    if syntax.xml:
+        calls = tuple(xml_call(c) for c in calls)
     return syntax.open + syntax.list_open + syntax.sep.join(calls) + syntax.close
+
+
+def xml_call(call: str) -> str:
+    """A call object as Qwen3-Coder spells it, strings as they are and other values as JSON."""
+    parsed = json.loads(call)
+    params = "".join(
+        f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
+        for k, v in parsed["arguments"].items()
+    )
+    return f"<function={parsed['name']}>\n{params}</function>"
 
 
 def args_marker_call(call: str) -> str:
