@@ -431,3 +431,25 @@ def test_a_call_cut_inside_its_arguments_is_marked(family):
 )
 def test_family_is_detected_from_the_chat_template(template, family):
     assert detect_family(template, template_knows_tools(template)) == family
+
+
+MID_ARGUMENT = {
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa</tool_call>',
+    "llama3": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Pa<|python_tag|>',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Pa[TOOL_CALLS]',
+    "mistral_args": '[TOOL_CALLS]get_weather[ARGS]{"city": "Pa[TOOL_CALLS]',
+    "qwen3_coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nPa</tool_call>",
+}
+
+
+@pytest.mark.parametrize("family", sorted(PARSERS))
+def test_a_marker_mid_argument_or_a_stream_cut_after_a_marker_is_no_content(family):
+    """Under a grammar (the streaming mode) a marker written inside a call's arguments is part of them, and the
+    output ending there cuts the call; output ending right after an open marker keeps only the text before it."""
+    cut = collect(parse_all(PARSERS[family](TOOLS, stream_arguments=True), MID_ARGUMENT[family]))
+    assert [name for name, _ in cut.calls] == ["get_weather"] and cut.content == ""
+    assert cut.notices == ["tool_call.unterminated"]  # the cut, said once
+    opener = PARSERS[family].open
+    if opener:
+        after = collect(parse_all(PARSERS[family](TOOLS, stream_arguments=True), f"Sure. {opener}"))
+        assert after.content == "Sure." and after.calls == [] and after.notices == ["tool_call.unterminated"]
