@@ -126,6 +126,7 @@ def chat_options(settings: Settings) -> ChatOptions:
     return ChatOptions(
         tool_parser=settings.tool_parser,
         validate_tool_names=settings.validate_tool_names,
+        bare_tool_calls=settings.bare_tool_calls,
         max_tool_calls=settings.max_tool_calls,
         tool_prompt=settings.tool_prompt,
         chat_template=settings.chat_template,

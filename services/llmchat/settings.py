@@ -130,6 +130,12 @@ class Settings(ServiceSettings):
         "(hermes when the template has no tool support and the built-in tool prompt is used; none when it has "
         "tool support in a syntax llmchat does not know). none: tools reach the template, replies are text.",
     )
+    bare_tool_calls: bool = Field(
+        True,
+        description="Under tool_choice auto, a reply that opens with a JSON object naming an offered tool (bare or "
+        "in a ```json fence) is that call, for families whose call marker is a token (Qwen2.5 answers so as often "
+        "as with <tool_call>); false keeps such replies text.",
+    )
     validate_tool_names: bool = Field(
         True, description="Return a parsed call only if it names an offered tool; others become content."
     )

@@ -147,6 +147,7 @@ class ChatOptions:
 
     tool_parser: str = "auto"
     validate_tool_names: bool = True
+    bare_tool_calls: bool = True  # a reply opening with a JSON call is that call (grammar.bare_calls_allowed)
     tool_prompt: Path | None = None
     chat_template: Path | None = None
     reasoning_parser: str = "auto"  # auto (when the template knows <think>) | think | none
@@ -251,6 +252,7 @@ class Chat:
             self.no_parser_reason = UNKNOWN_SYNTAX if options.tool_parser == "auto" else "set by tool_parser=none"
             log.warning("tool calls: %s", self.no_parser_reason)
         self.validate_tool_names = options.validate_tool_names
+        self.bare_tool_calls = options.bare_tool_calls
         self.max_tool_calls = options.max_tool_calls
         reasoning = options.reasoning_parser
         self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(tokenizer.chat_template))
@@ -320,8 +322,7 @@ class Chat:
                 names,
                 stream_arguments=constraint is not None,
                 max_calls=self._max_calls(request),
-                bare_calls=constraint is not None
-                and bare_calls_allowed(self.parser_class.syntax, request.tools, self.grammar.special_token),
+                bare_calls=constraint is not None and self._bare_calls(request),
                 schemas={t.name: t.parameters or {} for t in request.tools},
             )
         reasoning = None
@@ -399,10 +400,16 @@ class Chat:
                 required=request.tool_choice in ("required", "function"),
                 max_calls=self._max_calls(request),
                 special_token=self.grammar.special_token,
+                bare=self._bare_calls(request),
             )
         if request.json_output:
             return json_grammar(request.json_schema)
         return None
+
+    def _bare_calls(self, request: ChatRequest) -> bool:
+        """Whether a reply may open with a bare JSON call: the grammar and the parser both follow this."""
+        syntax = self.parser_class.syntax
+        return self.bare_tool_calls and bare_calls_allowed(syntax, request.tools, self.grammar.special_token)
 
     def _max_calls(self, request: ChatRequest) -> int:
         """The most calls one reply may make: one for a named function or without parallel calls."""

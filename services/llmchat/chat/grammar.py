@@ -91,12 +91,14 @@ def tool_call_grammar(
     required: bool,
     max_calls: int,
     special_token: Callable[[str], int | None] = lambda _: None,
+    bare: bool = True,
 ) -> str:
     """An llguidance grammar, written in Lark: free text or calls (required=False), or calls only; each
     call names an offered tool and its arguments match that tool's schema. After each call the model may
     end the block, up to `max_calls` calls in it. A marker of the syntax that the tokenizer has as one token
     of its own (`special_token`; Qwen's <tool_call>, Mistral's [TOOL_CALLS]) is that token in the grammar: a
-    model trained on it writes the token, never the marker's text."""
+    model trained on it writes the token, never the marker's text. `bare`: whether a reply may open with a bare
+    JSON call where the family allows one (bare_calls_allowed)."""
     tokens = {marker: token for marker in syntax.markers if (token := special_token(marker)) is not None}
     alternatives = " | ".join(f"tool_{n}" for n in range(len(tools)))
     lines = ["%llguidance {}"]
@@ -113,7 +115,7 @@ def tool_call_grammar(
         # in a lazy lexeme like `head`; TEXT cannot hold a token anyway.
         free = f"/(.|\\n)*/ & ~/(.|\\n)*{re.escape(syntax.open)}(.|\\n)*/"
         text = f"TEXT: {free}"
-        if bare_calls_allowed(syntax, tools, special_token):
+        if bare and bare_calls_allowed(syntax, tools, special_token):
             # A reply that starts with a JSON object (bare or in a ```json fence) whose "name" is an offered
             # tool is that call; one naming anything else, or with another first key, stays text. LEAD text may
             # not start with an object: where two lexemes read the same bytes llguidance keeps the longer, and

@@ -261,5 +261,9 @@ def test_auto_takes_a_bare_json_call_at_the_start_where_the_marker_is_a_token(ch
     assert not allows('{"name": "get_weather", "arguments": {"city": "Paris"}} and more text')
     assert allows('{"name": "tell_joke", "arguments": {}}') and allows('{"answer": 42}')
     assert allows("```python\nprint(1)\n```") and allows("It is sunny in Paris.")
+    special = marker_tokens.special_token
+    off = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3, special_token=special, bare=False)
+    bad_call = token_ids(marker_tokens, '{"name": "get_weather", "arguments": {"town": "Paris"}}')
+    assert consumes(marker_tokens, off, bad_call)  # LLMCHAT_BARE_TOOL_CALLS=false: any object is text
     text_markers = tool_call_grammar(syntax, TOOLS, required=False, max_calls=3)  # no marker token: no bare calls
     assert accepts(chat, text_markers, '{"name": "get_weather", "arguments": {"town": "Paris"}}')
