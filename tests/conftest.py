@@ -84,6 +84,16 @@ def live() -> LiveServer:
     server.stop()
 
 
+def serve_template(folder: Path, template: str) -> LiveServer:
+    """llmchat with the bundled model under `template` as its chat template (written into `folder`)."""
+    from llmchat.server import create_app
+    from llmchat.settings import Settings
+
+    path = folder / "chat_template.jinja"
+    path.write_text(template)
+    return start_server(create_app(Settings(port=0, chat_template=path)))
+
+
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
     """The span exporter, emptied of what earlier tests left (flushed first, so nothing trickles in)."""

@@ -8,6 +8,17 @@ from typing import Any
 
 from llmchat.chat.call_object import CallObject, partial_suffix
 
+
+def through_marker(text: str, marker: str, final: bool) -> tuple[str, str, bool]:
+    """`text` split after the first `marker`: (the text through it, the rest, True); where it is not there, (what
+    can pass on, the tail that may be the marker's start, held unless `final`, False)."""
+    at = text.find(marker)
+    if at < 0:
+        keep = 0 if final else partial_suffix(text, marker)
+        return text[: len(text) - keep], text[len(text) - keep :], False
+    return text[: at + len(marker)], text[at + len(marker) :], True
+
+
 NAME_CHARS = re.compile(r"[\w.\-]*")
 
 
@@ -28,14 +39,11 @@ class ArgsMarkerCalls:
         out: list[str] = []
         while self.buf:
             if self.state == "text":
-                at = self.buf.find(self.open)
-                if at < 0:
-                    keep = 0 if final else partial_suffix(self.buf, self.open)
-                    out.append(self.buf[: len(self.buf) - keep])
-                    self.buf = self.buf[len(self.buf) - keep :]
+                passed, self.buf, found = through_marker(self.buf, self.open, final)
+                out.append(passed)
+                if not found:
                     break
-                out.append(self.buf[: at + len(self.open)])
-                self.buf, self.state = self.buf[at + len(self.open) :], "name"
+                self.state = "name"
             elif self.state == "name":
                 at = self.buf.find(self.marker)
                 name = self.buf[:at] if at >= 0 else self.buf[: len(self.buf) - partial_suffix(self.buf, self.marker)]
@@ -117,15 +125,11 @@ class XmlCalls:
     def _step(self, out: list[str], final: bool) -> bool:
         """One step over the buffer; False where it needs more text."""
         if self.state == "text":
-            at = self.buf.find(self.open)
-            if at < 0:
-                keep = 0 if final else partial_suffix(self.buf, self.open)
-                out.append(self.buf[: len(self.buf) - keep])
-                self.buf = self.buf[len(self.buf) - keep :]
-                return False
-            out.append(self.buf[: at + len(self.open)])
-            self.buf, self.state = self.buf[at + len(self.open) :], "function"
-            return True
+            passed, self.buf, found = through_marker(self.buf, self.open, final)
+            out.append(passed)
+            if found:
+                self.state = "function"
+            return found
         body = self.buf.lstrip()
         space = self.buf[: len(self.buf) - len(body)]
         if self.state == "function":

@@ -16,7 +16,7 @@ sends a fragment; a call under a new name streams at once.
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llmchat.chat.call_object import CallObject, call_key, partial_suffix
@@ -396,14 +396,7 @@ class Qwen3CoderParser(RewrittenParser):
     family = "qwen3_coder"
     open = "<tool_call>"
     close = "</tool_call>"
-    syntax = CallSyntax(
-        "<tool_call>",
-        "\n",
-        "\n</tool_call>\n<tool_call>\n",
-        "\n</tool_call>",
-        markers=("<tool_call>", "</tool_call>"),
-        xml=True,
-    )
+    syntax = replace(HermesParser.syntax, bare=False, xml=True)
 
     def rewriter(self, schemas: Mapping[str, Any] | None) -> XmlCalls:
         return XmlCalls(self.open, schemas)

@@ -13,7 +13,7 @@ from llmchat.chat.events import ReasoningDelta, TextDelta, ToolCallDelta, ToolCa
 from llmchat.chat.reasoning import ReasoningSplitter, starts_in_reasoning
 from llmchat.chat.toolcalls import PARSERS
 from llmchat.engine.sampling import SamplingParams
-from tests.conftest import start_server
+from tests.conftest import serve_template
 
 MODEL = "SmolLM2-135M-Instruct"
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -161,12 +161,7 @@ ASK = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 
 @pytest.fixture(scope="module")
 def thinking_server(tmp_path_factory):
-    from llmchat.server import create_app
-    from llmchat.settings import Settings
-
-    template = tmp_path_factory.mktemp("reasoning") / "thinking.jinja"
-    template.write_text(THINKING_TEMPLATE)
-    server = start_server(create_app(Settings(port=0, chat_template=template)))
+    server = serve_template(tmp_path_factory.mktemp("reasoning"), THINKING_TEMPLATE)
     yield server
     server.stop()
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from llmchat.chat import Chat, ChatOptions
-from tests.conftest import start_server
+from tests.conftest import serve_template
 
 MODEL = "SmolLM2-135M-Instruct"
 # ChatML, with the tools listed in the system turn and calls taught as <<CALL name args>>, a spelling of our own.
@@ -55,12 +55,7 @@ def test_the_chat_layer_says_why_once(caplog):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from llmchat.server import create_app
-    from llmchat.settings import Settings
-
-    template = tmp_path_factory.mktemp("unknown") / "calls.jinja"
-    template.write_text(TEMPLATE)
-    live = start_server(create_app(Settings(port=0, chat_template=template)))
+    live = serve_template(tmp_path_factory.mktemp("unknown"), TEMPLATE)
     yield live
     live.stop()
 

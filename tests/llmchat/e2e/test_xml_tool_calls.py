@@ -9,7 +9,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import start_server
+from tests.conftest import serve_template
 
 MODEL = "SmolLM2-135M-Instruct"
 # ChatML, with the tools listed and calls taught in Qwen3-Coder's layout (detected from <function= and <parameter=).
@@ -41,12 +41,7 @@ PARIS = [{"role": "user", "content": "Forecast for Paris, three days, in celsius
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from llmchat.server import create_app
-    from llmchat.settings import Settings
-
-    template = tmp_path_factory.mktemp("xml") / "qwen3_coder.jinja"
-    template.write_text(TEMPLATE)
-    live = start_server(create_app(Settings(port=0, chat_template=template)))
+    live = serve_template(tmp_path_factory.mktemp("xml"), TEMPLATE)
     yield live
     live.stop()
 
