@@ -5,7 +5,7 @@ constrains tool calls and JSON with a grammar, and turns the engine's tokens int
 ChatEvents: text, reasoning, tool calls, log-probabilities and a Finish with the token counts.
 """
 
-from llmchat.chat.core import Chat, ChatError, ChatOptions, ChatRequest, GenerationError, PreparedChat
+from llmchat.chat.core import Chat, PreparedChat
 from llmchat.chat.events import (
     ChatEvent,
     Finish,
@@ -18,6 +18,7 @@ from llmchat.chat.events import (
     ToolCallStart,
 )
 from llmchat.chat.prompt import CallRecord, ChatMessage
+from llmchat.chat.request import ChatError, ChatOptions, ChatRequest, GenerationError
 from llmchat.chat.toolcalls import ToolSpec
 
 __all__ = [

@@ -11,10 +11,9 @@ from llmchat.chat.core import detect_family
 from llmchat.chat.events import Notice, TextDelta, ToolCallCut, ToolCallDelta, ToolCallStart
 from llmchat.chat.prompt import template_knows_tools
 from llmchat.chat.toolcalls import PARSERS, parse_all
+from tests.llmchat.chat.toolcall_cases import CASES, NOW, WEATHER
 
 TOOLS = frozenset({"get_weather", "now", "search"})
-WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-NOW = '{"name": "now", "arguments": {}}'
 
 
 @dataclass
@@ -64,157 +63,6 @@ def _find_all(text: str, marker: str):
     while at >= 0:
         yield at
         at = text.find(marker, at + 1)
-
-
-# (family, output, expected content, expected calls, expected notices, modes the expectation holds for)
-BOTH, HOLD, EAGER = ("hold", "eager"), ("hold",), ("eager",)
-CASES = [
-    ("hermes", "The capital of France is Paris.", "The capital of France is Paris.", [], [], BOTH),
-    ("hermes", f"<tool_call>\n{WEATHER}\n</tool_call>", "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
-    (
-        "hermes",
-        f"<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{NOW}\n</tool_call>",
-        "",
-        [("get_weather", '{"city": "Paris"}'), ("now", "{}")],
-        [],
-        BOTH,
-    ),
-    ("hermes", '<tool_call>{"name": "now"}</tool_call>', "", [("now", "{}")], [], BOTH),
-    (
-        "hermes",
-        f"Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>\nDone.",
-        "Let me check.\nDone.",
-        [("get_weather", '{"city": "Paris"}')],
-        [],
-        BOTH,
-    ),
-    (
-        "hermes",
-        '<tool_call>{"name": "search", "arguments": {"q": "say \\"hi\\" {x} [y] \\\\ </tool_call>"}}</tool_call>',
-        "",
-        [("search", '{"q": "say \\"hi\\" {x} [y] \\\\ </tool_call>"}')],
-        [],
-        BOTH,
-    ),
-    (
-        "hermes",
-        '<tool_call>{"name": "search", "arguments": {"q": "Eiffel Tower", "n": 3, "nested": {"a": [1, {"b": null}]}}}'
-        "</tool_call>",
-        "",
-        [("search", '{"q": "Eiffel Tower", "n": 3, "nested": {"a": [1, {"b": null}]}}')],
-        [],
-        BOTH,
-    ),
-    (
-        "hermes",
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
-        [],
-        ["tool_call.unterminated"],
-        HOLD,
-    ),
-    (
-        "hermes",
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
-        "",
-        [("get_weather", '{"city": "Par')],
-        ["tool_call.unterminated"],
-        EAGER,
-    ),
-    (
-        "hermes",
-        "<tool_call>not json</tool_call> after",
-        "<tool_call>not json</tool_call> after",
-        [],
-        ["tool_call.rejected"],
-        BOTH,
-    ),
-    (
-        "hermes",
-        '<tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>',
-        '<tool_call>{"name": "get_weather", "arguments": {"city": }}</tool_call>',
-        [],
-        ["tool_call.rejected"],
-        HOLD,
-    ),
-    (
-        "hermes",
-        '<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>',
-        '<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>',
-        [],
-        ["tool_call.rejected"],
-        BOTH,
-    ),
-    ("hermes", "Hello <tool_", "Hello <tool_", [], [], BOTH),
-    (
-        "hermes",
-        '<tool_call>{"name": "now", "arguments": {"a": 1}, "x": ]}</tool_call>',
-        ', "x": ]}</tool_call>',
-        [("now", '{"a": 1}')],
-        ["tool_call.rejected"],
-        EAGER,
-    ),
-    (
-        "hermes",
-        '<tool_call>{"na\\qme": "now"}</tool_call>',
-        '<tool_call>{"na\\qme": "now"}</tool_call>',
-        [],
-        ["tool_call.rejected"],
-        BOTH,
-    ),
-    ("hermes", f"<tool_call>{WEATHER}</tool_", "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
-    ("llama3", WEATHER.replace("arguments", "parameters"), "", [("get_weather", '{"city": "Paris"}')], [], BOTH),
-    (
-        "llama3",
-        f"<|python_tag|>{WEATHER}; {NOW}",
-        "",
-        [("get_weather", '{"city": "Paris"}'), ("now", "{}")],
-        [],
-        BOTH,
-    ),
-    ("llama3", "  Paris is the capital of {France}.", "  Paris is the capital of {France}.", [], [], BOTH),
-    ("llama3", '{"answer": 42}', '{"answer": 42}', [], ["tool_call.rejected"], BOTH),
-    (
-        "mistral",
-        f"[TOOL_CALLS][{WEATHER}, {NOW}]",
-        "",
-        [("get_weather", '{"city": "Paris"}'), ("now", "{}")],
-        [],
-        BOTH,
-    ),
-    ("mistral", f"Sure. [TOOL_CALLS] [{WEATHER}]", "Sure.", [("get_weather", '{"city": "Paris"}')], [], BOTH),
-    ("mistral", "[TOOL_CALLS] oops", "[TOOL_CALLS] oops", [], ["tool_call.rejected"], BOTH),
-    (
-        "mistral_args",
-        'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Pa\\"ris}"}[TOOL_CALLS]now[ARGS]{}',
-        "Sure.",
-        [("get_weather", '{"city": "Pa\\"ris}"}'), ("now", "{}")],
-        [],
-        BOTH,
-    ),
-    ("mistral_args", "[TOOL_CALLS]now [ARGS]{}", "[TOOL_CALLS]now [ARGS]{}", [], ["tool_call.rejected"], BOTH),
-    ("mistral_args", "[TOOL_CALLS]now[ARGS]oops", "[TOOL_CALLS]now[ARGS]oops", [], ["tool_call.rejected"], BOTH),
-    ("mistral_args", "no [ARGS] call here", "no [ARGS] call here", [], [], BOTH),
-    (
-        "qwen3_coder",
-        "Let me look.\n<tool_call>\n<function=search>\n<parameter=q>\nline one\n<b>two</b>\n</parameter>\n"
-        "<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=now>\n</function>\n"
-        "</tool_call>",
-        "Let me look.",
-        [("search", '{"q": "line one\\n<b>two</b>", "n": 3}'), ("now", "{}")],
-        [],
-        BOTH,
-    ),
-    (  # a JSON call inside the block, as Qwen2.5 writes it, is read too
-        "qwen3_coder",
-        f"<tool_call>\n{WEATHER}\n</tool_call>",
-        "",
-        [("get_weather", '{"city": "Paris"}')],
-        [],
-        BOTH,
-    ),
-    ("qwen3_coder", "<tool_call>\nnot a call", "<tool_call>\nnot a call", [], ["tool_call.rejected"], BOTH),
-]
 
 
 def _cases():
