@@ -19,6 +19,16 @@ def through_marker(text: str, marker: str, final: bool) -> tuple[str, str, bool]
     return text[: at + len(marker)], text[at + len(marker) :], True
 
 
+def call_head(name: str) -> str:
+    """A rewritten call up to its arguments' object."""
+    return f'{{"name": {json.dumps(name)}, "arguments": '
+
+
+def cut_name(name: str) -> str:
+    """A rewritten call whose name the end of the output cut off: the parser reports it unterminated."""
+    return f'{{"name": {json.dumps(name)[:-1]}'
+
+
 NAME_CHARS = re.compile(r"[\w.\-]*")
 
 
@@ -52,7 +62,7 @@ class ArgsMarkerCalls:
                     self.buf, self.state = "", "text"
                 elif at < 0:
                     if final:
-                        out.append(f'{{"name": "{name}')
+                        out.append(cut_name(name))
                         self.buf = ""
                     break
                 else:
@@ -62,7 +72,7 @@ class ArgsMarkerCalls:
                 if not body and not final:
                     break
                 if body.startswith("{"):
-                    head = f'{{"name": {json.dumps(self.name)}, "arguments": '
+                    head = call_head(self.name)
                     out.append(head)
                     self.state, self.scan = "args", CallObject()
                     for ch in head:
@@ -108,7 +118,7 @@ class XmlCalls:
 
     def __init__(self, open: str, schemas: Mapping[str, Any] | None = None) -> None:
         self.open, self.schemas = open, schemas or {}
-        self.state, self.buf, self.name, self.raw, self.count = "text", "", "", "", 0
+        self.state, self.buf, self.name, self.count = "text", "", "", 0
 
     def feed(self, text: str, final: bool = False) -> str:
         self.buf += text
@@ -118,7 +128,7 @@ class XmlCalls:
         if final and self.state != "text":  # cut off: a call begun, for the parser to report unterminated
             name = re.fullmatch(r"\s*<function=([^<>\n]*)", self.buf) if self.state == "function" else None
             begun = self.buf if self.state == "function" else ""  # nothing but space, or cut inside a parameter
-            out.append(f'{{"name": {json.dumps(name.group(1))[:-1]}' if name else begun)
+            out.append(cut_name(name.group(1)) if name else begun)
             self.buf, self.state = "", "text"
         return "".join(out)
 
@@ -142,7 +152,7 @@ class XmlCalls:
                 self.buf = ""
                 return False
             self.name, self.count = found.group(1), 0
-            out.append(f"{space}{{{json.dumps('name')}: {json.dumps(self.name)}, {json.dumps('arguments')}: {{")
+            out.append(f"{space}{call_head(self.name)}{{")
             self.buf, self.state = body[found.end() :], "parameters"
             return True
         # parameters: the next parameter, or the function's end

@@ -204,9 +204,11 @@ def _xml_calls(tools: Sequence[ToolSpec], alternatives: str) -> list[str]:
         for i, (key, prop) in enumerate(schema.get("properties", {}).items()):
             value = f"v_{n}_{i}"
             parts.append(f"p_{n}_{i}" + ("" if key in required else "?"))
-            lines.append(f"p_{n}_{i}: {_lit(f'<parameter={key}>' + chr(10))} {value}")
+            opening = _lit(f"<parameter={key}>\n")
+            lines.append(f"p_{n}_{i}: {opening} {value}")
             lines.append(_xml_value(value, prop if isinstance(prop, dict) else {}))
-        lines.append(f"tool_{n}: {_lit(tool.name + '>' + chr(10))} {' '.join(parts)}".rstrip())
+        head = _lit(f"{tool.name}>\n")
+        lines.append(f"tool_{n}: {head} {' '.join(parts)}".rstrip())
     return lines
 
 

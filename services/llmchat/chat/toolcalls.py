@@ -91,6 +91,7 @@ class ToolParser:
         (CallSyntax.bare; the grammar then allows nothing else there). `schemas`: each offered tool's parameters,
         for families whose arguments are not written as JSON."""
         self.tool_names = tool_names
+        self.schemas = schemas or {}
         self.stream_arguments = stream_arguments
         self.max_calls = max_calls
         self.state = ("lead" if bare_calls else "text") if self.open else "start"
@@ -358,11 +359,11 @@ class MistralParser(ToolParser):
 class RewrittenParser(ToolParser):
     """A family whose calls are not JSON objects, read by rewriting each as one (call_rewrites.py) first."""
 
-    def __init__(self, *args, schemas: Mapping[str, Any] | None = None, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.rewrite = self.rewriter(schemas)
+        self.rewrite = self.rewriter()
 
-    def rewriter(self, schemas: Mapping[str, Any] | None):
+    def rewriter(self):
         raise NotImplementedError
 
     def feed(self, text: str) -> list[ChatEvent]:
@@ -384,7 +385,7 @@ class MistralArgsParser(RewrittenParser):
         "[TOOL_CALLS]", "", "[TOOL_CALLS]", "", markers=("[TOOL_CALLS]", "[ARGS]"), args_marker="[ARGS]"
     )
 
-    def rewriter(self, schemas: Mapping[str, Any] | None) -> ArgsMarkerCalls:
+    def rewriter(self) -> ArgsMarkerCalls:
         return ArgsMarkerCalls(self.open, self.syntax.args_marker)
 
 
@@ -398,8 +399,8 @@ class Qwen3CoderParser(RewrittenParser):
     close = "</tool_call>"
     syntax = replace(HermesParser.syntax, bare=False, xml=True)
 
-    def rewriter(self, schemas: Mapping[str, Any] | None) -> XmlCalls:
-        return XmlCalls(self.open, schemas)
+    def rewriter(self) -> XmlCalls:
+        return XmlCalls(self.open, self.schemas)
 
 
 class Llama3Parser(ToolParser):

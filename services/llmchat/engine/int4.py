@@ -60,13 +60,10 @@ def load_grids(checkpoint: Path, projections: list[list[str]], gguf: Path | None
     the checkpoint and read back on later starts.
     """
     keys = ["+".join(names) for names in projections]
-    blocks = None
-    if gguf is not None:
-        try:
-            blocks = GGUFWeights(gguf)
-        except (OSError, ValueError) as exc:  # moved or unreadable: the values still show the plainest grids
-            log.warning("cannot read the blocks of %s, so only grids its values show are used: %s", gguf, exc)
-    origin = "blocks" if blocks is not None else "values"
+    if gguf is not None and not gguf.is_file():  # moved: the values still show the plainest grids
+        log.warning("%s is gone, so only the grids its converted values show are used", gguf)
+        gguf = None
+    origin = "blocks" if gguf is not None else "values"
     cache = checkpoint / CACHE_FILE
     if cache.is_file():
         with safe_open(cache, framework="pt") as f:
@@ -80,8 +77,15 @@ def load_grids(checkpoint: Path, projections: list[list[str]], gguf: Path | None
                     else None
                     for k in keys
                 ]
-    if blocks is not None:
-        log.info("reading the levels of %s's quantized weights (once; kept in %s)", gguf.name, checkpoint)
+    # Opened only here: parsing the file's metadata takes seconds (8 s for a 0.5B model's 151k-token vocabulary).
+    blocks = None
+    if gguf is not None:
+        try:
+            blocks = GGUFWeights(gguf)
+            log.info("reading the levels of %s's quantized weights (once; kept in %s)", gguf.name, checkpoint)
+        except (OSError, ValueError) as exc:  # unreadable: as above
+            log.warning("cannot read the blocks of %s, so only grids its values show are used: %s", gguf, exc)
+            origin = "values"
     with ExitStack() as files:
         # Each checkpoint file opened once; a name is looked up in the file that holds it.
         holder = {}
