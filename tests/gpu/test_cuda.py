@@ -14,7 +14,8 @@ from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.engine.runner import TransformersForward
-from llmchat.engine.sampling import SamplingParams, sample
+from llmchat.engine.sampler import sample
+from llmchat.engine.sampling import SamplingParams
 from llmchat.server import create_app
 from llmchat.settings import Settings
 from tests.conftest import drain, prompt_ids, run_engine, start_server

@@ -1,5 +1,5 @@
 """The inference engine: loads the model (loader), runs it (fused_forward, cuda_graphs, compiled, int4 or transformers'
-forward, via runner), batches sequences continuously (scheduler, core) and samples their tokens (sampling).
+forward, via runner), batches sequences continuously (scheduler, core) and samples their tokens (sampler, sampling).
 It knows nothing of chat templates or wire protocols: token ids in, token ids and text out."""
 
 from llmchat.engine.core import Engine

@@ -20,7 +20,8 @@ from llmchat.engine.constraints import GrammarError, GrammarMasks
 from llmchat.engine.loader import LoadedModel
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner
-from llmchat.engine.sampling import SamplingParams, StopChecker, sample, token_logprobs
+from llmchat.engine.sampler import adjust, sample, token_logprobs
+from llmchat.engine.sampling import SamplingParams, StopChecker
 from llmchat.engine.scheduler import Output, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger("llmchat.engine")
@@ -82,6 +83,7 @@ class Engine:
         # Since start: tokens generated, and model steps whose logits chose one (fewer when tokens were forced).
         self.num_output_tokens = 0
         self.num_model_steps = 0
+        self.num_prefilled_tokens = 0  # prompt tokens computed (not read from the prefix cache or shared by forks)
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
@@ -129,6 +131,7 @@ class Engine:
                 "jump_forward": self.jump_forward,
                 "output_tokens": self.num_output_tokens,
                 "model_steps": self.num_model_steps,
+                "prefilled_tokens": self.num_prefilled_tokens,
             },
             "engine_alive": self.is_alive,
             "num_waiting": self.num_waiting,
@@ -154,11 +157,20 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queues a request; raises QueueFull when the waiting queue is at its bound."""
-        seq = Sequence(prompt_ids, params, asyncio.get_running_loop())
-        self.scheduler.add(seq)
+        return self.submit_choices(prompt_ids, [params])[0]
+
+    def submit_choices(self, prompt_ids: list[int], choices: list[SamplingParams]) -> list[Sequence]:
+        """Queues one sequence per choice of one prompt: the prompt is prefilled once, for the first, and the
+        others fork from it (a copy of its KV, their own first token from its logits)."""
+        loop = asyncio.get_running_loop()
+        first, *others = (Sequence(prompt_ids, params, loop) for params in choices)
+        first.forks = others
+        for fork in others:
+            fork.parent = first
+        self.scheduler.add(first)
         if not self.is_alive:  # it died since the caller checked: answer now rather than never
             self._fail_all("the inference engine is not running")
-        return seq
+        return [first, *others]
 
     def abort(self, seq: Sequence) -> None:
         """Ends a waiting sequence at once; a running one leaves before the engine's next forward pass."""
@@ -196,7 +208,8 @@ class Engine:
     def _fail_all(self, reason: str) -> None:
         if not self._stopping:
             log.critical("%s; failing %d requests", reason, self.num_running + self.num_waiting)
-        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+        waiting = [f for s in self.scheduler.waiting for f in (s, *s.forks)]
+        for seq in [*self.scheduler.running, *waiting]:
             if not seq.is_finished:
                 seq.finish(Output("", len(seq.completion_ids), "error", reason))
 
@@ -240,10 +253,11 @@ class Engine:
             try:
                 joined, logits = self.runner.prefill(chunks)
             except torch.OutOfMemoryError:  # raised before the batch's cache was touched: only newcomers fail
-                self._out_of_memory([seq for seq, _ in chunks])
+                self._out_of_memory([s for seq, _ in chunks for s in (seq, *seq.forks)])
                 joined = []
             if joined:
                 self._sample(joined, logits)
+            self.num_prefilled_tokens += sum(n for _, n in chunks)
             self.prefill_token_s = _average(
                 self.prefill_token_s, (time.perf_counter() - start) / sum(n for _, n in chunks)
             )
@@ -278,6 +292,13 @@ class Engine:
         self.runner.drop(self.scheduler.postprocess())
 
     def _admit(self, seq: Sequence) -> None:
+        for choice in (seq, *seq.forks):
+            if not choice.is_finished:
+                self._start_decoding(choice)
+        self.runner.start(seq)
+
+    def _start_decoding(self, seq: Sequence) -> None:
+        """The per-sequence decoding state: its generator, detokenizer, stop strings, first grammar mask."""
         seq.admitted_ns = time.time_ns()
         generator = torch.Generator(device=self.runner.device)
         if seq.params.seed is not None:
@@ -287,10 +308,9 @@ class Engine:
         seq.generator = generator
         # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
         seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=seq.params.skip_special_tokens)
-        seq.stops = StopChecker(seq.params.stop)
+        seq.stops = StopChecker(seq.params.stop, seq.params.include_stop)
         if seq.params.constraint is not None:  # its first mask is computed while its prompt prefills
             self.masks.start([seq.params.constraint])
-        self.runner.start(seq)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Picks every sequence's next token in one pass (grammar masks for all constrained rows at once),
@@ -303,6 +323,7 @@ class Engine:
         asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         # Log-probabilities are the model's own: taken before masks, processors and temperature.
         raw = logits[asking] if asking else None  # a copy (indexed by a list)
+        adjust(logits, seqs, self.eos_ids)
         errors: list[Exception | None] = list(self.masks.apply(constraints, logits))
         for i, seq in enumerate(seqs):
             try:
@@ -315,7 +336,7 @@ class Engine:
             nums = [seqs[i].params.logprobs for i in asking]
             entries = token_logprobs(raw, [tokens[i] for i in asking], nums, self._decode_one)
             for i, entry in zip(asking, entries, strict=True):
-                if tokens[i] not in self.eos_ids:
+                if not self._ends(seqs[i], tokens[i]):
                     seqs[i].logprobs.append(entry)
         self.num_model_steps += len(seqs)
         for i, seq in enumerate(seqs):
@@ -344,7 +365,7 @@ class Engine:
         Forced tokens are skipped when log-probabilities are asked for: they would need a model step each.
         """
         constraint = seq.params.constraint
-        if constraint is None or token in self.eos_ids:
+        if constraint is None or self._ends(seq, token):
             return [token], False
         constraint.consume([token])
         if not self.jump_forward or seq.params.logprobs is not None:
@@ -355,6 +376,10 @@ class Engine:
         forced = forced[: constraint.try_consume(forced)]
         return [token, *forced], constraint.is_done
 
+    def _ends(self, seq: Sequence, token: int) -> bool:
+        """Whether the token ends the output: an end of sequence (unless ignore_eos) or one of stop_token_ids."""
+        return (token in self.eos_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
+
     def _decode_one(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
@@ -363,13 +388,13 @@ class Engine:
         of sequence token, a stop string, max_tokens, or (`complete`) a grammar that allows nothing more."""
         text = ""
         for token in tokens:
-            if token in self.eos_ids:
+            if self._ends(seq, token):
                 seq.finish(self._output(seq, text + seq.stops.flush(), "stop"))
                 return
             seq.completion_ids.append(token)
             self.num_output_tokens += 1
             piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
-            safe, stopped = seq.stops.feed(piece)
+            safe, stopped = seq.stops.feed(piece, armed=len(seq.completion_ids) >= seq.params.min_tokens)
             text += safe
             if stopped:
                 seq.finish(self._output(seq, text, "stop", seq.stops.matched))

@@ -190,7 +190,14 @@ class BatchRunner:
             for layer in seq.kv.layers:
                 layer.reserve(seq.num_prompt_tokens)  # so later chunks write in place
             self._cache_prefix(seq)
-        joined = [s for s, _ in chunks if s.num_computed == s.num_prompt_tokens]
+        joined = []
+        for seq in (s for s, _ in chunks if s.num_computed == s.num_prompt_tokens):
+            joined.append(seq)
+            for fork in seq.forks:  # n > 1: the other choices join with the prompt's KV and logits
+                if not fork.is_finished:
+                    fork.kv, fork.num_computed, fork.num_cached_tokens = seq.kv, seq.num_computed, seq.num_cached_tokens
+                    logits[id(fork)] = logits[id(seq)]
+                    joined.append(fork)
         if not joined:
             return [], torch.empty(0)
         try:

@@ -62,6 +62,11 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set when admitted)
     num_computed: int = 0  # prompt tokens in its KV so far: it is prefilling until all are
     kv: object = None  # its own KV cache while it is prefilling (the runner's)
+    # n > 1: the other choices of the same request. They wait on this sequence's prefill, then join the batch
+    # with a copy of its KV and their own first token drawn from its logits; `parent` points back.
+    forks: list["Sequence"] = field(default_factory=list)
+    parent: "Sequence | None" = None
+    prompt_seen: object = None  # the prompt's distinct token ids, for a repetition penalty (the sampler's)
     finish_reason: str | None = None
     # Per-sequence decoding state, made by the engine thread when the sequence is admitted.
     generator: object = None
@@ -140,8 +145,11 @@ class Scheduler:
             dropped = [s for s in self.waiting if s.is_aborted]
             for seq in dropped:
                 self.waiting.remove(seq)
-        for seq in dropped:
+            forks = [f for s in self.waiting for f in s.forks if f.is_aborted and not f.is_finished]
+        for seq in [*dropped, *forks]:
             seq.finish(Output("", 0, "abort"))
+        for seq in dropped:
+            end_forks(seq)
         return [s for s in self.running if s.is_aborted]
 
     def schedule(self, hold_shared: bool = False) -> list[Sequence]:
@@ -155,22 +163,25 @@ class Scheduler:
         held = sum(s.num_prompt_tokens + len(s.completion_ids) for s in self.running)
         with self._lock:
             for seq in list(self.waiting):
-                if len(self.running) + len(admitted) >= self.config.max_running:
+                group = [seq, *(f for f in seq.forks if not f.is_finished)]
+                busy = self.running or admitted
+                # A request's choices are admitted together (one alone when nothing runs, however many).
+                if busy and len(self.running) + len(admitted) + len(group) > self.config.max_running:
                     break
                 room = self.config.max_kv_tokens
-                if room is not None and (self.running or admitted) and held + seq.num_prompt_tokens > room:
+                if room is not None and busy and held + len(group) * seq.num_prompt_tokens > room:
                     break  # in order: a long prompt is not passed by shorter ones for ever
                 if hold_shared and self._should_wait(seq, [*self.running, *admitted]):
                     continue
-                held += seq.num_prompt_tokens
+                held += len(group) * seq.num_prompt_tokens
                 self.waiting.remove(seq)
-                admitted.append(seq)
+                admitted.extend(group)
         if admitted and self.running:
             self.num_admitted_while_running += len(admitted)
         for seq in admitted:
             seq.status = Status.RUNNING
         self.running.extend(admitted)
-        return admitted
+        return [s for s in admitted if s.parent is None]
 
     def _should_wait(self, seq: Sequence, others: list[Sequence]) -> bool:
         """Whether a sequence still prefilling will compute at least a step's worth of this one's prompt."""
@@ -189,7 +200,9 @@ class Scheduler:
         first, so a short newcomer is not stuck behind a long one; the longest-waiting sequence always
         gets at least an equal share, so a long prompt still advances every step.
         """
-        pending = [s for s in self.running if s.is_prefilling and not s.is_finished and not s.is_aborted]
+        pending = [
+            s for s in self.running if s.is_prefilling and s.parent is None and not s.is_finished and not s.is_aborted
+        ]
         if not pending:
             return []
         budget = self.config.max_batched_tokens - num_decoding
@@ -207,6 +220,9 @@ class Scheduler:
     def postprocess(self) -> list[Sequence]:
         """Drops finished sequences from the running batch and returns them."""
         # Aborted but unfinished sequences stay until reap_aborted() has told their consumers.
+        for seq in self.running:
+            if seq.is_finished:
+                end_forks(seq)
         done = [s for s in self.running if s.is_finished]
         if done:
             self.running = [s for s in self.running if not s.is_finished]
@@ -215,6 +231,14 @@ class Scheduler:
             if not self.running and not self.waiting:
                 self.has_work.clear()
         return done
+
+
+def end_forks(seq: Sequence) -> None:
+    """Ends the choices still waiting on a sequence that finished before its prompt was prefilled."""
+    for fork in seq.forks:
+        if not fork.is_finished and fork.is_prefilling:
+            error = None if seq.finish_reason != "error" else "the prompt this request's choices share failed"
+            fork.finish(Output("", 0, seq.finish_reason or "abort", error))
 
 
 def _remaining(seq: Sequence) -> int:

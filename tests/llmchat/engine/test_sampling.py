@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from llmchat.engine.sampling import SamplingParams, StopChecker, sample, token_logprobs
+from llmchat.engine.sampler import sample, token_logprobs
+from llmchat.engine.sampling import SamplingParams, StopChecker
 
 
 def run(checker: StopChecker, pieces: list[str]) -> tuple[str, bool]:
