@@ -6,10 +6,10 @@ installed) on the same weights: each server is started in turn and every chosen 
     just bench --scenarios agent,arrival        # only the agent sessions and the long prompt arrival
     just bench --model ~/m.gguf --prompt-tokens 0,1000,3000   # every server on that GGUF, at three prompt sizes
 
-Scenarios: throughput (the same streaming load at several concurrencies), constrained and protocols (llmchat
-only), agent (bench/agent.py), arrival (bench/arrival.py) and tools (bench/tools.py: tool replies on public
-function-calling data). Each prints a table and writes
-bench/results/<scenario>.json; throughput also plots throughput.png.
+Scenarios: throughput (the same streaming load at several concurrencies), constrained, protocols and sampling
+(llmchat only: bench/sampling.py), agent (bench/agent.py), arrival (bench/arrival.py) and tools (bench/tools.py:
+tool replies on public function-calling data). Each prints a table and writes bench/results/<scenario>.json;
+throughput also plots throughput.png.
 """
 
 import argparse
@@ -23,14 +23,14 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from bench import agent, arrival, constrained, filler, protocols, report, servers, tools
+from bench import agent, arrival, constrained, filler, protocols, report, sampling, servers, tools
 from bench.report import percentile, ratio, table
 from bench.stream import one_request
 from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
-# constrained and protocols compare llmchat with itself, so they run against llmchat only.
-SCENARIOS = ("throughput", "constrained", "protocols", "agent", "arrival", "tools")
+# constrained, protocols and sampling compare llmchat with itself, so they run against llmchat only.
+SCENARIOS = ("throughput", "constrained", "protocols", "sampling", "agent", "arrival", "tools")
 PROMPTS = [
     "Explain how a rainbow forms.",
     "Write a short story about a lighthouse keeper.",
@@ -331,6 +331,8 @@ def main() -> None:
                 constrained.run(server, count, args.max_tokens, console, args.out)
             if key == "llmchat" and "protocols" in scenarios:
                 protocols.run(server, count, args.max_tokens, console, args.out)
+            if key == "llmchat" and "sampling" in scenarios:
+                sampling.run(server, args.max_tokens, console, args.out)
             if "agent" in scenarios:
                 agent_rows += agent.run(server, count, args, console)
             if "arrival" in scenarios:

@@ -128,6 +128,7 @@ def chat_options(settings: Settings) -> ChatOptions:
         validate_tool_names=settings.validate_tool_names,
         bare_tool_calls=settings.bare_tool_calls,
         max_tool_calls=settings.max_tool_calls,
+        max_n=settings.max_n,
         tool_prompt=settings.tool_prompt,
         chat_template=settings.chat_template,
         reasoning_parser=settings.reasoning_parser,
@@ -138,7 +139,7 @@ async def warm_up(chat: Chat) -> None:
     """One tiny generation through the whole path; raises if the engine cannot generate."""
     request = ChatRequest([ChatMessage("user", "Hi")], max_tokens=2, temperature=0.0)
     prepared = await chat.prepare(request)
-    async for _ in chat.events(prepared, chat.start(prepared)):
+    async for _ in chat.events(prepared, chat.start(prepared)[0]):
         pass
 
 

@@ -237,7 +237,7 @@ class ChatObservation:
     def finish(self, finish: Finish) -> None:
         self.span.set_attributes(
             {
-                RESPONSE_FINISH_REASONS: [finish.reason],
+                RESPONSE_FINISH_REASONS: finish.reasons or [finish.reason],
                 USAGE_INPUT_TOKENS: finish.prompt_tokens,
                 USAGE_OUTPUT_TOKENS: finish.completion_tokens,
                 USAGE_CACHE_READ_INPUT_TOKENS: finish.cached_tokens,

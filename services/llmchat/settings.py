@@ -146,6 +146,12 @@ class Settings(ServiceSettings):
         description="Most tool calls in one reply when the request allows parallel calls; the grammar ends "
         "the reply's calls there.",
     )
+    max_n: int = Field(
+        16,
+        ge=1,
+        le=128,
+        description="Most choices (n) one chat or completions request may ask for; more is a 400 naming n.",
+    )
     tool_prompt: Path | None = Field(
         None, description="Jinja file replacing the built-in Hermes tool prompt (for templates without tools)."
     )

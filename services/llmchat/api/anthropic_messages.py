@@ -298,7 +298,7 @@ class MessageReply(Reply):
         # Anthropic pings once after message_start; clients expect and skip it.
         return [start, Ping(type="ping")]
 
-    def feed(self, event: ChatEvent) -> list[WireEvent]:
+    def feed(self, event: ChatEvent, choice: int = 0) -> list[WireEvent]:
         if isinstance(event, TextDelta | ReasoningDelta) and event.text:
             return self._text(event)
         if isinstance(event, ToolCallStart):

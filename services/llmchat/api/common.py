@@ -60,13 +60,6 @@ def json_output(request: ChatRequest, schema: dict[str, Any] | None, field: str,
     request.json_output, request.json_schema = True, schema
 
 
-def refuse_penalties(body: Any) -> None:
-    """OpenAI's frequency and presence penalties, which this server does not apply: refused unless 0."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name):
-            raise ChatError(f"{name} is not supported by this server; leave it at 0.", name)
-
-
 def include_usage(options: StreamOptions | None) -> bool:
     return bool(options and options.include_usage)
 

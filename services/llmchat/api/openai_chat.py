@@ -25,6 +25,7 @@ from openai.types.chat.chat_completion_chunk import (
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_message_tool_call import Function
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
+from openai.types.completion_usage import CompletionUsage
 from pydantic import BaseModel
 
 from hrserve import OPENAI, ServiceError, client_job_id
@@ -36,11 +37,11 @@ from llmchat.api.common import (
     completion_usage,
     include_usage,
     json_output,
-    refuse_penalties,
     tool_choice,
 )
 from llmchat.api.openai_types import ChatCompletionRequest, Message, NamedToolChoice
 from llmchat.api.openapi import JsonText, ok_responses
+from llmchat.api.sampling_fields import apply_sampling, apply_structured
 from llmchat.api.serving import Reply, Serving, WireEvent
 from llmchat.chat import (
     CallRecord,
@@ -64,15 +65,12 @@ NAMES = {"output_format": "response_format"}
 
 def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     """The protocol-neutral request; raises ChatError (a 400) for anything that cannot be honoured."""
-    if body.n != 1:
-        raise ChatError(f"n is {body.n}, but this server returns one choice per request; send n=1.", "n")
     if body.top_logprobs is not None and not body.logprobs:
         raise ChatError("top_logprobs needs logprobs: true.", "top_logprobs")
-    refuse_penalties(body)
     tools = _tools(body)
     choice, tool_name = _tool_choice(body, tools)
     request = ChatRequest(
-        messages=[_message(m, i) for i, m in enumerate(body.messages)],
+        messages=[chat_message(m, i) for i, m in enumerate(body.messages)],
         max_tokens=body.completion_limit(),
         temperature=body.temperature,
         top_p=body.top_p,
@@ -86,11 +84,14 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         template_kwargs=dict(body.chat_template_kwargs or {}),
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
+    apply_sampling(body, request, {"echo": (None, False)})
     _response_format(body, request)
+    apply_structured(body, request, json_output)
     return request
 
 
-def _message(m: Message, i: int) -> ChatMessage:
+def chat_message(m: Message, i: int) -> ChatMessage:
+    """One wire message as the chat core's (also /tokenize's)."""
     for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
         if part.type != "text":
             raise ChatError(
@@ -134,14 +135,10 @@ def _response_format(body: ChatCompletionRequest, request: ChatRequest) -> None:
         json_output(request, schema, "response_format", "response_format.json_schema.schema")
 
 
-class ChatReply(Reply):
-    """Chat events -> chat.completion.chunk objects (role first, then deltas, the finish_reason, usage if asked),
-    while collecting the same text, reasoning, calls and log-probabilities for the whole chat.completion."""
+class ChoiceState:
+    """What one choice has said so far: text, reasoning, calls and log-probabilities, and how it ended."""
 
-    def __init__(self, model: str, logprobs: bool = False, include_usage: bool = False) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model, self.logprobs, self.include_usage = model, logprobs, include_usage
+    def __init__(self) -> None:
         self.parts: list[str] = []
         self.reasoning: list[str] = []
         self.calls: list[ChatCompletionMessageToolCall] = []
@@ -151,55 +148,30 @@ class ChatReply(Reply):
         self.pending: list[ChatCompletionTokenLogprob] = []
         self.finish: Finish | None = None
 
-    def start(self, num_prompt_tokens: int) -> list[WireEvent]:
-        return [self._chunk(ChoiceDelta(role="assistant"))]
-
-    def feed(self, event: ChatEvent) -> list[WireEvent]:
-        delta = None
+    def delta(self, event: ChatEvent) -> ChoiceDelta | None:
+        """Keeps the event; the chunk delta it streams as (None: nothing to stream)."""
         if isinstance(event, Logprobs):
             tokens = _token_logprobs(event)
             self.all_logprobs += tokens
             self.pending += tokens
         elif isinstance(event, TextDelta):
             self.parts.append(event.text)
-            delta = ChoiceDelta(content=event.text)
+            return ChoiceDelta(content=event.text)
         elif isinstance(event, ReasoningDelta):
             self.reasoning.append(event.text)
-            delta = ChoiceDelta(reasoning_content=event.text, reasoning=event.text)
+            return ChoiceDelta(reasoning_content=event.text, reasoning=event.text)
         elif isinstance(event, ToolCallStart):
             function = Function(name=event.name, arguments="")
             self.calls.append(ChatCompletionMessageToolCall(id=event.id, type="function", function=function))
-            delta = ChoiceDelta(tool_calls=[_call_delta(event)])
+            return ChoiceDelta(tool_calls=[_call_delta(event)])
         elif isinstance(event, ToolCallDelta):
             self.calls[event.index].function.arguments += event.arguments
-            delta = ChoiceDelta(tool_calls=[_call_delta(event)])
+            return ChoiceDelta(tool_calls=[_call_delta(event)])
         elif isinstance(event, ToolCallCut):
             self.cut.add(event.index)
-        elif isinstance(event, Finish):
-            self.finish = event
-            out = [self._chunk(ChoiceDelta(), event.reason)]
-            if self.include_usage:
-                out.append(chunk_usage(self._chunk_of([]), True, completion_usage(event)))
-            return out
-        return [] if delta is None else [self._chunk(delta)]
+        return None
 
-    def close(self) -> list[WireEvent]:
-        return [DONE]
-
-    def _chunk(self, delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
-        logprobs, self.pending = self.pending, []
-        choice_logprobs = ChunkLogprobs(content=logprobs, refusal=None) if logprobs else None
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)
-        return chunk_usage(self._chunk_of([choice]), self.include_usage)
-
-    def _chunk_of(self, choices: list[ChunkChoice]) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices
-        )
-
-    def response(self) -> ChatCompletion:
-        finish = self.finish
-        assert finish is not None, "chat events always end with Finish"
+    def message(self) -> ChatCompletionMessage:
         parts, reasoning = self.parts, self.reasoning
         # A call cut by max_tokens has arguments that are not JSON; clients (LiteLLM, agent SDKs) parse every
         # call they are handed, so the whole message leaves it out and finish_reason "length" tells why.
@@ -212,14 +184,74 @@ class ChatReply(Reply):
         message = ChatCompletionMessage(role="assistant", content=content, refusal=None, **extra)
         if calls:
             message.tool_calls = calls
-        logprobs = ChoiceLogprobs(content=self.all_logprobs, refusal=None) if self.logprobs else None
+        return message
+
+
+class ChatReply(Reply):
+    """Chat events -> chat.completion.chunk objects (each choice's role first, then deltas, its finish_reason;
+    usage if asked once every choice ended), while collecting the same for the whole chat.completion."""
+
+    def __init__(self, model: str, logprobs: bool = False, include_usage: bool = False, n: int = 1) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model, self.logprobs, self.include_usage = model, logprobs, include_usage
+        self.choices = [ChoiceState() for _ in range(n)]
+
+    def start(self, num_prompt_tokens: int) -> list[WireEvent]:
+        return [self._chunk(i, ChoiceDelta(role="assistant")) for i in range(len(self.choices))]
+
+    def feed(self, event: ChatEvent, choice: int = 0) -> list[WireEvent]:
+        state = self.choices[choice]
+        if isinstance(event, Finish):
+            state.finish = event
+            out = [self._chunk(choice, ChoiceDelta(), event.reason)]
+            if self.include_usage and all(c.finish for c in self.choices):
+                out.append(chunk_usage(self._chunk_of([]), True, self._usage()))
+            return out
+        delta = state.delta(event)
+        return [] if delta is None else [self._chunk(choice, delta)]
+
+    def close(self) -> list[WireEvent]:
+        return [DONE]
+
+    def _usage(self) -> CompletionUsage:
+        """OpenAI's usage for n choices: the prompt once, the completions summed."""
+        finishes = [c.finish for c in self.choices]
+        usage = completion_usage(finishes[0])
+        usage.completion_tokens = sum(f.completion_tokens for f in finishes)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return usage
+
+    def _chunk(self, index: int, delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        state = self.choices[index]
+        logprobs, state.pending = state.pending, []
+        choice_logprobs = ChunkLogprobs(content=logprobs, refusal=None) if logprobs else None
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)
+        return chunk_usage(self._chunk_of([choice]), self.include_usage)
+
+    def _chunk_of(self, choices: list[ChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices
+        )
+
+    def response(self) -> ChatCompletion:
+        assert all(c.finish for c in self.choices), "chat events always end with Finish"
+        choices = [
+            Choice(
+                index=i,
+                message=state.message(),
+                finish_reason=state.finish.reason,
+                logprobs=ChoiceLogprobs(content=state.all_logprobs, refusal=None) if self.logprobs else None,
+            )
+            for i, state in enumerate(self.choices)
+        ]
         return ChatCompletion(
             id=self.id,
             object="chat.completion",
             created=self.created,
             model=self.model,
-            choices=[Choice(index=0, message=message, finish_reason=finish.reason, logprobs=logprobs)],
-            usage=completion_usage(finish),
+            choices=choices,
+            usage=self._usage(),
         )
 
     def stream_error(self, error: ServiceError) -> list[dict]:
@@ -272,7 +304,7 @@ def router(serving: Serving) -> APIRouter:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, job_id: str | None = Depends(client_job_id)
     ) -> Response:
-        reply = ChatReply(serving.runtime.model_name, body.logprobs, include_usage(body.stream_options))
+        reply = ChatReply(serving.runtime.model_name, body.logprobs, include_usage(body.stream_options), body.n)
         return await serving.respond(
             request,
             model=body.model,

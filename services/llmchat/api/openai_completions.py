@@ -12,22 +12,22 @@ from openai.types.completion_choice import Logprobs as ChoiceLogprobs
 from pydantic import BaseModel, Field
 
 from hrserve import OPENAI, ServiceError, client_job_id
-from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, refuse_penalties
+from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, json_output
 from llmchat.api.openai_chat import openai_stream_error
-from llmchat.api.openai_types import INT64_MAX, INT64_MIN, StreamOptions, WireModel
+from llmchat.api.openai_types import INT64_MAX, INT64_MIN, ResponseFormat, SamplingFields, StreamOptions
 from llmchat.api.openapi import JsonText, ok_responses
+from llmchat.api.sampling_fields import apply_sampling, apply_structured
 from llmchat.api.serving import Reply, Serving, WireEvent
 from llmchat.chat import ChatError, ChatEvent, ChatRequest, Finish, Logprobs, TextDelta
 
 
-class CompletionRequest(WireModel):
+class CompletionRequest(SamplingFields):
     model: str = Field(min_length=1)
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="One text prompt.")
     max_tokens: int | None = Field(16, ge=1, description="OpenAI's default, 16; null for the rest of the context.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
-    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    best_of: int | None = Field(None, ge=1, description="Only n (or null): every candidate is returned.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
@@ -35,24 +35,22 @@ class CompletionRequest(WireModel):
     echo: bool = False
     suffix: str | None = Field(None, description="Not supported.")
     logprobs: int | None = Field(None, ge=0, le=5)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = Field(None, description="vLLM's: JSON output for a raw prompt.")
     user: str | None = None
 
 
 def to_chat_request(body: CompletionRequest) -> ChatRequest:
     """The protocol-neutral request; raises ChatError (a 400) for anything that cannot be honoured."""
-    if body.n > 1 or (body.best_of or 1) > 1:
-        name = "n" if body.n > 1 else "best_of"
-        raise ChatError(f"{name} > 1 is not supported: one completion per request. Send several requests.", name)
+    if body.best_of not in (None, body.n):
+        # OpenAI would generate best_of and return the n likeliest; this server returns every candidate.
+        raise ChatError(f"best_of must equal n ({body.n}) or be left out: every candidate is returned.", "best_of")
     if body.echo and body.logprobs is not None:
         # OpenAI would score the prompt's tokens too; this engine scores only what it generates.
         raise ChatError("echo with logprobs is not supported: prompt tokens are not scored.", "logprobs")
     if body.suffix:
         raise ChatError("suffix (insertion) is not supported by this server's model; leave it out.", "suffix")
-    refuse_penalties(body)
     stop = () if body.stop is None else (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
-    return ChatRequest(
+    request = ChatRequest(
         messages=[],
         prompt=prompt_text(body),
         max_tokens=body.max_tokens,
@@ -62,6 +60,13 @@ def to_chat_request(body: CompletionRequest) -> ChatRequest:
         stop=stop,
         logprobs=body.logprobs,
     )
+    apply_sampling(body, request)
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        json_output(request, schema, "response_format", "response_format.json_schema.schema")
+    apply_structured(body, request, json_output)
+    return request
 
 
 def prompt_text(body: CompletionRequest) -> str:
@@ -99,62 +104,86 @@ class LogprobsTable:
         )
 
 
+class CompletionChoiceState:
+    """One choice's text, log-probabilities and finish."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        # A chunk's logprobs are those of the tokens sampled since the last chunk; the whole response has all.
+        self.table, self.all = LogprobsTable(), LogprobsTable()
+        self.finish: Finish | None = None
+
+
 class CompletionReply(Reply):
-    """Chat events -> text_completion chunks (the echoed prompt first, text, a last chunk with finish_reason,
-    usage if asked, then [DONE]), while collecting the same text and log-probabilities for the whole one."""
+    """Chat events -> text_completion chunks (each choice's echoed prompt first, text, a last chunk with its
+    finish_reason; usage if asked once every choice ended, then [DONE]), while collecting the same for the whole."""
 
     def __init__(self, body: CompletionRequest, model: str) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.body, self.model = body, model
         self.logprobs, self.include_usage = body.logprobs is not None, include_usage(body.stream_options)
-        self.parts: list[str] = []
-        # A chunk's logprobs are those of the tokens sampled since the last chunk; the whole response has all.
-        self.table, self.all = LogprobsTable(), LogprobsTable()
-        self.finish: Finish | None = None
+        self.choices = [CompletionChoiceState() for _ in range(body.n)]
 
     def start(self, num_prompt_tokens: int) -> list[WireEvent]:
         # The request was built from the prompt by now, so it is valid text.
         echo = prompt_text(self.body) if self.body.echo else ""
         if not echo:
             return []
-        self.parts.append(echo)
-        return [self._chunk(echo)]
+        for state in self.choices:
+            state.parts.append(echo)
+        return [self._chunk(i, echo) for i in range(len(self.choices))]
 
-    def feed(self, event: ChatEvent) -> list[WireEvent]:
+    def feed(self, event: ChatEvent, choice: int = 0) -> list[WireEvent]:
+        state = self.choices[choice]
         if isinstance(event, Logprobs):
-            self.table.add(event)
-            self.all.add(event)
+            state.table.add(event)
+            state.all.add(event)
         elif isinstance(event, TextDelta) and event.text:
-            self.parts.append(event.text)
-            return [self._chunk(event.text, logprobs=self.table.take() if self.logprobs else None)]
+            state.parts.append(event.text)
+            return [self._chunk(choice, event.text, logprobs=state.table.take() if self.logprobs else None)]
         elif isinstance(event, Finish):
-            self.finish = event
-            logprobs = self.table.take() if self.logprobs and self.table.rows else None
-            out = [self._chunk("", event.reason, logprobs)]
-            if self.include_usage:
-                out.append(chunk_usage(self._completion([]), True, completion_usage(event)))
+            state.finish = event
+            logprobs = state.table.take() if self.logprobs and state.table.rows else None
+            out = [self._chunk(choice, "", event.reason, logprobs)]
+            if self.include_usage and all(c.finish for c in self.choices):
+                out.append(chunk_usage(self._completion([]), True, self._usage()))
             return out
         return []
 
     def close(self) -> list[WireEvent]:
         return [DONE]
 
-    def _chunk(self, text: str, finish_reason=None, logprobs: ChoiceLogprobs | None = None) -> Completion:
+    def _usage(self):
+        """The prompt once, the completions summed (OpenAI's usage for n choices)."""
+        usage = completion_usage(self.choices[0].finish)
+        usage.completion_tokens = sum(c.finish.completion_tokens for c in self.choices)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return usage
+
+    def _chunk(self, index: int, text: str, finish_reason=None, logprobs: ChoiceLogprobs | None = None) -> Completion:
         # The SDK's type requires finish_reason, but OpenAI streams null until the last chunk: built unvalidated.
-        choice = CompletionChoice.model_construct(text=text, index=0, logprobs=logprobs, finish_reason=finish_reason)
+        choice = CompletionChoice.model_construct(
+            text=text, index=index, logprobs=logprobs, finish_reason=finish_reason
+        )
         return chunk_usage(self._completion([choice]), self.include_usage)
 
     def _completion(self, choices: list[CompletionChoice]) -> Completion:
         return Completion(id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices)
 
     def response(self) -> Completion:
-        finish = self.finish
-        assert finish is not None, "chat events always end with Finish"
-        logprobs = self.all.take() if self.logprobs else None
-        choice = CompletionChoice(text="".join(self.parts), index=0, logprobs=logprobs, finish_reason=finish.reason)
-        completion = self._completion([choice])
-        completion.usage = completion_usage(finish)
+        assert all(c.finish for c in self.choices), "chat events always end with Finish"
+        choices = [
+            CompletionChoice(
+                text="".join(state.parts),
+                index=i,
+                logprobs=state.all.take() if self.logprobs else None,
+                finish_reason=state.finish.reason,
+            )
+            for i, state in enumerate(self.choices)
+        ]
+        completion = self._completion(choices)
+        completion.usage = self._usage()
         return completion
 
     def stream_error(self, error: ServiceError) -> list[dict]:

@@ -158,7 +158,7 @@ class ResponseReply(Reply):
             self._event(ResponseInProgressEvent, response=self.response()),
         ]
 
-    def feed(self, event: ChatEvent) -> list[WireEvent]:
+    def feed(self, event: ChatEvent, choice: int = 0) -> list[WireEvent]:
         if isinstance(event, TextDelta | ReasoningDelta) and event.text:
             kind = "message" if isinstance(event, TextDelta) else "reasoning"
             out = [] if self.open and self.open.type == kind else self._open(kind)

@@ -8,6 +8,7 @@ differ only in their wire formats.
 """
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from hrserve import (
     cancel_on_disconnect,
 )
 from llmchat.api.common import dump, sse
-from llmchat.chat import Chat, ChatError, ChatEvent, ChatRequest, GenerationError, Notice, PreparedChat
+from llmchat.chat import Chat, ChatError, ChatEvent, ChatRequest, Finish, GenerationError, Notice, PreparedChat
 from llmchat.engine import QueueFull, Sequence
 from llmchat.lifecycle import Runtime
 from llmchat.observe import ChatObservation, Instruments
@@ -52,7 +53,8 @@ class Reply(ABC):
         return []
 
     @abstractmethod
-    def feed(self, event: ChatEvent) -> list[WireEvent]: ...
+    def feed(self, event: ChatEvent, choice: int = 0) -> list[WireEvent]:
+        """`choice`: which of the request's n choices the event belongs to (always 0 where n is 1)."""
 
     def close(self) -> list[WireEvent]:
         return []
@@ -143,8 +145,8 @@ class Serving:
         try:
             with trace.use_span(obs.span, end_on_exit=False):
                 prepared = await chat.prepare(chat_request)
-                seq = chat.start(prepared)
-                obs.started(seq)
+                seqs = chat.start(prepared)
+                obs.started(seqs[0])
         except ChatError as exc:
             obs.fail("invalid_request")
             obs.end()
@@ -158,7 +160,7 @@ class Serving:
             obs.end()
             raise
         meta = ResponseMetadata(OTELContext.get_trace_id(obs.span), OTELContext.get_span_id(obs.span), job_id)
-        return Generation(chat, prepared, seq, obs, meta.headers())
+        return Generation(chat, prepared, seqs, obs, meta.headers())
 
 
 @dataclass(slots=True)
@@ -167,7 +169,7 @@ class Generation:
 
     chat: Chat
     prepared: PreparedChat
-    seq: Sequence
+    seqs: list[Sequence]  # one per choice
     obs: ChatObservation
     headers: dict[str, str]
 
@@ -175,12 +177,20 @@ class Generation:
     def num_prompt_tokens(self) -> int:
         return self.prepared.num_prompt_tokens
 
-    async def events(self) -> AsyncIterator[ChatEvent]:
-        """The chat events, each shown to the observation; notices stop there. Leaving early aborts."""
-        async for event in self.chat.events(self.prepared, self.seq):
-            self.obs.event(event)
+    async def events(self) -> AsyncIterator[tuple[int, ChatEvent]]:
+        """Each choice's chat events as they come, with the choice's index; every one is shown to the
+        observation (choice 0's output, and one Finish for all), notices stop there. Leaving early aborts all."""
+        streams = [self.chat.events(p, s) for p, s in zip(self.prepared.choices, self.seqs, strict=True)]
+        finishes: list[Finish] = []
+        async for index, event in merge(streams):
+            if isinstance(event, Finish):
+                finishes.append(event)
+                if len(finishes) == len(streams):
+                    self.obs.event(combined(finishes))
+            elif index == 0 or isinstance(event, Notice):
+                self.obs.event(event)
             if not isinstance(event, Notice):
-                yield event
+                yield index, event
 
     async def whole(self, request: Request, reply: Reply) -> Response:
         """The one JSON response (trace headers added); a client that hangs up first aborts the generation (499)."""
@@ -221,21 +231,65 @@ class Generation:
             self.obs.end()
 
 
-async def whole_response(reply: Reply, events: AsyncIterator[ChatEvent], num_prompt_tokens: int) -> BaseModel:
+async def merge(streams: list[AsyncIterator[ChatEvent]]) -> AsyncIterator[tuple[int, ChatEvent]]:
+    """The events of several streams in the order they come, each with its stream's index. Closing it (or an
+    error in one stream) closes every stream, which aborts their sequences."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for event in only:
+                yield 0, event
+        return
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield index, event
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
+def combined(finishes: list[Finish]) -> Finish:
+    """One Finish for the observation of n choices: the prompt once, the completions and steps summed, every
+    choice's reason."""
+    first = finishes[0]
+    return Finish(
+        first.reason,
+        first.prompt_tokens,
+        sum(f.completion_tokens for f in finishes),
+        cached_tokens=first.cached_tokens,
+        model_steps=sum(f.model_steps for f in finishes),
+        reasons=[f.reason for f in finishes],
+    )
+
+
+async def whole_response(
+    reply: Reply, events: AsyncIterator[tuple[int, ChatEvent]], num_prompt_tokens: int
+) -> BaseModel:
     """The reply's whole response, fed the same calls its stream would be."""
     reply.start(num_prompt_tokens)
-    async for event in events:
-        reply.feed(event)
+    async for choice, event in events:
+        reply.feed(event, choice)
     reply.close()
     return reply.response()
 
 
-async def stream_events(reply: Reply, events: AsyncIterator[ChatEvent], num_prompt_tokens: int) -> SSEvents:
+async def stream_events(reply: Reply, events: AsyncIterator[tuple[int, ChatEvent]], num_prompt_tokens: int) -> SSEvents:
     """The reply's server-sent events, in order."""
     for item in reply.start(num_prompt_tokens):
         yield sse(item, reply.named_events)
-    async for event in events:
-        for item in reply.feed(event):
+    async for choice, event in events:
+        for item in reply.feed(event, choice):
             yield sse(item, reply.named_events)
     for item in reply.close():
         yield sse(item, reply.named_events)

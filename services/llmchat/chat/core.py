@@ -27,6 +27,7 @@ from llmchat.chat.grammar import (
     GrammarError,
     bare_calls_allowed,
     json_grammar,
+    structured_grammar,
     tool_call_grammar,
 )
 from llmchat.chat.prompt import RESERVED_TEMPLATE_KEYS, PromptRenderer
@@ -47,6 +48,11 @@ class PreparedChat:
     parser: ToolParser | None = None
     reasoning: ReasoningSplitter | None = None
     call_ends: list[int] = field(default_factory=list)  # the completion tokens when each call was complete
+    siblings: list["PreparedChat"] = field(default_factory=list)  # n > 1: choices 1.., each with its own state
+
+    @property
+    def choices(self) -> list["PreparedChat"]:
+        return [self, *self.siblings]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -138,6 +144,7 @@ class Chat:
         self.validate_tool_names = options.validate_tool_names
         self.bare_tool_calls = options.bare_tool_calls
         self.max_tool_calls = options.max_tool_calls
+        self.max_n = options.max_n
         reasoning = options.reasoning_parser
         self.reasons = reasoning == "think" or (reasoning == "auto" and template_reasons(tokenizer.chat_template))
         self._grammar: GrammarCompiler | None = None
@@ -163,7 +170,7 @@ class Chat:
     async def prepare(self, request: ChatRequest) -> PreparedChat:
         """Renders and tokenizes the conversation and builds its grammar (off the event loop); checks it fits."""
         self._check(request)
-        prompt_ids, prompt_text, constraint = await asyncio.to_thread(self._render, request)
+        prompt_ids, prompt_text, constraints = await asyncio.to_thread(self._render, request)
         source = request.text_field
         if not prompt_ids:
             raise ChatError("The prompt is empty; send some text.", source)
@@ -187,16 +194,45 @@ class Chat:
                 "max_tokens",
                 "context_length_exceeded",
             )
+        first, *siblings = (
+            self._choice(request, prompt_ids, prompt_text, constraint, room, i)
+            for i, constraint in enumerate(constraints)
+        )
+        first.siblings = siblings
+        return first
+
+    def _choice(
+        self,
+        request: ChatRequest,
+        prompt_ids: list[int],
+        prompt_text: str | None,
+        constraint: Constraint | None,
+        room: int,
+        index: int,
+    ) -> PreparedChat:
+        """One choice's sampling, parser and reasoning splitter; choice i of a seeded request draws with seed + i
+        (vLLM's rule), so choices differ from one another and repeat across runs."""
+        s = request.sampling
+        special = not request.uses_tools or self._marker_token() is None
         params = SamplingParams(
             max_tokens=request.max_tokens or room,
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed,
+            min_p=s.min_p,
+            seed=None if request.seed is None else request.seed + index,
             stop=request.stop,
+            include_stop=s.include_stop,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=tuple(s.logit_bias.items()),
+            min_tokens=s.min_tokens,
+            ignore_eos=s.ignore_eos,
+            stop_token_ids=frozenset(s.stop_token_ids),
             constraint=constraint,
             # A family whose call marker is a special token must see it in the decoded text.
-            skip_special_tokens=not request.uses_tools or self._marker_token() is None,
+            skip_special_tokens=special and s.skip_special_tokens is not False,
             logprobs=request.logprobs,
         )
         parser = None
@@ -212,7 +248,7 @@ class Chat:
         reasoning = None
         # Output constrained from its first token (a required call, JSON) leaves the model no room to think;
         # after a prompt ending in <think> it would all count as reasoning and the call would be lost.
-        forced = request.json_output or request.tool_choice in ("required", "function")
+        forced = request.json_output or request.structured or request.tool_choice in ("required", "function")
         if self.reasons and prompt_text is not None and not forced:
             reasoning = ReasoningSplitter(in_reasoning=starts_in_reasoning(prompt_text))
         return PreparedChat(prompt_ids, params, parser, reasoning)
@@ -220,10 +256,8 @@ class Chat:
     def _check(self, request: ChatRequest) -> None:
         """What is refused before rendering: the request's shape, and text too long to fit however it tokenizes."""
         if request.prompt is not None:
-            if request.tools or request.json_output:
-                raise ChatError(
-                    "A raw text prompt cannot be combined with tools or JSON output; send messages instead.", "prompt"
-                )
+            if request.tools:
+                raise ChatError("A raw text prompt cannot be combined with tools; send messages instead.", "prompt")
         elif not request.messages:
             raise ChatError(lambda n: f"{n['messages']} is empty; send at least one message.", "messages")
         if request.uses_tools and self.parser_class is None and request.tool_choice in ("required", "function"):
@@ -233,6 +267,18 @@ class Chat:
                 "or start the server with a tool_parser for the model's syntax.",
                 "tool_choice",
             )
+        if request.n > self.max_n:
+            raise ChatError(f"n is {request.n}, more than this server's limit of {self.max_n} choices.", "n")
+        vocab = self.engine.vocab_size
+        for name, ids in (
+            ("logit_bias", request.sampling.logit_bias),
+            ("stop_token_ids", request.sampling.stop_token_ids),
+        ):
+            if bad := [i for i in ids if not 0 <= i < vocab]:
+                raise ChatError(
+                    f"{name} names token id {bad[0]}, which is not in this model's vocabulary (0 to {vocab - 1}).",
+                    f"{name}.{bad[0]}" if name == "logit_bias" else name,
+                )
         if reserved := sorted(RESERVED_TEMPLATE_KEYS & request.template_kwargs.keys()):
             raise ChatError(
                 f"chat_template_kwargs cannot set {', '.join(reserved)}: the server sets it from the request.",
@@ -251,27 +297,36 @@ class Chat:
                 "context_length_exceeded",
             )
 
-    def _render(self, request: ChatRequest) -> tuple[list[int], str | None, Constraint | None]:
-        """The prompt's tokens, its text (None for a raw prompt: it is never parsed for reasoning), the grammar."""
+    def _render(self, request: ChatRequest) -> tuple[list[int], str | None, list[Constraint | None]]:
+        """The prompt's tokens, its text (None for a raw prompt: it is never parsed for reasoning), and each
+        choice's grammar (its own matcher: choices advance through it apart)."""
+        prompt_ids, prompt_text = self._prompt(request)
+        grammar = self._grammar_text(request)
+        if grammar is None:
+            return prompt_ids, prompt_text, [None] * request.n
+        try:
+            return prompt_ids, prompt_text, [self.grammar.constraint(grammar) for _ in range(request.n)]
+        except GrammarError as exc:
+            param = "tools" if request.uses_tools else "structured_outputs" if request.structured else "output_format"
+            problem = str(exc)
+            raise ChatError(
+                lambda n: f"The {n[param]} cannot be enforced by constrained decoding: {problem}", param
+            ) from None
+
+    def _prompt(self, request: ChatRequest, add_special_tokens: bool | None = None) -> tuple[list[int], str | None]:
+        """The prompt's tokens and its text (None for a raw prompt). `add_special_tokens`: the tokenizer's own
+        (a BOS) too; by default a raw prompt gets them and a rendered template, which writes its own, does not."""
         if request.prompt is not None:
-            return self.renderer.encode(request.prompt), None, None
+            encode = self.renderer.tokenize if add_special_tokens is False else self.renderer.encode
+            return encode(request.prompt), None
         tools = request.tools if request.uses_tools else ()
         try:
             prompt_text = self.renderer.render_text(request.messages, tools, request.template_variables())
         except jinja2.TemplateError as exc:
             # Templates reject conversations they cannot express (raise_exception), e.g. roles out of order.
             raise ChatError(f"The chat template cannot render these messages: {exc}", "messages") from None
-        prompt_ids = self.renderer.tokenize(prompt_text)
-        grammar = self._grammar_text(request)
-        if grammar is None:
-            return prompt_ids, prompt_text, None
-        try:
-            return prompt_ids, prompt_text, self.grammar.constraint(grammar)
-        except GrammarError as exc:
-            param, problem = ("tools" if request.uses_tools else "output_format"), str(exc)
-            raise ChatError(
-                lambda n: f"The {n[param]} cannot be enforced by constrained decoding: {problem}", param
-            ) from None
+        encode = self.renderer.encode if add_special_tokens else self.renderer.tokenize
+        return encode(prompt_text), prompt_text
 
     def _grammar_text(self, request: ChatRequest) -> str | None:
         if request.uses_tools and self.parser_class is not None:
@@ -288,6 +343,8 @@ class Chat:
             )
         if request.json_output:
             return json_grammar(request.json_schema)
+        if request.structured is not None:
+            return structured_grammar(*request.structured)
         return None
 
     def _bare_calls(self, request: ChatRequest) -> bool:
@@ -305,16 +362,20 @@ class Chat:
 
     async def count_prompt_tokens(self, request: ChatRequest) -> int:
         """The prompt's length in tokens, checked and rendered exactly as prepare() does (off the event loop)."""
+        return len(await self.tokenize(request))
+
+    async def tokenize(self, request: ChatRequest, add_special_tokens: bool | None = None) -> list[int]:
+        """The prompt's tokens, checked and rendered as prepare() does (off the event loop); `add_special_tokens`
+        (vLLM's /tokenize option) overrides whether the tokenizer's own are added, see _prompt."""
         self._check(request)
-        prompt_ids, _, _ = await asyncio.to_thread(self._render, request)
-        return len(prompt_ids)
+        prompt_ids, _ = await asyncio.to_thread(self._prompt, request, add_special_tokens)
+        return prompt_ids
 
-    def start(self, prepared: PreparedChat) -> Sequence:
-        """Queues the generation; raises QueueFull when the engine's waiting queue is at its bound.
-
-        Separate from events() so the caller can refuse the request before a response starts.
+    def start(self, prepared: PreparedChat) -> list[Sequence]:
+        """Queues the generation, one sequence per choice; raises QueueFull when the engine's waiting queue is at
+        its bound. Separate from events() so the caller can refuse the request before a response starts.
         """
-        return self.engine.submit(prepared.prompt_ids, prepared.params)
+        return self.engine.submit_choices(prepared.prompt_ids, [c.params for c in prepared.choices])
 
     async def events(self, prepared: PreparedChat, seq: Sequence) -> AsyncIterator[ChatEvent]:
         """Yields content, reasoning, tool-call events and notices, then one Finish; leaving early aborts."""

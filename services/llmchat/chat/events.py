@@ -70,6 +70,7 @@ class Finish:
     stop_sequence: str | None = None  # the request's stop string that ended generation
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (part of prompt_tokens)
     model_steps: int = 0  # forward passes whose logits chose a token (fewer than completion_tokens when forced)
+    reasons: list[str] | None = None  # n > 1: every choice's reason (`reason` is the first's)
 
 
 ChatEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | ToolCallCut | Notice | Logprobs | Finish

@@ -242,6 +242,30 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(_schema(schema or {"type": "object"}))
 
 
+# vLLM's structured output kinds beyond JSON, as llguidance names their formats ("grammar": Lark or GBNF/EBNF).
+STRUCTURED_FORMATS = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def structured_grammar(kind: str, value: Any) -> str:
+    """The grammar for vLLM's `regex` (the whole output matches it), `choice` (the output is one of the strings)
+    or `grammar` (Lark, or EBNF as llama.cpp's GBNF); raises GrammarError with llguidance's message when it does
+    not compile."""
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise GrammarError("choice must be a non-empty list of non-empty strings")
+        value = json.dumps(value)
+    elif not isinstance(value, str) or not value:
+        raise GrammarError(f"{kind} must be a non-empty string")
+    try:
+        grammar = llguidance.grammar_from(STRUCTURED_FORMATS[kind], value)
+    except ValueError as exc:
+        raise GrammarError(str(exc)) from None
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise GrammarError("; ".join(m.strip() for m in messages))
+    return grammar
+
+
 class GrammarCompiler:
     """Owns the llguidance view of the tokenizer (about a second to build, so one per model)."""
 

@@ -55,6 +55,22 @@ MAX_CHARS_PER_TOKEN = 8
 
 
 @dataclass(slots=True)
+class Sampling:
+    """What shapes the draw beyond temperature, top_p and top_k (engine.sampling.SamplingParams says how)."""
+
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop: bool = False  # include_stop_str_in_output
+    skip_special_tokens: bool | None = None  # None: the server decides (a call marker must be seen)
+
+
+@dataclass(slots=True)
 class ChatRequest:
     """What to generate; `messages` go through the chat template, unless `prompt` (raw text) is set."""
 
@@ -75,8 +91,12 @@ class ChatRequest:
     # and "none" also sets enable_thinking=False; template_kwargs are passed as given and win over both.
     reasoning_effort: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
-    prompt: str | None = None  # raw text, tokenized as is (legacy completions): no template, tools or JSON
+    prompt: str | None = None  # raw text, tokenized as is (legacy completions): no template or tools
     logprobs: int | None = None  # None: off; N: each token's log-probability and the N likeliest alternatives
+    # The output's shape beyond JSON: (regex | choice | grammar, its text), see grammar.structured_grammar.
+    structured: tuple[str, Any] | None = None
+    n: int = 1  # choices, all from one prefill of the prompt; choice i draws with seed + i
+    sampling: Sampling = field(default_factory=lambda: Sampling())
 
     @property
     def num_tools(self) -> int:
@@ -122,3 +142,4 @@ class ChatOptions:
     # The most calls in one reply when parallel_tool_calls is true. Bounded because a small model asked for
     # calls may otherwise go on making them until max_tokens (which defaults to the rest of the context).
     max_tool_calls: int = 8
+    max_n: int = 16  # the most choices one request may ask for

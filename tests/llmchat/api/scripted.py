@@ -14,11 +14,11 @@ MODEL = "scripted-model"
 
 def replay(make_reply, chat_events, num_prompt_tokens: int = 7) -> tuple[list[dict], BaseModel]:
     """(the server-sent events, the whole response), each from a fresh reply fed the same events, through the
-    functions the routes use."""
+    functions the routes use. An event may be a (choice, event) pair; a bare one is choice 0's."""
 
     async def events():
         for event in chat_events:
-            yield event
+            yield event if isinstance(event, tuple) else (0, event)
 
     async def run():
         sse = [item async for item in stream_events(make_reply(), events(), num_prompt_tokens)]

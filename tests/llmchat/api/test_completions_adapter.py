@@ -65,11 +65,13 @@ def test_each_chunk_carries_the_logprobs_of_its_own_tokens():
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
-        ({"best_of": 3}, "best_of"),
+        ({"n": 2, "best_of": 3}, "best_of"),
         ({"echo": True, "logprobs": 1}, "logprobs"),
         ({"suffix": "!"}, "suffix"),
-        ({"frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"logit_bias": {"the": 1.0}}, "logit_bias.the"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"guided_regex": "("}, "guided_regex"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs.choice"),
         ({"prompt": ["one", "two"]}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": []}, "prompt"),

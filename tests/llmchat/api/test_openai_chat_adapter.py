@@ -164,10 +164,15 @@ def test_request_maps_to_the_chat_core():
 @pytest.mark.parametrize(
     ("fields", "param", "words"),
     [
-        ({"n": 2}, "n", "one choice"),
         ({"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
-        ({"presence_penalty": -1.0}, "presence_penalty", "not supported"),
+        ({"functions": [{"name": "f"}]}, "functions", "send tools instead"),
+        ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+        ({"logit_bias": {"x": 1}}, "logit_bias.x", "token ids"),
+        ({"guided_choice": ["a"], "guided_regex": "b"}, "guided_choice", "one structured output"),
+        ({"guided_grammar": "start: foo"}, "guided_grammar", "unknown name"),
+        ({"guided_json": "{not json"}, "guided_json", "JSON Schema"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", "response_format"),
+        ({"min_tokens": 30, "max_tokens": 10}, "min_tokens", "more than max_tokens"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
             "messages.0.content.0",
