@@ -1,4 +1,5 @@
-"""Optional API keys for a service's /v1 routes: Bearer tokens (and the header a route's dialect names).
+"""Optional API keys for a service's /v1 routes, /metrics and the tokenizer's routes: Bearer tokens (and the
+header a route's dialect names).
 
 Keys are compared in constant time and never logged. With no keys configured every request passes.
 """
@@ -59,6 +60,9 @@ class APIKeyMiddleware:
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# What keys protect beside /v1/*: the metrics, and vLLM's tokenizer routes, which run the model's tokenizer and
+# chat template. /health (unless settings say otherwise) and /version stay open, as vLLM leaves them.
+PROTECTED = ("/v1/", "/metrics", "/tokenize", "/detokenize")
 
 
 def install_access_controls(app, settings) -> tuple[bytes, ...]:
@@ -68,7 +72,7 @@ def install_access_controls(app, settings) -> tuple[bytes, ...]:
     from hrserve.limits import BodyLimitMiddleware
 
     keys = load_keys(settings.api_keys, settings.api_key_file)
-    protected = ("/v1/", "/metrics") + (("/health",) if settings.health_requires_key else ())
+    protected = PROTECTED + (("/health",) if settings.health_requires_key else ())
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=keys, protected=protected)
     if settings.origins():

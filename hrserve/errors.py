@@ -187,8 +187,8 @@ ERROR_STATUSES = {
 }
 
 
-def document_errors(app: FastAPI, prefix: str = "/v1/") -> None:
-    """Makes /openapi.json tell the truth about errors: the envelope and statuses routes under `prefix`
+def document_errors(app: FastAPI, prefixes: tuple[str, ...] = ("/v1/",)) -> None:
+    """Makes /openapi.json tell the truth about errors: the envelope and statuses routes under `prefixes`
     really answer, and no FastAPI-default 422 (validation failures are 400 here)."""
     build = app.openapi
 
@@ -205,7 +205,7 @@ def document_errors(app: FastAPI, prefix: str = "/v1/") -> None:
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
-                if path.startswith(prefix):
+                if path.startswith(prefixes):
                     for status, description in ERROR_STATUSES.items():
                         responses.setdefault(status, {"description": description, "content": body})
         for unused in ("HTTPValidationError", "ValidationError"):

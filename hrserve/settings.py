@@ -24,10 +24,11 @@ class ServiceSettings(BaseSettings):
     log_json: bool = Field(False, description="Write logs as JSON lines (for journald and log shippers).")
     api_keys: SecretStr | None = Field(
         None,
-        description="Comma-separated API keys; when any are set, /v1 routes need one. Env or EnvironmentFile only.",
+        description="Comma-separated API keys; when any are set, /v1 routes, /metrics, /tokenize and /detokenize "
+        "need one. Env or EnvironmentFile only.",
     )
     api_key_file: Path | None = Field(None, description="File with one API key per line (# comments allowed).")
-    health_requires_key: bool = Field(False, description="Also require a key for /health and /metrics.")
+    health_requires_key: bool = Field(False, description="Also require a key for /health (/metrics always needs one).")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS; empty turns CORS off.")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body; larger ones get 413.")
     drain_timeout: float = Field(

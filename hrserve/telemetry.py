@@ -89,14 +89,18 @@ def _where(protocol: str, kwargs: dict) -> str:
     return kwargs.get("endpoint") or _DEFAULT_WHERE["grpc" if protocol == "grpc" else "http"]
 
 
+def _metric_readers(env: Mapping[str, str]) -> list[MetricReader]:
+    """The push readers OTEL_METRICS_EXPORTER names, and always the Prometheus one: the app serves it at /metrics
+    (see instrument_app), not on a port of its own. Naming `prometheus` is accepted and adds no second one."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    pushed = [_metric_reader(n) for n in _selected(env, "metrics") if n != "prometheus"]
+    return [*pushed, PrometheusMetricReader()]
+
+
 def _metric_reader(name: str) -> MetricReader:
     if name == "console":
         return PeriodicExportingMetricReader(ConsoleMetricExporter())
-    if name == "prometheus":
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-        # Served by the app at /metrics (see instrument_app), not on a port of its own.
-        return PrometheusMetricReader()
     if name != "otlp":
         raise ValueError(f"OTEL_METRICS_EXPORTER={name!r} is not supported; use otlp, prometheus, console or none")
     protocol, kwargs = otlp_exporter_args("metrics")
@@ -118,10 +122,10 @@ def setup_otel(
 ) -> tuple[trace.Tracer, metrics.Meter]:
     """Installs the global tracer and meter providers and returns this service's tracer and meter.
 
-    Exporters come from OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER (default otlp) unless passed in
-    (tests pass in-memory ones). With OTEL_SDK_DISABLED=true nothing is installed and the no-op
-    tracer and meter are returned. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are honoured.
-    The global providers can be set once per process; later calls reuse them.
+    Exporters come from OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER (default otlp), plus the Prometheus
+    reader behind /metrics, unless passed in (tests pass in-memory ones). With OTEL_SDK_DISABLED=true nothing
+    is installed and the no-op tracer and meter are returned. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    are honoured. The global providers can be set once per process; later calls reuse them.
     """
     if _env_true(os.environ, "OTEL_SDK_DISABLED"):
         return trace.NoOpTracer(), metrics.NoOpMeter(service_name, version)
@@ -136,7 +140,7 @@ def setup_otel(
         for exporter in span_exporters:
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         if metric_readers is None:
-            metric_readers = [_metric_reader(n) for n in _selected(os.environ, "metrics")]
+            metric_readers = _metric_readers(os.environ)
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(
             MeterProvider(resource=resource, metric_readers=metric_readers, shutdown_on_exit=False)
@@ -173,16 +177,19 @@ def shutdown_otel(timeout_s: float = 3.0) -> None:
         log.warning("telemetry: the exporters did not finish within %.0f s; what they held is lost", timeout_s)
 
 
-def prometheus_enabled(env: Mapping[str, str] | None = None) -> bool:
+def serves_metrics(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the app serves /metrics: always, but with OTEL_SDK_DISABLED=true, where there are no metrics."""
     env = os.environ if env is None else env
-    return not _env_true(env, "OTEL_SDK_DISABLED") and "prometheus" in _selected(env, "metrics")
+    return not _env_true(env, "OTEL_SDK_DISABLED")
 
 
 def instrument_app(app, health_path: str = "/health") -> None:
-    """HTTP server spans for every request but health checks, joining a caller's W3C `traceparent`.
+    """HTTP server spans for every request but health checks, joining a caller's W3C `traceparent`, and the
+    metrics in Prometheus's text format at GET /metrics.
 
     The ASGI `receive` and `send` spans are left out, or every chunk of a stream would be a span. With
-    OTEL_METRICS_EXPORTER including `prometheus`, the app also serves GET /metrics.
+    OTEL_SDK_DISABLED=true there is no /metrics (a 404): a scraper then reports the target down rather
+    than scraping nothing and looking healthy.
     """
     # Stable HTTP conventions (http.response.status_code, http.server.request.duration in seconds)
     # rather than the instrumentation's pre-1.0 default; read once, when instrumentation first starts.
@@ -192,7 +199,7 @@ def instrument_app(app, health_path: str = "/health") -> None:
     FastAPIInstrumentor.instrument_app(
         app, excluded_urls=f"{health_path}$,/metrics$", exclude_spans=["receive", "send"]
     )
-    if prometheus_enabled():
+    if serves_metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         from starlette.responses import Response
 

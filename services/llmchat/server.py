@@ -1,5 +1,5 @@
 """The llmchat app: create_app() wires the lifespan that loads the model (lifecycle), the four protocol
-adapters' routers (api), /health and the model list."""
+adapters' routers and vLLM's tokenizer routes (api), /health and the model list."""
 
 import asyncio
 import time
@@ -25,7 +25,7 @@ from hrserve import (
     shutdown_otel,
 )
 from llmchat import __version__
-from llmchat.api import anthropic_messages, openai_chat, openai_completions, openai_responses
+from llmchat.api import anthropic_messages, openai_chat, openai_completions, openai_responses, tokens
 from llmchat.api.serving import Serving
 from llmchat.chat import Chat
 from llmchat.engine import Engine
@@ -84,7 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_access_controls(app, settings)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
-    document_errors(app)
+    document_errors(app, ("/v1/", *tokens.PATHS))
 
     @app.get(
         "/health",
@@ -121,4 +121,5 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     include_router(app, openai_responses.router(serving))
     include_router(app, openai_completions.router(serving))
     include_router(app, anthropic_messages.router(serving))
+    include_router(app, tokens.router(serving))
     return app

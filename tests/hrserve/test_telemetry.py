@@ -1,15 +1,19 @@
-"""setup_otel: exporter arguments from OTEL_* and real OTLP export to a plain-text gRPC receiver."""
+"""setup_otel: exporter arguments from OTEL_* and real OTLP export to a plain-text gRPC receiver; the Prometheus
+reader and /metrics, there by default."""
 
+import asyncio
 import logging
 import subprocess
 import sys
 import textwrap
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from hrserve.exporters import GuardedSpanExporter
-from hrserve.telemetry import otlp_exporter_args, setup_otel
+from hrserve.telemetry import instrument_app, otlp_exporter_args, setup_otel
 from tests.hrserve.otlp_receiver import OTLPReceiver
 
 
@@ -98,6 +102,49 @@ def test_collector_down_does_not_fail_the_work():
     result = emit_span({"OTEL_EXPORTER_OTLP_ENDPOINT": f"localhost:{port}", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip()) == 32
+
+
+SCRAPE = textwrap.dedent(
+    """
+    from prometheus_client import generate_latest
+    from hrserve import setup_otel
+    _, meter = setup_otel("probe-service", "9.9")
+    meter.create_counter("probe.requests").add(3)
+    print(generate_latest().decode())
+    """
+)
+
+
+@pytest.mark.parametrize("exporter", [None, "none", "prometheus", "console,prometheus"])
+def test_the_prometheus_reader_is_always_there_and_only_once(exporter):
+    # Push exporters still come from OTEL_METRICS_EXPORTER; naming prometheus adds no second reader.
+    env = {"PATH": "/usr/bin:/bin", "OTEL_TRACES_EXPORTER": "none", "OTEL_METRIC_EXPORT_INTERVAL": "600000"}
+    env |= {"OTEL_METRICS_EXPORTER": exporter} if exporter else {}
+    result = subprocess.run([sys.executable, "-c", SCRAPE], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (sample,) = [line for line in result.stdout.splitlines() if line.startswith("probe_requests_total{")]
+    assert 'otel_scope_name="probe-service"' in sample and sample.endswith(" 3.0")
+
+
+@pytest.mark.parametrize(("disabled", "status"), [(None, 200), ("true", 404)])
+def test_metrics_route_is_there_unless_the_sdk_is_disabled(monkeypatch, disabled, status):
+    """With OTEL_SDK_DISABLED=true there are no metrics, and /metrics is a 404 rather than an empty page that
+    a scraper would read as a healthy target."""
+    if disabled:
+        monkeypatch.setenv("OTEL_SDK_DISABLED", disabled)
+    else:
+        monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    app = FastAPI()
+    instrument_app(app)
+
+    async def scrape() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get("/metrics")
+
+    response = asyncio.run(scrape())
+    assert response.status_code == status
+    if status == 200:
+        assert response.headers["content-type"].startswith("text/plain")
 
 
 class Flaky(SpanExporter):

@@ -21,6 +21,7 @@ from llmchat.api.common import dump
 from llmchat.api.openai_chat import ChatReply
 from llmchat.api.openai_completions import CompletionReply, CompletionRequest
 from llmchat.api.openai_responses import ResponseReply
+from llmchat.api.tokens import DetokenizeResponse, TokenizeResponse, VersionResponse
 from llmchat.chat.events import Finish, Logprobs, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallStart
 from llmchat.engine.sampling import TokenLogprob
 from llmchat.server import create_app
@@ -36,6 +37,9 @@ SUCCESS = {
     ("post", "/v1/messages/count_tokens"): (MessageTokensCount.__name__, None),
     ("get", "/v1/models"): ("SyncPage[Model]", None),
     ("get", "/v1/models/{model_id}"): (Model.__name__, None),
+    ("post", "/tokenize"): (TokenizeResponse.__name__, None),
+    ("post", "/detokenize"): (DetokenizeResponse.__name__, None),
+    ("get", "/version"): (VersionResponse.__name__, None),
 }
 COMPLETION = {"model": MODEL, "prompt": "Hi", "logprobs": 2, "stream_options": {"include_usage": True}}
 REPLIES = {
@@ -145,6 +149,15 @@ def test_error_bodies_match_the_documented_envelopes(api, status):
     error = ServiceError(status, "Refused.")
     api["/v1/chat/completions"]["POST"].validate_response(as_json(status, error.body()))
     api["/v1/messages"]["POST"].validate_response(as_json(status, error.body(DIALECT)))
+    api["/tokenize"]["POST"].validate_response(as_json(status, error.body()))
+    api["/detokenize"]["POST"].validate_response(as_json(status, error.body()))
+
+
+@pytest.mark.parametrize("token_strs", [None, ["Hi", "Ġthere"]])
+def test_tokenize_bodies_match_the_documented_schema(api, token_strs):
+    body = {"count": 2, "max_model_len": 8192, "tokens": [1, 2], "token_strs": token_strs}
+    api["/tokenize"]["POST"].validate_response(as_json(200, TokenizeResponse(**body).model_dump(mode="json")))
+    assert not api["/tokenize"]["POST"].is_valid_response(as_json(200, body | {"tokens": ["1"]}))
 
 
 def test_bodies_that_break_the_schemas_fail(api):

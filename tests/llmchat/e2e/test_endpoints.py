@@ -1,7 +1,8 @@
 """One smoke pass over every HTTP endpoint the service exposes, against the real server and model.
 
 The table must name every route the app serves: a new endpoint without a smoke case fails here.
-(/metrics exists only with OTEL_METRICS_EXPORTER=prometheus; tests/llmchat/e2e/test_otlp_export.py covers it.)
+(/metrics serves what this process's metric readers hold: the tests' own set-up has no Prometheus reader, so
+tests/llmchat/e2e/test_otlp_export.py checks its content on a server of its own.)
 """
 
 import httpx
@@ -16,6 +17,17 @@ CASES = [
     ("GET", "/docs", "/docs", None, 200, None),
     ("GET", "/docs/oauth2-redirect", "/docs/oauth2-redirect", None, 200, None),
     ("GET", "/redoc", "/redoc", None, 200, None),
+    ("GET", "/metrics", "/metrics", None, 200, None),
+    ("GET", "/version", "/version", None, 200, lambda j: j["version"]),
+    (
+        "POST",
+        "/tokenize",
+        "/tokenize",
+        {"model": MODEL, "messages": HI},
+        200,
+        lambda j: j["count"] == len(j["tokens"]) > 0 and j["max_model_len"] > j["count"],
+    ),
+    ("POST", "/detokenize", "/detokenize", {"model": MODEL, "tokens": [19556, 905]}, 200, lambda j: j["prompt"]),
     ("GET", "/v1/models", "/v1/models", None, 200, lambda j: j["data"][0]["id"] == MODEL),
     ("GET", "/v1/models/{model_id:path}", f"/v1/models/{MODEL}", None, 200, lambda j: j["id"] == MODEL),
     (

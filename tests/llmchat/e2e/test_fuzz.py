@@ -48,6 +48,9 @@ OPERATIONS = [
     "POST /v1/responses",
     "GET /v1/responses/{response_id}",
     "POST /v1/responses/{response_id}/cancel",
+    "POST /tokenize",
+    "POST /detokenize",
+    "GET /version",
 ]
 # The operations whose fuzzed requests reach a 200 (the stored-response routes only ever refuse), each of
 # which must have had JSON 200s checked against its documented schema, or the run proved nothing of them.
@@ -70,6 +73,14 @@ STREAMED = {
     "POST /v1/messages": {"model": MODEL, "messages": HI, "max_tokens": 4, "stream": True},
     "POST /v1/responses": {"model": MODEL, "input": "Hi", "max_output_tokens": 4, "stream": True},
 }
+
+
+# Both forms of the tokenizer's request, run before the generated ones, so each form's 200 (token strings
+# included) is checked against the schema however few random bodies hold exactly one of prompt and messages.
+TOKENIZE = [
+    {"model": MODEL, "prompt": "Hi", "return_token_strs": True},
+    {"model": MODEL, "messages": HI, "return_token_strs": True},
+]
 
 
 def documented_200(operation) -> dict[str, dict]:
@@ -120,6 +131,8 @@ def test_api_never_errors_or_breaks_its_schema(fuzz_target, label):
         whole = {key: value for key, value in streamed.items() if key not in ("stream", "stream_options")}
         for body in (streamed, whole):
             run = example(case=operations[label].Case(body=body, media_type="application/json"))(run)
+    for body in TOKENIZE if label == "POST /tokenize" else ():
+        run = example(case=operations[label].Case(body=body, media_type="application/json"))(run)
     run()
     # The case counts per operation, for `just fuzz` (run with -s) to report.
     sys.stderr.write(

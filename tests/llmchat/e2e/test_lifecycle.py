@@ -38,6 +38,8 @@ def test_503_while_loading_then_error_after_failed_load(monkeypatch):
         for r in (
             httpx.get(f"{live.base_url}/v1/models"),
             httpx.post(f"{live.base_url}/v1/chat/completions", json=BODY),
+            httpx.post(f"{live.base_url}/tokenize", json=BODY),
+            httpx.post(f"{live.base_url}/detokenize", json={"tokens": [1]}),
         ):
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "model_not_ready"

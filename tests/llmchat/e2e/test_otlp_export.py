@@ -45,7 +45,8 @@ def chat_spans(receiver):
 
 @pytest.fixture(scope="module")
 def grpc_run(tmp_path_factory):
-    """Two chats (one streamed, one with a caller's traceparent) exported over gRPC, scheme-less endpoint."""
+    """Two chats (one streamed, one with a caller's traceparent) exported over gRPC, scheme-less endpoint; and
+    /metrics as a scraper reads it meanwhile, with OTEL_METRICS_EXPORTER left at its default."""
     with OTLPReceiver() as receiver:
         env = FAST_EXPORT | {"OTEL_EXPORTER_OTLP_ENDPOINT": f"127.0.0.1:{receiver.port}"}
         server = spawn_llmchat(tmp_path_factory.mktemp("grpc"), env)
@@ -63,12 +64,13 @@ def grpc_run(tmp_path_factory):
         wait_until(lambda: len(chat_spans(receiver)) == 2)
         names = {"gen_ai.server.request.duration", "gen_ai.client.token.usage", "llmchat.engine.running"}
         wait_until(lambda: names <= {m.name for m in receiver.metrics})
+        scraped = httpx.get(f"{server.base_url}/metrics")
         assert server.stop() == 0
-        yield receiver, raw, streamed
+        yield receiver, raw, streamed, scraped
 
 
 def test_server_span_joins_the_callers_trace_and_parents_the_chat_span(grpc_run):
-    receiver, raw, _ = grpc_run
+    receiver, raw, _, _ = grpc_run
     assert raw.headers["x-trace-id"] == TRACE_ID
     spans = [s for _, s in receiver.spans if s.trace_id.hex() == TRACE_ID]
     (server,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
@@ -82,14 +84,14 @@ def test_server_span_joins_the_callers_trace_and_parents_the_chat_span(grpc_run)
 
 
 def test_no_health_receive_or_send_spans(grpc_run):
-    receiver, _, _ = grpc_run
+    receiver, _, _, _ = grpc_run
     names = {s.name for _, s in receiver.spans}
     assert not [n for n in names if "health" in n or n.endswith((" http send", " http receive"))], names
     assert {resource["service.name"] for resource, _ in receiver.spans} == {"llmchat"}
 
 
 def test_chat_span_carries_the_genai_attributes(grpc_run):
-    receiver, raw, _ = grpc_run
+    receiver, raw, _, _ = grpc_run
     response = raw.parse()
     (chat,) = [s for s in chat_spans(receiver) if s.trace_id.hex() == TRACE_ID]
     a = attrs(chat)
@@ -113,7 +115,7 @@ def test_chat_span_carries_the_genai_attributes(grpc_run):
 
 
 def test_metrics_have_the_conventions_names_and_buckets(grpc_run):
-    receiver, _, _ = grpc_run
+    receiver, _, _, _ = grpc_run
     latest = {m.name: m for m in receiver.metrics}
     expected = {
         "gen_ai.server.request.duration": DURATION_BUCKETS,
@@ -139,6 +141,18 @@ def test_metrics_have_the_conventions_names_and_buckets(grpc_run):
         assert latest[f"llmchat.engine.{gauge}"].gauge.data_points, gauge
     http = latest["http.server.request.duration"].histogram.data_points
     assert {attrs(p)["http.response.status_code"] for p in http} == {200}
+
+
+def test_metrics_are_served_for_prometheus_beside_otlp_by_default(grpc_run):
+    _, _, _, scraped = grpc_run
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    text = scraped.text
+    assert 'gen_ai_server_request_duration_seconds_bucket{gen_ai_operation_name="chat"' in text
+    assert "gen_ai_server_request_duration_seconds_count{" in text and 'le="81.92"' in text
+    assert "gen_ai_server_time_to_first_token_seconds_bucket{" in text
+    assert 'gen_ai_client_token_usage_bucket{gen_ai_operation_name="chat"' in text
+    assert "llmchat_requests_total{" in text and "llmchat_engine_running" in text
+    assert "http_server_request_duration_seconds_bucket{" in text
 
 
 def test_http_protobuf_export_with_message_content_opt_in(tmp_path):
@@ -180,7 +194,9 @@ def test_no_collector_listening_fails_nothing(tmp_path):
     assert server.stop(timeout_s=30) == 0, "shutdown flushes within its bound even with no collector"
 
 
-def test_prometheus_metrics_endpoint_for_users_without_a_collector(tmp_path):
+def test_naming_prometheus_still_serves_each_metric_once(tmp_path):
+    """OTEL_METRICS_EXPORTER=prometheus (the opt-in of old) is accepted and adds no second reader, which would
+    repeat every series."""
     env = {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "prometheus"}
     server = spawn_llmchat(tmp_path, env)
     try:
@@ -189,8 +205,10 @@ def test_prometheus_metrics_endpoint_for_users_without_a_collector(tmp_path):
         text = httpx.get(f"{server.base_url}/metrics").text
     finally:
         assert server.stop() == 0
-    assert 'gen_ai_server_request_duration_seconds_bucket{gen_ai_operation_name="chat"' in text
-    assert 'le="81.92"' in text
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(samples) == len(set(samples))
+    (count,) = [line for line in samples if line.startswith("gen_ai_server_request_duration_seconds_count{")]
+    assert count.endswith(" 1.0")
     assert "gen_ai_client_token_usage" in text and "llmchat_engine_running" in text
 
 

@@ -68,8 +68,26 @@ def test_anthropic_routes_accept_x_api_key_and_answer_in_their_envelope(guarded)
     assert httpx.post(f"{guarded}/v1/messages", json={}, headers={"x-api-key": KEYS[0]}).status_code != 401
 
 
-def test_health_stays_open(guarded):
+# vLLM's tokenizer routes and the metrics: keys protect them as they protect /v1.
+BEYOND_V1 = [
+    ("POST", "/tokenize", {"model": MODEL, "prompt": "Hi"}),
+    ("POST", "/detokenize", {"model": MODEL, "tokens": [19556]}),
+    ("GET", "/metrics", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BEYOND_V1, ids=[path for _, path, _ in BEYOND_V1])
+def test_tokenizer_routes_and_metrics_need_a_key(guarded, method, path, body):
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+        r = httpx.request(method, f"{guarded}{path}", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    r = httpx.request(method, f"{guarded}{path}", json=body, headers={"Authorization": f"Bearer {KEYS[1]}"})
+    assert r.status_code == 200, r.text
+
+
+def test_health_and_version_stay_open(guarded):
     assert httpx.get(f"{guarded}/health").status_code == 200
+    assert httpx.get(f"{guarded}/version").status_code == 200
 
 
 def test_keys_never_reach_the_logs(guarded, caplog):
