@@ -47,6 +47,9 @@ REQUEST_TOP_K = gen_ai.GEN_AI_REQUEST_TOP_K
 REQUEST_SEED = gen_ai.GEN_AI_REQUEST_SEED
 REQUEST_STREAM = gen_ai.GEN_AI_REQUEST_STREAM
 REQUEST_STOP_SEQUENCES = gen_ai.GEN_AI_REQUEST_STOP_SEQUENCES
+REQUEST_CHOICE_COUNT = gen_ai.GEN_AI_REQUEST_CHOICE_COUNT
+REQUEST_FREQUENCY_PENALTY = gen_ai.GEN_AI_REQUEST_FREQUENCY_PENALTY
+REQUEST_PRESENCE_PENALTY = gen_ai.GEN_AI_REQUEST_PRESENCE_PENALTY
 RESPONSE_ID = gen_ai.GEN_AI_RESPONSE_ID
 RESPONSE_MODEL = gen_ai.GEN_AI_RESPONSE_MODEL
 RESPONSE_FINISH_REASONS = gen_ai.GEN_AI_RESPONSE_FINISH_REASONS
@@ -183,6 +186,12 @@ class ChatObservation:
             attributes[REQUEST_TOP_K] = request.top_k
         if request.stop:
             attributes[REQUEST_STOP_SEQUENCES] = list(request.stop)
+        if request.n != 1:  # the conventions say to leave it out at 1
+            attributes[REQUEST_CHOICE_COUNT] = request.n
+        if request.sampling.frequency_penalty:
+            attributes[REQUEST_FREQUENCY_PENALTY] = request.sampling.frequency_penalty
+        if request.sampling.presence_penalty:
+            attributes[REQUEST_PRESENCE_PENALTY] = request.sampling.presence_penalty
         if client_job_id:
             attributes[CLIENT_JOB_ID] = client_job_id
         self.capture = capture_content_enabled()

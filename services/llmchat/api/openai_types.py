@@ -131,9 +131,8 @@ class StructuredOutputs(BaseModel):
 class SamplingFields(WireModel):
     """The fields chat and completions both take beyond temperature, top_p, stop and seed."""
 
-    n: int = Field(
-        1, ge=1, description="Choices to generate from one prefill of the prompt (at most the server's max_n)."
-    )
+    # Bounded here too (the most LLMCHAT_MAX_N may be), so no reply is sized by an absurd n before the check.
+    n: int = Field(1, ge=1, le=128, description="Choices from one prefill of the prompt (at most the server's max_n).")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias, -100 to 100.")

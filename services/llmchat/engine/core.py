@@ -12,13 +12,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-import psutil
 import torch
 from tokenizers.decoders import DecodeStream
 
 from llmchat.engine.constraints import GrammarError, GrammarMasks
+from llmchat.engine.kv_cache import kv_token_budget, make_prefix_cache
 from llmchat.engine.loader import LoadedModel
-from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner
 from llmchat.engine.sampler import adjust, sample, token_logprobs
 from llmchat.engine.sampling import SamplingParams, StopChecker
@@ -426,41 +425,3 @@ def is_device_fault(exc: BaseException) -> bool:
 
 def _average(average: float | None, value: float, weight: float = 0.3) -> float:
     return value if average is None else (1 - weight) * average + weight * value
-
-
-def make_prefix_cache(model: torch.nn.Module, capacity_bytes: int | None) -> tuple[PrefixCache | None, str | None]:
-    """The prefix cache for this model, or None and why not."""
-    if capacity_bytes == 0:
-        return None, "turned off in the settings"
-    if getattr(model, "hf_device_map", None) is not None:
-        return None, "the model is placed by a device map"
-    if capacity_bytes is None:
-        capacity_bytes = default_capacity(model)
-    return PrefixCache(capacity_bytes), None
-
-
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
-
-
-def kv_token_budget(model: torch.nn.Module, reserved_bytes: int) -> int | None:
-    """On a GPU, how many tokens of KV the running batch may hold: 80% of the memory free at start (the rest
-    for activations and the allocator's slack) less `reserved_bytes` (the prefix cache's bound). None on the
-    CPU, where memory is the host's and the kernel, not an exception, answers overuse."""
-    if model.device.type != "cuda":
-        return None
-    free = torch.cuda.mem_get_info(model.device)[0]
-    return max(int(0.8 * free) - reserved_bytes, 0) // kv_bytes_per_token(model)
-
-
-def default_capacity(model: torch.nn.Module) -> int:
-    """A tenth of the memory free on the model's device at start-up (a fifth of a GPU's), at most 64 contexts' KV."""
-    config = model.config
-    contexts = 64 * kv_bytes_per_token(model) * getattr(config, "max_position_embeddings", 8192)
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0] // 5
-    else:
-        free = psutil.virtual_memory().available // 10
-    return int(min(free, contexts))

@@ -89,7 +89,7 @@ def test_prompt_as_a_one_string_list(client):
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"best_of": 3}, "best_of"),
         ({"prompt": [791, 6864, 315]}, "prompt"),
         ({"prompt": [[791, 6864]]}, "prompt"),

@@ -120,7 +120,7 @@ def test_default_budget_is_rest_of_context(client, live):
         ({"model": MODEL, "messages": QUESTION, "top_p": 0}, "top_p"),
         ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": MODEL, "messages": QUESTION, "n": 2}, "n"),
+        ({"model": MODEL, "messages": QUESTION, "n": 129}, "n"),
         ({"model": MODEL, "messages": []}, "messages"),
         ({"model": MODEL}, "messages"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),

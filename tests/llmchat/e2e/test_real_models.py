@@ -113,6 +113,18 @@ def test_required_calls_are_whole_and_streamed_alike(client, model, parallel):
     assert streamed(client, model, tool_choice="required", parallel_tool_calls=parallel) == ("", calls, "tool_calls")
 
 
+def test_n_sampled_choices_each_make_their_own_valid_call_and_penalties_keep_them_valid(client, model):
+    reply = ask(client, model, tool_choice="required", n=3, temperature=1.0, seed=3, presence_penalty=1.5)
+    assert [c.finish_reason for c in reply.choices] == ["tool_calls"] * 3
+    for choice in reply.choices:
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    structured = ask(
+        client, model, tools=None, messages=PARIS, extra_body={"guided_choice": ["sunny", "rainy"]}, max_tokens=5
+    )
+    assert structured.choices[0].message.content in ("sunny", "rainy")
+
+
 def test_a_named_function_is_called(client, model):
     named = {"type": "function", "function": {"name": "get_time"}}
     reply = ask(client, model, tool_choice=named)

@@ -79,6 +79,19 @@ def test_chat_span_attributes_match_response(live, spans):
     assert span.status.is_ok
 
 
+def test_a_request_with_n_choices_has_one_span_with_every_choice(live, spans):
+    client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="x", max_retries=0)
+    response = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, n=3, seed=1, presence_penalty=0.5
+    )
+    (span,) = wait_for(lambda: chat_spans(spans))
+    a = span.attributes
+    assert a["gen_ai.request.choice.count"] == 3 and a["gen_ai.request.presence_penalty"] == 0.5
+    assert tuple(a["gen_ai.response.finish_reasons"]) == tuple(c.finish_reason for c in response.choices)
+    assert a["gen_ai.usage.input_tokens"] == response.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == response.usage.completion_tokens
+
+
 def test_forced_tokens_show_as_fewer_model_steps_in_the_span_and_health(live, spans):
     """JSON of fixed keys: the grammar forces much of it, so the model ran fewer steps than it wrote tokens."""
     schema = {
