@@ -142,6 +142,10 @@ class SamplingFields(WireModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, description="Only these tokens may be generated.")
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=64, description="Words never written, alone or after a space."
+    )
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputs | None = None

@@ -49,8 +49,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "truncate_prompt_tokens": (None,),
     "prompt_logprobs": (None,),
     "prompt_embeds": (None,),
-    "allowed_token_ids": (None,),
-    "bad_words": (None, []),
     "add_special_tokens": (None,),
     "continue_final_message": (None, False),
     "add_generation_prompt": (None, True),
@@ -71,7 +69,6 @@ HINTS = {
     "modalities": "this server's model writes text only",
     "audio": "this server's model writes text only",
     "use_beam_search": "this server samples; send n for several candidates",
-    "allowed_token_ids": "logit_bias can raise the tokens you want",
 }
 
 
@@ -92,6 +89,8 @@ def apply_sampling(
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        allowed_token_ids=tuple(body.allowed_token_ids or ()),
+        bad_words=tuple(body.bad_words or ()),
         include_stop=body.include_stop_str_in_output,
         skip_special_tokens=None if body.skip_special_tokens else False,
     )

@@ -230,6 +230,8 @@ class Chat:
             min_tokens=s.min_tokens,
             ignore_eos=s.ignore_eos,
             stop_token_ids=frozenset(s.stop_token_ids),
+            allowed_token_ids=s.allowed_token_ids,
+            bad_words_ids=self._bad_words_ids(s.bad_words),
             constraint=constraint,
             # A family whose call marker is a special token must see it in the decoded text.
             skip_special_tokens=special and s.skip_special_tokens is not False,
@@ -253,6 +255,12 @@ class Chat:
             reasoning = ReasoningSplitter(in_reasoning=starts_in_reasoning(prompt_text))
         return PreparedChat(prompt_ids, params, parser, reasoning)
 
+    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's tokens as the model would write it alone and after a space (vLLM's rule)."""
+        spelled = {" " + w.lstrip() for w in words} | {w.lstrip() for w in words}
+        ids = (tuple(self.renderer.tokenize(text)) for text in sorted(spelled))
+        return tuple(dict.fromkeys(word for word in ids if word))
+
     def _check(self, request: ChatRequest) -> None:
         """What is refused before rendering: the request's shape, and text too long to fit however it tokenizes."""
         if request.prompt is not None:
@@ -273,6 +281,7 @@ class Chat:
         for name, ids in (
             ("logit_bias", request.sampling.logit_bias),
             ("stop_token_ids", request.sampling.stop_token_ids),
+            ("allowed_token_ids", request.sampling.allowed_token_ids),
         ):
             if bad := [i for i in ids if not 0 <= i < vocab]:
                 raise ChatError(

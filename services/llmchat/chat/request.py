@@ -66,6 +66,8 @@ class Sampling:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[str, ...] = ()
     include_stop: bool = False  # include_stop_str_in_output
     skip_special_tokens: bool | None = None  # None: the server decides (a call marker must be seen)
 

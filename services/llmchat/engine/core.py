@@ -341,7 +341,10 @@ class Engine:
         for i, seq in enumerate(seqs):
             seq.num_steps += 1
             if broken[i] and errors[i] is None:
-                errors[i] = FloatingPointError("the model's logits for this request are not numbers (NaN or inf)")
+                errors[i] = FloatingPointError(
+                    "the model's logits for this request are not numbers (NaN or inf), or its constraints "
+                    "(allowed_token_ids, bad_words, min_tokens, a grammar) together allow no token"
+                )
             try:
                 if errors[i] is not None:
                     raise errors[i]

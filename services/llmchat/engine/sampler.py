@@ -18,8 +18,9 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
     """Applies each row's repetition, frequency and presence penalties, logit_bias and min_tokens in place.
 
     In that order, as vLLM does: the repetition penalty scales the model's own logits, then the OpenAI
-    penalties and the bias are added, and a sequence short of min_tokens cannot end (its end of sequence and
-    stop_token_ids get -inf). A grammar's mask comes after all of them, so a bias never breaks a grammar.
+    penalties and the bias are added; then only allowed_token_ids stay, a sequence short of min_tokens cannot
+    end (its end of sequence and stop_token_ids get -inf), and no bad word is completed. A grammar's mask comes
+    after all of them, so a bias never breaks a grammar.
     """
     params = [seq.params for seq in seqs]
     vocab = logits.shape[1]
@@ -47,6 +48,13 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
         rows, tokens, biases = zip(*biased, strict=True)
         index = (on_device(rows, logits.device), on_device(tokens, logits.device))
         logits.index_put_(index, on_device(biases, logits.device, logits.dtype), accumulate=True)
+    allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if allowed:
+        pairs = [(j, t) for j, i in enumerate(allowed) for t in params[i].allowed_token_ids if t < vocab]
+        only = torch.full((len(allowed), vocab), float("-inf"), device=logits.device, dtype=logits.dtype)
+        rows, tokens = zip(*pairs, strict=True)
+        only[on_device(rows, logits.device), on_device(tokens, logits.device)] = 0.0
+        logits.index_add_(0, on_device(allowed, logits.device), only)
     held = [
         (i, token)
         for i, seq in enumerate(seqs)
@@ -54,9 +62,20 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
         for token in eos_ids | seq.params.stop_token_ids
         if token < vocab
     ]
+    held += [(i, token) for i, seq in enumerate(seqs) for token in _bad_words_next(seq) if token < vocab]
     if held:
         rows, tokens = zip(*held, strict=True)
         logits[on_device(rows, logits.device), on_device(tokens, logits.device)] = float("-inf")
+
+
+def _bad_words_next(seq: Sequence) -> list[int]:
+    """The tokens that would complete one of the sequence's bad words after what it has generated."""
+    done = seq.completion_ids
+    return [
+        word[-1]
+        for word in seq.params.bad_words_ids
+        if len(word) == 1 or (len(done) >= len(word) - 1 and tuple(done[len(done) - len(word) + 1 :]) == word[:-1])
+    ]
 
 
 def _tokens(
@@ -97,7 +116,7 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> tuple[list[int], list[bool]]:
     """Every row's next token, sampled together on the logits' device and read back once; and which rows'
-    logits hold NaN or +inf (their token means nothing; the caller ends those requests).
+    logits hold NaN or +inf or allow no token (their token means nothing; the caller ends those requests).
 
     Greedy rows (temperature ~0) take the argmax. The others apply their own top-k, temperature, min-p and
     top-p, then draw by the exponential race: argmax(p / E) with E ~ Exp(1) from the row's own generator picks
@@ -105,7 +124,8 @@ def sample(
     is NaN (which on CUDA would kill the process's context).
     """
     tokens = logits.argmax(dim=-1)
-    broken = (logits.isnan() | logits.isposinf()).any(dim=-1)
+    # NaN or +inf, or nothing left to choose (constraints that together allow no token).
+    broken = (logits.isnan() | logits.isposinf()).any(dim=-1) | logits.isneginf().all(dim=-1)
     drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if drawn:
         index = on_device(drawn, logits.device)

@@ -38,6 +38,8 @@ class SamplingParams:
     min_tokens: int = 0  # the end of sequence and stop_token_ids are held back until this many tokens
     ignore_eos: bool = False  # the model's end of sequence does not end the output
     stop_token_ids: frozenset[int] = frozenset()  # more tokens that end the output, as its end of sequence does
+    allowed_token_ids: tuple[int, ...] = ()  # (): any; else only these may be generated
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed: each one's last is banned
     logits_processors: tuple[LogitsProcessor, ...] = ()
     constraint: Constraint | None = None  # the grammar its tokens must follow
     skip_special_tokens: bool = True

@@ -67,6 +67,8 @@ HONORED = {
     "ignore_eos": (SAMPLING, "test_min_tokens_holds_back_the_end_and_ignore_eos_runs_to_max_tokens"),
     "stop_token_ids": (SAMPLING, "test_stop_token_ids_end_the_output_and_include_stop_str_keeps_the_stop"),
     "include_stop_str_in_output": (SAMPLING, "test_stop_token_ids_end_the_output_and_include_stop_str_keeps_the_stop"),
+    "allowed_token_ids": (SAMPLING, "test_allowed_token_ids_and_bad_words"),
+    "bad_words": (SAMPLING, "test_allowed_token_ids_and_bad_words"),
     "skip_special_tokens": ("tests.llmchat.e2e.test_request_fields", "test_skip_special_tokens_false_shows_them"),
     "structured_outputs": (SAMPLING, "test_regex_output_matches"),
     "guided_json": (SAMPLING, "test_guided_json_and_completions_structured_outputs"),
@@ -92,8 +94,6 @@ REFUSED_VALUES = {
     "truncate_prompt_tokens": 5,
     "prompt_logprobs": 1,
     "prompt_embeds": "AAAA",
-    "allowed_token_ids": [1, 2],
-    "bad_words": ["cat"],
     "add_special_tokens": True,
     "continue_final_message": True,
     "add_generation_prompt": False,
@@ -197,6 +197,9 @@ BAD = [
     ({"guided_regex": "(unclosed"}, "guided_regex"),
     ({"structured_outputs": {"regex": "["}}, "structured_outputs.regex"),
     ({"min_tokens": -1}, "min_tokens"),
+    ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": [""]}, "bad_words.0"),
 ]
 
 

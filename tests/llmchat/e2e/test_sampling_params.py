@@ -84,6 +84,18 @@ def test_stop_token_ids_end_the_output_and_include_stop_str_keeps_the_stop(clien
     assert kept.choices[0].message.content.endswith(stop)
 
 
+def test_allowed_token_ids_and_bad_words(client, tokenizer):
+    pieces = [" cat", " dog"]
+    ids = [tokenizer.encode(p, add_special_tokens=False)[0] for p in pieces]
+    out = chat(client, temperature=1.0, seed=2, max_tokens=6, allowed_token_ids=ids, ignore_eos=True)
+    assert re.fullmatch("((cat|dog) ?)+", out.choices[0].message.content.strip())
+
+    plain = chat(client, temperature=0, max_tokens=12).choices[0].message.content
+    word = max(plain.split(), key=len).strip(".,!?")
+    banned = chat(client, temperature=0, max_tokens=12, bad_words=[word]).choices[0].message.content
+    assert word in plain and word not in banned
+
+
 @pytest.mark.parametrize(
     "fields",
     [

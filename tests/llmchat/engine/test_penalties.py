@@ -56,6 +56,23 @@ def test_min_tokens_holds_back_the_end_and_stop_token_ids_until_reached():
     assert logits[1].tolist() == [0, 0, 0, 0]
 
 
+def test_allowed_token_ids_leave_only_those_and_bad_words_are_never_completed():
+    logits = torch.zeros(3, 5)
+    only = row([1], [], allowed_token_ids=(1, 3))
+    words = ((4,), (2, 3))  # 4 alone; 3 after a 2
+    after_two = row([1], [0, 2], bad_words_ids=words)
+    after_one = row([1], [0, 1], bad_words_ids=words)
+    adjust(logits, [only, after_two, after_one], EOS)
+    inf = float("-inf")
+    assert logits.tolist() == [[inf, 0, inf, 0, inf], [0, 0, 0, inf, inf], [0, 0, 0, 0, inf]]
+
+
+def test_a_row_whose_constraints_allow_nothing_is_broken_not_token_zero():
+    logits = torch.zeros(1, 4)
+    adjust(logits, [row([1], [], allowed_token_ids=(0,), min_tokens=2)], EOS)  # 0 is the end of sequence
+    assert sample(logits, [SamplingParams(max_tokens=1, temperature=0.0)], [torch.Generator()])[1] == [True]
+
+
 def test_rows_without_adjustments_are_untouched():
     logits = torch.randn(3, 8)
     before = logits.clone()
