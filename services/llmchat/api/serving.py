@@ -186,7 +186,7 @@ class Generation:
             if isinstance(event, Finish):
                 finishes.append(event)
                 if len(finishes) == len(streams):
-                    self.obs.event(combined(finishes))
+                    self.obs.event(finishes[0] if len(finishes) == 1 else combined(finishes))
             elif index == 0 or isinstance(event, Notice):
                 self.obs.event(event)
             if not isinstance(event, Notice):
