@@ -6,7 +6,7 @@ from typing import Any
 from openai.types.completion_usage import CompletionUsage, PromptTokensDetails
 from pydantic import BaseModel
 
-from llmchat.api.openai_types import StreamOptions
+from llmchat.api.openai_types import ResponseFormat, StreamOptions
 from llmchat.chat import ChatError, ChatRequest, Finish, ToolSpec
 from llmchat.chat.grammar import schema_problem
 
@@ -64,14 +64,24 @@ def include_usage(options: StreamOptions | None) -> bool:
     return bool(options and options.include_usage)
 
 
-def completion_usage(finish: Finish) -> CompletionUsage:
-    """Chat and legacy completions usage; cached_tokens (part of prompt_tokens) is always there, 0 on a miss."""
+def completion_usage(*finishes: Finish) -> CompletionUsage:
+    """Chat and legacy completions usage of one or more choices: the prompt once, the completions summed, as
+    OpenAI counts n choices; cached_tokens (part of prompt_tokens) is always there, 0 on a miss."""
+    first = finishes[0]
+    completion_tokens = sum(f.completion_tokens for f in finishes)
     return CompletionUsage(
-        prompt_tokens=finish.prompt_tokens,
-        completion_tokens=finish.completion_tokens,
-        total_tokens=finish.prompt_tokens + finish.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finish.cached_tokens),
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=first.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=first.cached_tokens),
     )
+
+
+def response_format(fmt: ResponseFormat | None, request: ChatRequest) -> None:
+    """OpenAI's response_format (chat, and completions as vLLM allows): JSON output, matching a schema if given."""
+    if fmt is not None and fmt.type != "text":
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        json_output(request, schema, "response_format", "response_format.json_schema.schema")
 
 
 def chunk_usage(chunk: BaseModel, include: bool, usage: CompletionUsage | None = None) -> BaseModel:

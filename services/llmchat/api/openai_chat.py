@@ -25,7 +25,6 @@ from openai.types.chat.chat_completion_chunk import (
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_message_tool_call import Function
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
-from openai.types.completion_usage import CompletionUsage
 from pydantic import BaseModel
 
 from hrserve import OPENAI, ServiceError, client_job_id
@@ -36,10 +35,10 @@ from llmchat.api.common import (
     chunk_usage,
     completion_usage,
     include_usage,
-    json_output,
+    response_format,
     tool_choice,
 )
-from llmchat.api.openai_types import ChatCompletionRequest, Message, NamedToolChoice
+from llmchat.api.openai_types import ChatCompletionRequest, Message, NamedToolChoice, Tool
 from llmchat.api.openapi import JsonText, ok_responses
 from llmchat.api.sampling_fields import apply_sampling, apply_structured
 from llmchat.api.serving import Reply, Serving, WireEvent
@@ -67,7 +66,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
     """The protocol-neutral request; raises ChatError (a 400) for anything that cannot be honoured."""
     if body.top_logprobs is not None and not body.logprobs:
         raise ChatError("top_logprobs needs logprobs: true.", "top_logprobs")
-    tools = _tools(body)
+    tools = chat_tools(body.tools)
     choice, tool_name = _tool_choice(body, tools)
     request = ChatRequest(
         messages=[chat_message(m, i) for i, m in enumerate(body.messages)],
@@ -85,8 +84,8 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     apply_sampling(body, request, {"echo": (None, False)})
-    _response_format(body, request)
-    apply_structured(body, request, json_output)
+    response_format(body.response_format, request)
+    apply_structured(body, request)
     return request
 
 
@@ -113,9 +112,10 @@ def chat_message(m: Message, i: int) -> ChatMessage:
     return ChatMessage(ROLES.get(m.role, m.role), m.text(), tuple(calls), m.tool_call_id)
 
 
-def _tools(body: ChatCompletionRequest) -> tuple[ToolSpec, ...]:
+def chat_tools(offered: list[Tool] | None) -> tuple[ToolSpec, ...]:
+    """The request's tools as the chat core's (also /tokenize's)."""
     tools = ToolSet()
-    for i, tool in enumerate(body.tools or ()):
+    for i, tool in enumerate(offered or ()):
         f = tool.function
         tools.add(f.name, f.description, f.parameters, f"tools.{i}.function", "parameters")
     return tools.done()
@@ -126,13 +126,6 @@ def _tool_choice(body: ChatCompletionRequest, tools: tuple[ToolSpec, ...]) -> tu
     if isinstance(choice, NamedToolChoice):
         return tool_choice("function", choice.function.name, tools)
     return tool_choice(choice, None, tools)
-
-
-def _response_format(body: ChatCompletionRequest, request: ChatRequest) -> None:
-    fmt = body.response_format
-    if fmt is not None and fmt.type != "text":
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        json_output(request, schema, "response_format", "response_format.json_schema.schema")
 
 
 class ChoiceState:
@@ -206,21 +199,13 @@ class ChatReply(Reply):
             state.finish = event
             out = [self._chunk(choice, ChoiceDelta(), event.reason)]
             if self.include_usage and all(c.finish for c in self.choices):
-                out.append(chunk_usage(self._chunk_of([]), True, self._usage()))
+                out.append(chunk_usage(self._chunk_of([]), True, completion_usage(*(c.finish for c in self.choices))))
             return out
         delta = state.delta(event)
         return [] if delta is None else [self._chunk(choice, delta)]
 
     def close(self) -> list[WireEvent]:
         return [DONE]
-
-    def _usage(self) -> CompletionUsage:
-        """OpenAI's usage for n choices: the prompt once, the completions summed."""
-        finishes = [c.finish for c in self.choices]
-        usage = completion_usage(finishes[0])
-        usage.completion_tokens = sum(f.completion_tokens for f in finishes)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return usage
 
     def _chunk(self, index: int, delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
         state = self.choices[index]
@@ -251,7 +236,7 @@ class ChatReply(Reply):
             created=self.created,
             model=self.model,
             choices=choices,
-            usage=self._usage(),
+            usage=completion_usage(*(c.finish for c in self.choices)),
         )
 
     def stream_error(self, error: ServiceError) -> list[dict]:

@@ -12,7 +12,7 @@ from openai.types.completion_choice import Logprobs as ChoiceLogprobs
 from pydantic import BaseModel, Field
 
 from hrserve import OPENAI, ServiceError, client_job_id
-from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, json_output
+from llmchat.api.common import DONE, chunk_usage, completion_usage, include_usage, response_format
 from llmchat.api.openai_chat import openai_stream_error
 from llmchat.api.openai_types import INT64_MAX, INT64_MIN, ResponseFormat, SamplingFields, StreamOptions
 from llmchat.api.openapi import JsonText, ok_responses
@@ -61,11 +61,8 @@ def to_chat_request(body: CompletionRequest) -> ChatRequest:
         logprobs=body.logprobs,
     )
     apply_sampling(body, request)
-    fmt = body.response_format
-    if fmt is not None and fmt.type != "text":
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-        json_output(request, schema, "response_format", "response_format.json_schema.schema")
-    apply_structured(body, request, json_output)
+    response_format(body.response_format, request)
+    apply_structured(body, request)
     return request
 
 
@@ -147,19 +144,12 @@ class CompletionReply(Reply):
             logprobs = state.table.take() if self.logprobs and state.table.rows else None
             out = [self._chunk(choice, "", event.reason, logprobs)]
             if self.include_usage and all(c.finish for c in self.choices):
-                out.append(chunk_usage(self._completion([]), True, self._usage()))
+                out.append(chunk_usage(self._completion([]), True, completion_usage(*(c.finish for c in self.choices))))
             return out
         return []
 
     def close(self) -> list[WireEvent]:
         return [DONE]
-
-    def _usage(self):
-        """The prompt once, the completions summed (OpenAI's usage for n choices)."""
-        usage = completion_usage(self.choices[0].finish)
-        usage.completion_tokens = sum(c.finish.completion_tokens for c in self.choices)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return usage
 
     def _chunk(self, index: int, text: str, finish_reason=None, logprobs: ChoiceLogprobs | None = None) -> Completion:
         # The SDK's type requires finish_reason, but OpenAI streams null until the last chunk: built unvalidated.
@@ -183,7 +173,7 @@ class CompletionReply(Reply):
             for i, state in enumerate(self.choices)
         ]
         completion = self._completion(choices)
-        completion.usage = self._usage()
+        completion.usage = completion_usage(*(c.finish for c in self.choices))
         return completion
 
     def stream_error(self, error: ServiceError) -> list[dict]:

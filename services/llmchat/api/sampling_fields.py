@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from llmchat.api.common import json_output
 from llmchat.api.openai_types import SamplingFields
 from llmchat.chat import ChatError, ChatRequest
 from llmchat.chat.grammar import GrammarError, structured_grammar
@@ -92,9 +93,9 @@ def apply_sampling(
         allowed_token_ids=tuple(body.allowed_token_ids or ()),
         bad_words=tuple(body.bad_words or ()),
         include_stop=body.include_stop_str_in_output,
-        skip_special_tokens=None if body.skip_special_tokens else False,
+        skip_special_tokens=body.skip_special_tokens,
     )
-    if request.sampling.min_tokens > (request.max_tokens or request.sampling.min_tokens):
+    if request.max_tokens is not None and body.min_tokens > request.max_tokens:
         raise ChatError(f"min_tokens ({body.min_tokens}) is more than max_tokens ({request.max_tokens}).", "min_tokens")
 
 
@@ -146,9 +147,9 @@ def check_structured(field: str, kind: str, value: Any) -> None:
         raise ChatError(f"{field} cannot be enforced: {exc}", field) from None
 
 
-def apply_structured(body: SamplingFields, request: ChatRequest, json_output) -> None:
-    """Sets the structured output the body asks for: JSON through `json_output` (the JSON mode shared with
-    response_format), the other kinds as a grammar checked now."""
+def apply_structured(body: SamplingFields, request: ChatRequest) -> None:
+    """Sets the structured output the body asks for: JSON as response_format sets it, the other kinds as a
+    grammar checked now."""
     asked = structured_output(body)
     if asked is None:
         return

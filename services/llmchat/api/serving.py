@@ -234,7 +234,7 @@ class Generation:
 async def merge(streams: list[AsyncIterator[ChatEvent]]) -> AsyncIterator[tuple[int, ChatEvent]]:
     """The events of several streams in the order they come, each with its stream's index. Closing it (or an
     error in one stream) closes every stream, which aborts their sequences."""
-    if len(streams) == 1:
+    if len(streams) == 1:  # every n=1 request: no task per event
         async with contextlib.aclosing(streams[0]) as only:
             async for event in only:
                 yield 0, event

@@ -10,8 +10,7 @@ from pydantic_core import PydanticCustomError
 
 from hrserve import bad_request
 from llmchat import __version__
-from llmchat.api.common import ToolSet
-from llmchat.api.openai_chat import chat_message
+from llmchat.api.openai_chat import chat_message, chat_tools
 from llmchat.api.openai_types import Message, Tool, WireModel
 from llmchat.api.serving import Serving, invalid
 from llmchat.chat import ChatError, ChatRequest
@@ -96,12 +95,8 @@ def chat_request(body: TokenizeRequest) -> ChatRequest:
                 f"them, ending with the generation prompt (no prefill). Leave {name} out.",
                 name,
             )
-    tools = ToolSet()
-    for i, tool in enumerate(body.tools or ()):
-        f = tool.function
-        tools.add(f.name, f.description, f.parameters, f"tools.{i}.function", "parameters")
     messages = [chat_message(m, i) for i, m in enumerate(body.messages or ())]
-    return ChatRequest(messages, tools=tools.done(), template_kwargs=dict(body.chat_template_kwargs or {}))
+    return ChatRequest(messages, tools=chat_tools(body.tools), template_kwargs=dict(body.chat_template_kwargs or {}))
 
 
 def router(serving: Serving) -> APIRouter:

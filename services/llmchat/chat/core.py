@@ -234,7 +234,7 @@ class Chat:
             bad_words_ids=self._bad_words_ids(s.bad_words),
             constraint=constraint,
             # A family whose call marker is a special token must see it in the decoded text.
-            skip_special_tokens=special and s.skip_special_tokens is not False,
+            skip_special_tokens=special and s.skip_special_tokens,
             logprobs=request.logprobs,
         )
         parser = None

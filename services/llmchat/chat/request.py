@@ -69,7 +69,7 @@ class Sampling:
     allowed_token_ids: tuple[int, ...] = ()
     bad_words: tuple[str, ...] = ()
     include_stop: bool = False  # include_stop_str_in_output
-    skip_special_tokens: bool | None = None  # None: the server decides (a call marker must be seen)
+    skip_special_tokens: bool = True  # a call marker that is a special token is kept all the same
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
         keep = tokens < vocab  # a tokenizer may have tokens past the model's logits (never generated)
         keys = torch.unique(rows[keep] * vocab + tokens[keep])
         rows, tokens = keys // vocab, keys % vocab
-        penalty = on_device([params[i].repetition_penalty for i in range(len(seqs))], logits.device)[rows]
+        penalty = on_device([p.repetition_penalty for p in params], logits.device)[rows]
         values = logits[rows, tokens]
         logits[rows, tokens] = torch.where(values > 0, values / penalty, values * penalty).to(logits.dtype)
     counted = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
@@ -71,11 +71,9 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
 def _bad_words_next(seq: Sequence) -> list[int]:
     """The tokens that would complete one of the sequence's bad words after what it has generated."""
     done = seq.completion_ids
-    return [
-        word[-1]
-        for word in seq.params.bad_words_ids
-        if len(word) == 1 or (len(done) >= len(word) - 1 and tuple(done[len(done) - len(word) + 1 :]) == word[:-1])
-    ]
+    # The output's last len(word) - 1 tokens are the word's head (a one-token word's head is empty); an output
+    # shorter than the head gives a shorter slice, which never equals it.
+    return [word[-1] for word in seq.params.bad_words_ids if tuple(done[len(done) - len(word) + 1 :]) == word[:-1]]
 
 
 def _tokens(
@@ -88,8 +86,9 @@ def _tokens(
         seq = seqs[i]
         if with_prompt and seq.prompt_seen is None:
             seq.prompt_seen = torch.tensor(sorted(set(seq.prompt_ids)), dtype=torch.long)
-        own = [seq.prompt_seen, torch.tensor(seq.completion_ids, dtype=torch.long)] if with_prompt else []
-        own = own or [torch.tensor(seq.completion_ids, dtype=torch.long)]
+        own = [torch.tensor(seq.completion_ids, dtype=torch.long)]
+        if with_prompt:
+            own.append(seq.prompt_seen)
         parts += own
         counts.append(sum(len(part) for part in own))
     tokens = torch.cat(parts)
