@@ -172,7 +172,9 @@ def test_n_choices_share_one_prefill_and_stream_agrees_with_whole(client, live):
 
 
 def test_n_completions_count_the_prompt_once(client):
-    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, n=2, temperature=0)
+    out = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=6, n=2, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[0].text == out.choices[1].text  # greedy choices agree
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (4, 12)
