@@ -332,7 +332,7 @@ def main() -> None:
             if key == "llmchat" and "protocols" in scenarios:
                 protocols.run(server, count, args.max_tokens, console, args.out)
             if key == "llmchat" and "sampling" in scenarios:
-                sampling.run(server, args.max_tokens, console, args.out)
+                sampling.run(server, args.max_tokens, console, args.out, heads, count)
             if "agent" in scenarios:
                 agent_rows += agent.run(server, count, args, console)
             if "arrival" in scenarios:

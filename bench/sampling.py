@@ -1,6 +1,7 @@
 """What the sampling parameters cost (llmchat only): the same sampled load with and without presence,
 frequency and repetition penalties, a logit_bias and min_p on every request, at 8 and 16 clients; and n=4
-choices at one client against four sequential n=1 requests, with the prompt tokens each computed (/health).
+choices at one client against four sequential n=1 requests, with the prompt tokens each computed (/health); at
+each prompt size --prompt-tokens names.
 
 Every reply runs to max_tokens (ignore_eos), so both sides of each comparison generate the same tokens.
 """
@@ -27,8 +28,9 @@ PARAMS = {
 ASK = "Write a story about a lighthouse keeper and a storm."
 
 
-async def _load(server: servers.Server, clients: int, requests: int, max_tokens: int, extra: dict) -> float:
-    """Output tokens per second of `requests` chat completions over `clients` concurrent clients."""
+async def _load(server: servers.Server, clients: int, requests: int, max_tokens: int, extra: dict, head: str) -> float:
+    """Output tokens per second of `requests` chat completions over `clients` concurrent clients, each prompt
+    after the shared text `head`."""
     queue = list(range(requests))
     tokens = 0
 
@@ -36,7 +38,7 @@ async def _load(server: servers.Server, clients: int, requests: int, max_tokens:
         nonlocal tokens
         while queue:
             i = queue.pop()
-            body = {"model": server.model, "messages": [{"role": "user", "content": f"{ASK} ({i})"}]}
+            body = {"model": server.model, "messages": [{"role": "user", "content": f"{head}{ASK} ({i})"}]}
             r = await client.post("/v1/chat/completions", json=body | {"max_tokens": max_tokens, "seed": i} | extra)
             r.raise_for_status()
             tokens += r.json()["usage"]["completion_tokens"]
@@ -51,11 +53,14 @@ def _prefilled(server: servers.Server) -> int:
     return httpx.get(server.base_url + "/health").json()["decoding"]["prefilled_tokens"]
 
 
-async def _choices(server: servers.Server, max_tokens: int, n: int, sequential: bool, tag: str) -> tuple[float, int]:
-    """(output tok/s, prompt tokens computed) of n choices: one request with n, or n requests one after another."""
+async def _choices(
+    server: servers.Server, max_tokens: int, n: int, sequential: bool, tag: str, head: str
+) -> tuple[float, int]:
+    """(output tok/s, prompt tokens computed) of n choices: one request with n, or n requests one after another.
+    The `tag` leads the prompt, so neither side reads the other's from the prefix cache."""
     body = {
         "model": server.model,
-        "messages": [{"role": "user", "content": f"{ASK} [{tag}]"}],
+        "messages": [{"role": "user", "content": f"[{tag}] {head}{ASK}"}],
         "max_tokens": max_tokens,
     }
     body |= BASE | {"seed": 1}
@@ -71,25 +76,28 @@ async def _choices(server: servers.Server, max_tokens: int, n: int, sequential: 
     return tokens / wall, _prefilled(server) - before
 
 
-def run(server: servers.Server, max_tokens: int, console: Console, out: Path) -> None:
+def run(server: servers.Server, max_tokens: int, console: Console, out: Path, heads: list[str], count) -> None:
+    """Both comparisons after each of `heads` (shared text before every prompt: --prompt-tokens)."""
     rows = []
     load = table("Sampling parameters on every request (llmchat, sampled, replies to max_tokens)",
-                 ("clients", "plain tok/s", "with penalties, bias, min_p tok/s", "ratio"))  # fmt: skip
-    for clients in (8, 16):
-        plain = asyncio.run(_load(server, clients, 2 * clients, max_tokens, BASE))
-        params = asyncio.run(_load(server, clients, 2 * clients, max_tokens, BASE | PARAMS))
-        rows.append({"clients": clients, "plain_tok_s": round(plain, 2), "params_tok_s": round(params, 2)})
-        load.add_row(str(clients), f"{plain:.1f}", f"{params:.1f}", f"{params / plain:.2f}x")
-        console.print(f"  sampling c={clients}: plain {plain:.1f}, with parameters {params:.1f} tok/s")
-    console.print(load)
-    together, computed = asyncio.run(_choices(server, max_tokens, 4, sequential=False, tag="n4"))
-    apart, computed_apart = asyncio.run(_choices(server, max_tokens, 4, sequential=True, tag="n1"))
+                 ("text ahead", "clients", "plain tok/s", "with penalties, bias, min_p tok/s", "ratio"))  # fmt: skip
     choices = table("n=4 at one client against four sequential n=1 requests (llmchat)",
-                    ("requests", "tok/s", "prompt tokens computed"))  # fmt: skip
-    choices.add_row("one with n=4", f"{together:.1f}", str(computed))
-    choices.add_row("four with n=1", f"{apart:.1f}", str(computed_apart))
+                    ("text ahead", "requests", "tok/s", "prompt tokens computed", "ratio"))  # fmt: skip
+    for head in heads:
+        ahead = count(head)
+        for clients in (8, 16):
+            plain = asyncio.run(_load(server, clients, 2 * clients, max_tokens, BASE, head))
+            params = asyncio.run(_load(server, clients, 2 * clients, max_tokens, BASE | PARAMS, head))
+            rows.append({"prompt_tokens": ahead, "clients": clients, "plain_tok_s": round(plain, 2),
+                         "params_tok_s": round(params, 2)})  # fmt: skip
+            load.add_row(str(ahead), str(clients), f"{plain:.1f}", f"{params:.1f}", f"{params / plain:.2f}x")
+            console.print(f"  sampling {ahead} ahead, c={clients}: plain {plain:.1f}, with parameters {params:.1f}")
+        together, computed = asyncio.run(_choices(server, max_tokens, 4, False, f"n4-{ahead}", head))
+        apart, computed_apart = asyncio.run(_choices(server, max_tokens, 4, True, f"n1-{ahead}", head))
+        choices.add_row(str(ahead), "one with n=4", f"{together:.1f}", str(computed), f"{together / apart:.2f}x")
+        choices.add_row(str(ahead), "four with n=1", f"{apart:.1f}", str(computed_apart), "")
+        rows.append({"prompt_tokens": ahead, "n4_tok_s": round(together, 2), "n4_prompt_computed": computed,
+                     "sequential_tok_s": round(apart, 2), "sequential_prompt_computed": computed_apart})  # fmt: skip
+    console.print(load)
     console.print(choices)
-    console.print(f"  n=4 / sequential: {together / apart:.2f}x")
-    rows.append({"n4_tok_s": round(together, 2), "n4_prompt_computed": computed})
-    rows.append({"sequential_tok_s": round(apart, 2), "sequential_prompt_computed": computed_apart})
     (out / "sampling.json").write_text(json.dumps(rows, indent=2))
