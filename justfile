@@ -44,11 +44,13 @@ fuzz examples="300" *args: sync-dev
 gpu-check *args: sync-dev
     .venv-dev/bin/pytest -v tests/gpu {{args}}
     .venv-dev/bin/python -m bench.gpu
+    .venv-dev/bin/python -m bench.gpu_decode
 
-# lint the tree
+# lint the tree (and type-check the engine: [tool.mypy] in pyproject.toml)
 lint: sync-dev
     .venv-dev/bin/ruff check .
     .venv-dev/bin/lint-imports
+    .venv-dev/bin/mypy
 
 # throughput benchmark against transformers serve (and llama.cpp when installed); flags pass through
 bench *args: sync-dev

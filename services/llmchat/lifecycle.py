@@ -169,6 +169,7 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
                 jump_forward=settings.jump_forward,
                 int4_rows=settings.int4_rows,
                 compile_decode=settings.compile,
+                pool_bytes=None if settings.kv_pool_mb is None else settings.kv_pool_mb * 2**20,
             )
             if settings.cuda_graphs and loaded.device == "cuda":
                 stage("capturing CUDA graphs for every batch size")

@@ -100,12 +100,26 @@ class Settings(ServiceSettings):
     max_context: int | None = Field(
         None, ge=16, description="Context length limit in tokens (prompt + completion); default: the model's."
     )
-    max_running: int = Field(16, ge=1, le=1024, description="Most sequences generated together in one batch.")
-    max_batched_tokens: int = Field(
-        512,
+    max_running: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Most sequences generated together in one batch; default: 256 on a GPU, 64 on the CPU (fewer "
+        "when the KV pool is small: a sequence is admitted only when its prompt's blocks are free).",
+    )
+    max_batched_tokens: int | None = Field(
+        None,
         ge=16,
         description="Token budget of one engine step: one per decoding sequence, the rest for chunks of prompts "
-        "being prefilled; while sequences decode, chunks are also kept to about four decode steps' time.",
+        "being prefilled; while sequences decode, chunks are also kept to about four decode steps' time. Default: "
+        "2048 on a GPU, 512 on the CPU.",
+    )
+    kv_pool_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Size in MiB of the paged KV pool every running sequence and the prefix cache share (with "
+        "llmchat's fused forward pass), allocated at start-up; default: 80% of a GPU's memory free after loading, "
+        "or a quarter of the free RAM (at most 64 full contexts). The context limit is cut to what the pool holds.",
     )
     prefix_cache: bool = Field(
         True,
@@ -115,8 +129,10 @@ class Settings(ServiceSettings):
     prefix_cache_mb: int | None = Field(
         None,
         ge=0,
-        description="Memory bound of the prefix cache in MiB, least recently used blocks evicted first; default: "
-        "a tenth of the free RAM at start-up (a fifth of a GPU's free memory), at most 64 full contexts.",
+        description="Only where there is no KV pool (transformers' forward pass, or LLMCHAT_COMPILE): memory bound "
+        "of the prefix cache in MiB, least recently used blocks evicted first; default: a tenth of the free RAM at "
+        "start-up (a fifth of a GPU's free memory), at most 64 full contexts. With the pool, cached blocks live in "
+        "it and are evicted when it needs room.",
     )
     max_waiting: int = Field(
         64, ge=0, description="Most requests queued behind a full batch; beyond it clients get 429 with Retry-After."

@@ -62,7 +62,7 @@ class Choices:
         self.measured_at: float | None = None
         self.num_measured = self.num_reused = 0
         if path is not None and not remeasure:
-            self._read()
+            self._read(path)
 
     def get(self, name: str, measure: Callable[[], Any]) -> Any:
         if name in self.values:
@@ -92,16 +92,16 @@ class Choices:
             "values": self.values,
         }
 
-    def _read(self) -> None:
+    def _read(self, path: Path) -> None:
         try:
-            stored = json.loads(self.path.read_text())
+            stored = json.loads(path.read_text())
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
-            log.warning("measuring again: the kept choices in %s could not be read: %s", self.path, exc)
+            log.warning("measuring again: the kept choices in %s could not be read: %s", path, exc)
             return
         if not isinstance(stored, dict) or stored.get("identity") != self.identity:
-            log.info("measuring again: %s was written for another machine, torch or model", self.path)
+            log.info("measuring again: %s was written for another machine, torch or model", path)
             return
         self.values = dict(stored.get("values") or {})
         self.measured_at = stored.get("measured_at")

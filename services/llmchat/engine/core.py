@@ -13,17 +13,29 @@ import time
 from collections.abc import AsyncIterator
 
 import torch
-from tokenizers.decoders import DecodeStream
 
-from llmchat.engine.constraints import GrammarError, GrammarMasks
-from llmchat.engine.kv_cache import kv_token_budget, make_prefix_cache
+from llmchat.engine.block_pool import BlockPool, PoolFull
+from llmchat.engine.constraints import GrammarMasks
+from llmchat.engine.kv_cache import (
+    default_pool_bytes,
+    kv_bytes_per_token,
+    kv_shape,
+    kv_token_budget,
+    make_prefix_cache,
+)
 from llmchat.engine.loader import LoadedModel
-from llmchat.engine.runner import BatchRunner
-from llmchat.engine.sampler import adjust, sample, token_logprobs
-from llmchat.engine.sampling import SamplingParams, StopChecker
+from llmchat.engine.outputs import OutputProcessor
+from llmchat.engine.paged_kv import PagedKV
+from llmchat.engine.paged_runner import PagedRunner, in_kv
+from llmchat.engine.prefix_cache import PrefixCache
+from llmchat.engine.runner import BatchRunner, pick_forward
+from llmchat.engine.sampler import pick
+from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.scheduler import Output, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger("llmchat.engine")
+
+BLOCK_SIZE = 16  # tokens of one KV block (the prefix cache's unit)
 
 # While sequences decode, a step's prefill chunks may take at most this many decode steps' time, so a
 # running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine.
@@ -43,16 +55,23 @@ class Engine:
         jump_forward: bool = True,
         int4_rows: int | None = None,
         compile_decode: bool = False,
+        pool_bytes: int | None = None,
     ) -> None:
         """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache).
         `jump_forward`: append the tokens a grammar forces without a model step for each. `int4_rows`: decode
         steps of up to this many rows use a GGUF's 4-bit weights on the CPU (None: measured at load; 0: never).
-        `compile_decode`: one-row decode steps on the CPU run compiled by torch.compile (compiled on prepare())."""
+        `compile_decode`: one-row decode steps on the CPU run compiled by torch.compile (compiled on prepare()).
+        `pool_bytes`: the paged KV pool's size (None: derived from free memory), where the fused pass runs."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
         self.vocab_size = loaded.model.config.vocab_size
         config = config or SchedulerConfig()
+        gpu = loaded.model.device.type == "cuda"
+        if config.max_running is None:
+            config.max_running = 256 if gpu else 64
+        if config.max_batched_tokens is None:
+            config.max_batched_tokens = 2048 if gpu else 512
         self.scheduler = Scheduler(config)
         eos = loaded.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -60,29 +79,42 @@ class Engine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-        self.prefix_cache, self.prefix_cache_off = make_prefix_cache(loaded.model, prefix_cache_bytes)
-        if config.max_kv_tokens is None:
-            reserved = self.prefix_cache.capacity_bytes if self.prefix_cache is not None else 0
-            config.max_kv_tokens = kv_token_budget(loaded.model, reserved)
-        self.runner = BatchRunner(
-            loaded.model,
-            pad,
+        model = loaded.model
+        forward = pick_forward(
+            model,
             fused_forward,
             cuda_graphs,
             config.max_running,
             checkpoint=loaded.checkpoint,
-            gguf=loaded.gguf,
-            prefix_cache=self.prefix_cache,
             int4_rows=int4_rows,
             compile_decode=compile_decode,
             choices=loaded.choices,
+            gguf=loaded.gguf,
         )
+        self.pool: BlockPool | None = None
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_cache_off: str | None = "turned off in the settings" if prefix_cache_bytes == 0 else None
+        if hasattr(forward, "paged"):  # llmchat's fused pass: the paged KV pool
+            if pool_bytes is None:
+                pool_bytes = default_pool_bytes(model, self.max_context)
+            num_blocks = max(pool_bytes // (kv_bytes_per_token(model) * BLOCK_SIZE), 2)
+            kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, model.dtype, model.device)
+            self.pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=prefix_cache_bytes != 0)
+            self.runner: PagedRunner | BatchRunner = PagedRunner(model, forward, kv, self.pool, model.device)
+            # Every request must fit the pool alone: a longer context is refused before any work (a 400).
+            self.max_context = min(self.max_context, kv.num_blocks * BLOCK_SIZE - BLOCK_SIZE)
+            config.max_kv_tokens = kv.num_blocks * BLOCK_SIZE
+        else:  # transformers' forward, or the compiled one-row decode: one padded batch cache
+            self.prefix_cache, self.prefix_cache_off = make_prefix_cache(model, prefix_cache_bytes)
+            if config.max_kv_tokens is None:
+                reserved = self.prefix_cache.capacity_bytes if self.prefix_cache is not None else 0
+                config.max_kv_tokens = kv_token_budget(model, reserved)
+            self.runner = BatchRunner(model, forward, pad, self.prefix_cache)
         self.masks = GrammarMasks()
-        self.jump_forward = jump_forward
-        # Since start: tokens generated, and model steps whose logits chose one (fewer when tokens were forced).
-        self.num_output_tokens = 0
-        self.num_model_steps = 0
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, jump_forward)
+        self.num_model_steps = 0  # since start: model steps whose logits chose a token (fewer when tokens were forced)
         self.num_prefilled_tokens = 0  # prompt tokens computed (not read from the prefix cache or shared by forks)
+        self.num_preemptions = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
@@ -114,27 +146,53 @@ class Engine:
 
     @property
     def prefix_cache_bytes(self) -> int:
+        if self.pool is not None:
+            return len(self.pool.cached) * self.pool.block_size * self.runner.kv.bytes_per_token
         return self.prefix_cache.num_bytes if self.prefix_cache is not None else 0
 
     def describe(self) -> dict:
-        """What /health shows of the engine: the model as loaded, its forward pass, prefix cache and load."""
-        cache = self.prefix_cache.describe() if self.prefix_cache is not None else {"off": self.prefix_cache_off}
+        """What /health shows of the engine: the model as loaded, its forward pass, KV pool, prefix cache and load."""
+        if self.prefix_cache_off is not None:
+            cache = {"off": self.prefix_cache_off}
+        elif self.pool is not None:
+            # Cached blocks may fill whatever of the pool the running sequences leave.
+            cache = self.pool.describe_prefix() | {
+                "bytes": self.prefix_cache_bytes,
+                "capacity_bytes": self.runner.kv.nbytes,
+            }
+        else:
+            cache = self.prefix_cache.describe()
         return self.loaded.describe() | {
             "forward": self.runner.forward.kind,
             # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
             "forward_memory_bytes": self.runner.forward.extra_bytes,
+            "kv_pool": self._describe_pool(),
             "prefix_cache": cache,
             "max_batched_tokens": self.scheduler.config.max_batched_tokens,
             "max_kv_tokens": self.scheduler.config.max_kv_tokens,
             "decoding": {
-                "jump_forward": self.jump_forward,
-                "output_tokens": self.num_output_tokens,
+                "jump_forward": self.outputs.jump_forward,
+                "output_tokens": self.outputs.num_output_tokens,
                 "model_steps": self.num_model_steps,
                 "prefilled_tokens": self.num_prefilled_tokens,
             },
             "engine_alive": self.is_alive,
             "num_waiting": self.num_waiting,
             "num_running": self.num_running,
+        }
+
+    def _describe_pool(self) -> dict:
+        if self.pool is None:
+            return {"off": f"the forward pass is {self.runner.forward.kind}: one padded batch cache"}
+        kv = self.runner.kv
+        tokens = sum(in_kv(s) for s in self.scheduler.running if s.blocks)
+        return self.pool.describe() | {
+            "bytes_per_token": kv.bytes_per_token,
+            "bytes_total": kv.nbytes,
+            "bytes_used": self.runner.kv_cache_bytes(),
+            "tokens_held": tokens,  # the running sequences' real tokens; their blocks hold at most 15 more each
+            "attention": "per sequence over its gathered blocks, grouped heads kept (SDPA)",
+            "preemptions": self.num_preemptions,
         }
 
     def prepare(self) -> None:
@@ -232,7 +290,7 @@ class Engine:
                         if not seq.is_finished:
                             seq.finish(Output("", len(seq.completion_ids), "error", error))
                     for seq in self.scheduler.postprocess():
-                        seq.kv = None
+                        self.runner.release(seq)  # blocks written in the failed step were never cached
                     self.runner.reset()
 
     def step(self) -> None:
@@ -240,6 +298,99 @@ class Engine:
 
         Aborts are honoured before each forward pass, so a hung-up client's slot is free within one pass.
         """
+        if self.pool is not None:
+            self._step_paged()
+        else:
+            self._step_batched()
+
+    def _step_paged(self) -> None:
+        """Over the paged pool the decoding rows and the prompt chunks go through one forward pass together."""
+        self._reap()
+        for seq in self.scheduler.schedule(hold_shared=self.pool.caching, pool=self.pool):
+            try:
+                self._admit(seq)
+            except PoolFull:  # only when nothing else runs: the pool cannot hold this request at all
+                self._fail_group(seq, "the KV pool cannot hold this request's prompt and choices")
+        self._make_room()
+        chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), self._max_chunk())
+        if not chunks and not self.runner.rows:
+            return
+        start = time.perf_counter()
+        try:
+            seqs, logits = self.runner.step(chunks)
+        except torch.OutOfMemoryError:
+            self._out_of_memory_paged(chunks)
+            return
+        elapsed = time.perf_counter() - start
+        num_prompt = sum(n for _, n in chunks)
+        if num_prompt:
+            decode_s = self.decode_step_s if self.runner.rows and self.decode_step_s is not None else 0.0
+            self.prefill_token_s = _average(self.prefill_token_s, max(elapsed - decode_s, 0.0) / num_prompt)
+            self.num_prefilled_tokens += num_prompt
+        else:
+            self.decode_step_s = _average(self.decode_step_s, elapsed)
+        if seqs:
+            self._sample(seqs, logits)
+        self.runner.drop(self.scheduler.postprocess())
+
+    def _make_room(self) -> None:
+        """Blocks for every decoding row's pending tokens, oldest row first; when the pool has none left the newest
+        running request is preempted (its blocks freed, recomputed later) rather than anything failing."""
+        for seq in list(self.runner.rows):
+            while seq in self.runner.rows and (short := self.runner.blocks_short(seq)) > 0:
+                if short <= self.pool.num_free:
+                    self.runner.grow(seq, short)
+                    break
+                victim = self.scheduler.running[-1]
+                if victim is seq and len(self.scheduler.running) == 1:
+                    self._fail_group(seq, "the KV pool is full")  # cannot happen within max_context
+                    break
+                if victim.parent is not None and victim.is_prefilling:  # a choice waiting on its prompt
+                    victim = victim.parent
+                self._preempt(victim)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks (and its waiting choices') and queues it to be prefilled again: its prompt
+        and the reply so far, through the prefix cache where its blocks are still cached."""
+        waiting_forks = [f for f in seq.forks if f.is_prefilling and not f.is_finished] if seq.is_prefilling else []
+        for member in (seq, *waiting_forks):
+            self.runner.release(member)
+        if not seq.is_prefilling or seq.completion_ids:  # it had joined the batch: it resumes where it was
+            done = len(seq.completion_ids) - len(seq.pending)
+            seq.prefill_ids = seq.prompt_ids + seq.completion_ids[:done]
+            if seq.parent is not None:
+                seq.parent.forks.remove(seq)
+            for fork in seq.forks:  # its other choices run on their own now
+                fork.parent = None
+            seq.forks, seq.parent = [], None
+        seq.num_computed = 0
+        seq.num_preempted += 1
+        self.num_preemptions += 1
+        log.info("KV pool full: preempted a request of %d tokens (recomputed later)", len(seq.prefill_ids))
+        self.scheduler.preempt(seq, waiting_forks)
+
+    def _fail_group(self, seq: Sequence, error: str) -> None:
+        for member in (seq, *seq.forks):
+            if not member.is_finished:
+                member.finish(Output("", len(member.completion_ids), "error", error))
+        self.runner.drop(self.scheduler.postprocess())
+
+    def _out_of_memory_paged(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Out of device memory in a step: the prompts being prefilled end (they are the newcomers), or with none,
+        the newest request is preempted; the other rows' pending tokens run again in the next step."""
+        if chunks:
+            self._out_of_memory([s for seq, _ in chunks for s in (seq, *seq.forks)])
+            self.runner.drop(self.scheduler.postprocess())
+        elif len(self.runner.rows) > 1:
+            self._preempt(self.runner.rows[-1])
+        else:
+            self._out_of_memory(list(self.scheduler.running))
+            self.runner.drop(self.scheduler.postprocess())
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _step_batched(self) -> None:
+        """With one padded batch cache: prefill chunks, sample the prompts that are done, then a decode step."""
         self._reap()
         for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
             try:
@@ -272,7 +423,7 @@ class Engine:
         """Ends sequences whose admission or prefill ran out of device memory; the running batch goes on."""
         log.warning("out of memory admitting or prefilling %d requests; ending them", len(seqs))
         for seq in seqs:
-            seq.kv = None
+            self.runner.release(seq)
             if not seq.is_finished:
                 error = "out of memory: the prompt did not fit beside the running requests; retry later"
                 seq.finish(Output("", len(seq.completion_ids), "error", error))
@@ -292,130 +443,21 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> None:
         for choice in (seq, *seq.forks):
-            if not choice.is_finished:
-                self._start_decoding(choice)
+            if not choice.is_finished and choice.generator is None:  # not when it resumes after a preemption
+                self.outputs.start(choice, self.runner.device)
+                if choice.params.constraint is not None:  # its first mask is computed while its prompt prefills
+                    self.masks.start([choice.params.constraint])
         self.runner.start(seq)
 
-    def _start_decoding(self, seq: Sequence) -> None:
-        """The per-sequence decoding state: its generator, detokenizer, stop strings, first grammar mask."""
-        seq.admitted_ns = time.time_ns()
-        generator = torch.Generator(device=self.runner.device)
-        if seq.params.seed is not None:
-            generator.manual_seed(seq.params.seed)
-        else:
-            generator.seed()
-        seq.generator = generator
-        # Seeding the decoder with the prompt's tail gives the first token its correct leading space.
-        seq.decoder = DecodeStream(ids=seq.prompt_ids[-4:], skip_special_tokens=seq.params.skip_special_tokens)
-        seq.stops = StopChecker(seq.params.stop, seq.params.include_stop)
-        if seq.params.constraint is not None:  # its first mask is computed while its prompt prefills
-            self.masks.start([seq.params.constraint])
-
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Picks every sequence's next token in one pass (grammar masks for all constrained rows at once),
-        appends it and any tokens its grammar then forces, and starts the constrained rows' next masks.
-
-        A row whose grammar refuses its token ends there, with what was valid (the output's `refusal` says why);
-        one whose processor or logits fail (NaN) ends in an error. The other rows go on.
-        """
-        constraints = [seq.params.constraint for seq in seqs]
-        asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        # Log-probabilities are the model's own: taken before masks, processors and temperature.
-        raw = logits[asking] if asking else None  # a copy (indexed by a list)
-        adjust(logits, seqs, self.eos_ids)
-        errors: list[Exception | None] = list(self.masks.apply(constraints, logits))
-        for i, seq in enumerate(seqs):
-            try:
-                for processor in seq.params.logits_processors:
-                    logits[i] = processor(seq.completion_ids, logits[i])
-            except Exception as exc:
-                errors[i] = errors[i] or exc
-        tokens, broken = sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
-        if asking:
-            nums = [seqs[i].params.logprobs for i in asking]
-            entries = token_logprobs(raw, [tokens[i] for i in asking], nums, self._decode_one)
-            for i, entry in zip(asking, entries, strict=True):
-                if not self._ends(seqs[i], tokens[i]):
-                    seqs[i].logprobs.append(entry)
+        """Picks every sequence's next token in one pass and hands each to its reply; starts the constrained rows'
+        next grammar masks."""
+        tokens, errors, entries = pick(logits, seqs, self.eos_ids, self.masks, self.outputs.decode_one)
         self.num_model_steps += len(seqs)
-        for i, seq in enumerate(seqs):
-            seq.num_steps += 1
-            if broken[i] and errors[i] is None:
-                errors[i] = FloatingPointError(
-                    "the model's logits for this request are not numbers (NaN or inf), or its constraints "
-                    "(allowed_token_ids, bad_words, min_tokens, a grammar) together allow no token"
-                )
-            try:
-                if errors[i] is not None:
-                    raise errors[i]
-                forced, complete = self._forced_after(seq, tokens[i])
-            except GrammarError as exc:  # the output so far is valid: it ends there, not in an error
-                output = self._output(seq, seq.stops.flush(), "stop")
-                output.refusal = str(exc)
-                seq.finish(output)
-                continue
-            except Exception as exc:  # a processor's or the logits' failure ends its own sequence
-                log.error("sampling failed; ending one sequence", exc_info=exc)
-                seq.finish(Output("", len(seq.completion_ids), "error", f"{type(exc).__name__}: {exc}"))
-                continue
-            self._append(seq, forced, complete)
+        for seq, token, error, entry in zip(seqs, tokens, errors, entries, strict=True):
+            self.outputs.take(seq, token, error, entry)
+        constraints = [seq.params.constraint for seq in seqs]
         self.masks.start([c for seq, c in zip(seqs, constraints, strict=True) if c and not seq.is_finished])
-
-    def _forced_after(self, seq: Sequence, token: int) -> tuple[list[int], bool]:
-        """The sampled token and those the grammar forces after it, and whether the grammar is then complete.
-
-        Forced tokens are skipped when log-probabilities are asked for: they would need a model step each.
-        """
-        constraint = seq.params.constraint
-        if constraint is None or self._ends(seq, token):
-            return [token], False
-        constraint.consume([token])
-        if not self.jump_forward or seq.params.logprobs is not None:
-            return [token], False
-        forced = constraint.forced()
-        # llguidance spells forced text in its canonical tokens; where the grammar refuses one of them (a marker
-        # the tokenizer also has as a token of its own), the rest is decoded step by step under the mask.
-        forced = forced[: constraint.try_consume(forced)]
-        return [token, *forced], constraint.is_done
-
-    def _ends(self, seq: Sequence, token: int) -> bool:
-        """Whether the token ends the output: an end of sequence (unless ignore_eos) or one of stop_token_ids."""
-        return (token in self.eos_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids
-
-    def _decode_one(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def _append(self, seq: Sequence, tokens: list[int], complete: bool = False) -> None:
-        """Adds the tokens to the completion and streams their text as one output; ends the sequence at an end
-        of sequence token, a stop string, max_tokens, or (`complete`) a grammar that allows nothing more."""
-        text = ""
-        for token in tokens:
-            if self._ends(seq, token):
-                seq.finish(self._output(seq, text + seq.stops.flush(), "stop"))
-                return
-            seq.completion_ids.append(token)
-            self.num_output_tokens += 1
-            piece = seq.decoder.step(self.tokenizer.backend_tokenizer, token) or ""
-            safe, stopped = seq.stops.feed(piece, armed=len(seq.completion_ids) >= seq.params.min_tokens)
-            text += safe
-            if stopped:
-                seq.finish(self._output(seq, text, "stop", seq.stops.matched))
-                return
-            if len(seq.completion_ids) >= seq.params.max_tokens:
-                seq.finish(self._output(seq, text + seq.stops.flush(), "length"))
-                return
-        if complete:
-            seq.finish(self._output(seq, text + seq.stops.flush(), "stop"))
-            return
-        seq.pending = tokens
-        if text:
-            seq.emit(self._output(seq, text))
-
-    @staticmethod
-    def _output(seq: Sequence, text: str, finish_reason: str | None = None, stop: str | None = None) -> Output:
-        """An output with the log-probabilities of the tokens sampled since the last one (held-back text's too)."""
-        logprobs, seq.logprobs = (seq.logprobs or None), []
-        return Output(text, len(seq.completion_ids), finish_reason, stop_sequence=stop, logprobs=logprobs)
 
 
 def is_device_fault(exc: BaseException) -> bool:

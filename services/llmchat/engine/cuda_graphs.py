@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.paged_kv import PagedBatch
 
 log = logging.getLogger("llmchat.engine.cuda_graphs")
 
@@ -109,13 +110,8 @@ class GraphedDecode:
             return self.fused(ids, mask, positions, cache)
         bucket = self._bucket(next(size for size in self.sizes if size >= rows), ids.device)
         fused = self.fused
-        x = F.embedding(ids, fused.embed)
-        cos, sin = fused.rotary_for(x, positions)
-        # Padding rows keep zeros: finite values whose results nobody reads.
-        for buffer, value in ((bucket.x, x), (bucket.cos, cos), (bucket.sin, sin)):
-            buffer.zero_()
-            buffer[:rows].copy_(value)
-        attend = fused.attention(mask, 1, cache.layers[0].get_seq_length(), x)
+        self._load(bucket, ids, positions)
+        attend = fused.attention(mask, 1, cache.layers[0].get_seq_length(), bucket.x[:rows])
         for pre, post, layer, cache_layer in zip(bucket.pre, bucket.post, fused.layers, cache.layers, strict=True):
             pre()
             keys, values = cache_layer.update(bucket.k[:rows], bucket.v[:rows])
@@ -124,6 +120,34 @@ class GraphedDecode:
             post()
         bucket.head()
         return bucket.logits[:rows].clone()
+
+    def paged(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """A step over the paged pool: through the buckets when every segment decodes one token, else the fused
+        pass's. `ids` and `positions` are [1, tokens], one token per row here."""
+        rows = ids.shape[1]
+        if batch.has_prompt or rows != len(batch.spans) or rows > self.sizes[-1]:
+            return self.fused.paged(ids, positions, batch)
+        bucket = self._bucket(next(size for size in self.sizes if size >= rows), ids.device)
+        self._load(bucket, ids.view(rows, 1), positions.view(rows, 1))
+        for index, (pre, post, layer) in enumerate(zip(bucket.pre, bucket.post, self.fused.layers, strict=True)):
+            pre()
+            # Rows of one token each are the tokens of one row to the pool: [rows, h, 1, d] <-> [1, h, rows, d].
+            q, k, v = (t[:rows].transpose(0, 2) for t in (bucket.q, bucket.k, bucket.v))
+            out = batch.attend(index, q, k, v, layer.scaling)
+            bucket.attended[:rows].copy_(out.transpose(0, 2).transpose(1, 2).flatten(2))
+            post()
+        bucket.head()
+        return bucket.logits[:rows].clone()
+
+    def _load(self, bucket: Bucket, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """The step's embeddings and rotations into the bucket's buffers; padding rows keep zeros, finite values
+        whose results nobody reads."""
+        x = F.embedding(ids, self.fused.embed)
+        cos, sin = self.fused.rotary_for(x, positions)
+        rows = ids.shape[0]
+        for buffer, value in ((bucket.x, x), (bucket.cos, cos), (bucket.sin, sin)):
+            buffer.zero_()
+            buffer[:rows].copy_(value)
 
     def ragged(self, *args) -> torch.Tensor:
         """Prefill chunks of several sequences: the fused pass's, uncaptured (shapes vary with every step)."""

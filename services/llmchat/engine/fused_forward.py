@@ -20,6 +20,7 @@ from llmchat.engine import dot8, int4
 from llmchat.engine.attention import Attention
 from llmchat.engine.choices import Choices
 from llmchat.engine.cpu import has_amx_bf16
+from llmchat.engine.paged_kv import PagedBatch
 from llmchat.engine.quantized import QUANTIZED, Modules, dequantize_on_cpu, dequantized, projection_kind
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -362,6 +363,19 @@ class FusedForward:
             x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2), prefill=True)
         last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
         return self.lm_head(rms_norm(x[0, last], self.final_norm), prefill=True)
+
+    def paged(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """One step over the paged pool: decode rows and prompt chunks side by side in one row of tokens [1, tokens]
+        (paged_kv.PagedBatch says whose they are), the weights read once for all. Returns each segment's last-token
+        logits [segments, V]."""
+        prefill = batch.has_prompt
+        x = F.embedding(ids, self.embed)
+        cos, sin = self.rotary_for(x, positions)
+        for index, layer in enumerate(self.layers):
+            q, k, v = self.pre_attention(layer, x, cos, sin, prefill)
+            out = batch.attend(index, q, k, v, layer.scaling)
+            x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2), prefill)
+        return self.lm_head(rms_norm(x[0, batch.last], self.final_norm), prefill)
 
     def uneven(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, real: torch.Tensor

@@ -66,7 +66,9 @@ def scales_and_offsets(kind: GGMLQuantizationType, blocks: np.ndarray) -> tuple[
     raise ValueError(f"no grid for {kind.name}")
 
 
-def block_levels(kind: GGMLQuantizationType, data: np.ndarray) -> tuple[torch.Tensor, ...] | None:
+def block_levels(
+    kind: GGMLQuantizationType, data: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
     """A tensor's levels [out, in] (int16), scales [out, groups] and offsets (or None), and its values; None where
     a level falls outside the type's range (a file not written the way its type says)."""
     out = data.shape[0]
@@ -99,7 +101,7 @@ class GGUFWeights:
         self.names = get_tensor_name_map(arch, int(blocks)) if arch is not None and blocks is not None else None
         self.tensors = {t.name: t for t in reader.tensors}
 
-    def levels(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def levels(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The levels, scales and offsets of the checkpoint's weight `name` (float32 [out, in], as converted), rows
         in its order; None where the file holds it in another type or its values are not the weight's."""
         base = name.removesuffix(".weight")

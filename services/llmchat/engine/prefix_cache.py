@@ -97,7 +97,8 @@ class PrefixCache:
         """
         size = self.block_size
         num_full = len(tokens) // size
-        parent, chain = ROOT, []
+        parent = ROOT
+        chain: list[tuple[int, tuple[int, ...]]] = []
         for i in range(num_full):
             key = (parent, tuple(tokens[i * size : (i + 1) * size]))
             block = self.blocks.get(key)

@@ -115,21 +115,12 @@ class BatchRunner:
     def __init__(
         self,
         model: torch.nn.Module,
+        forward: TransformersForward | CompiledDecode,
         pad_token_id: int,
-        fused: bool = True,
-        cuda_graphs: bool = False,
-        max_rows: int = 16,
-        checkpoint: Path | None = None,
         prefix_cache: PrefixCache | None = None,
-        int4_rows: int | None = None,
-        compile_decode: bool = False,
-        choices: Choices | None = None,
-        gguf: Path | None = None,
     ) -> None:
         self.model = model
-        self.forward = pick_forward(
-            model, fused, cuda_graphs, max_rows, checkpoint, int4_rows, compile_decode, choices, gguf
-        )
+        self.forward = forward
         self.device = input_device(model)
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache
@@ -346,6 +337,10 @@ class BatchRunner:
         for seq in self.rows:
             seq.pending = []
         return logits
+
+    def release(self, seq: Sequence) -> None:
+        """Forgets a sequence that ended while prefilling (its own cache); rows leave by drop()."""
+        seq.kv = None
 
     def drop(self, seqs: list[Sequence]) -> None:
         """Frees the rows of `seqs` (caching the prompt and reply of those that ended well) and unneeded padding."""

@@ -45,15 +45,15 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
             logits.index_put_((keys // vocab, keys % vocab), -presence[keys // vocab], accumulate=True)
     biased = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias if token < vocab]
     if biased:
-        rows, tokens, biases = zip(*biased, strict=True)
-        index = (on_device(rows, logits.device), on_device(tokens, logits.device))
+        bias_rows, bias_tokens, biases = zip(*biased, strict=True)
+        index = (on_device(bias_rows, logits.device), on_device(bias_tokens, logits.device))
         logits.index_put_(index, on_device(biases, logits.device, logits.dtype), accumulate=True)
     allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if allowed:
         pairs = [(j, t) for j, i in enumerate(allowed) for t in params[i].allowed_token_ids if t < vocab]
         only = torch.full((len(allowed), vocab), float("-inf"), device=logits.device, dtype=logits.dtype)
-        rows, tokens = zip(*pairs, strict=True)
-        only[on_device(rows, logits.device), on_device(tokens, logits.device)] = 0.0
+        only_rows, only_tokens = zip(*pairs, strict=True)
+        only[on_device(only_rows, logits.device), on_device(only_tokens, logits.device)] = 0.0
         logits.index_add_(0, on_device(allowed, logits.device), only)
     held = [
         (i, token)
@@ -64,8 +64,8 @@ def adjust(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) 
     ]
     held += [(i, token) for i, seq in enumerate(seqs) for token in _bad_words_next(seq) if token < vocab]
     if held:
-        rows, tokens = zip(*held, strict=True)
-        logits[on_device(rows, logits.device), on_device(tokens, logits.device)] = float("-inf")
+        held_rows, held_tokens = zip(*held, strict=True)
+        logits[on_device(held_rows, logits.device), on_device(held_tokens, logits.device)] = float("-inf")
 
 
 def _bad_words_next(seq: Sequence) -> list[int]:
@@ -84,10 +84,10 @@ def _tokens(
     counts: list[int] = []
     for i in rows:
         seq = seqs[i]
-        if with_prompt and seq.prompt_seen is None:
-            seq.prompt_seen = torch.tensor(sorted(set(seq.prompt_ids)), dtype=torch.long)
         own = [torch.tensor(seq.completion_ids, dtype=torch.long)]
         if with_prompt:
+            if seq.prompt_seen is None:
+                seq.prompt_seen = torch.tensor(sorted(set(seq.prompt_ids)), dtype=torch.long)
             own.append(seq.prompt_seen)
         parts += own
         counts.append(sum(len(part) for part in own))
@@ -104,15 +104,17 @@ def token_logprobs(
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, on_device(tokens, logits.device)[:, None])[:, 0]
     values, ids = torch.topk(logprobs, max(num_tops))  # k=0 gives empty rows
-    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    chosen_lp, top_lps, top_ids = chosen.tolist(), values.tolist(), ids.tolist()
     return [
-        TokenLogprob(decode(token), chosen[i], [(decode(t), v) for t, v in zip(ids[i][:n], values[i][:n], strict=True)])
+        TokenLogprob(
+            decode(token), chosen_lp[i], [(decode(t), v) for t, v in zip(top_ids[i][:n], top_lps[i][:n], strict=True)]
+        )
         for i, (token, n) in enumerate(zip(tokens, num_tops, strict=True))
     ]
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> tuple[list[int], list[bool]]:
     """Every row's next token, sampled together on the logits' device and read back once; and which rows'
     logits hold NaN or +inf or allow no token (their token means nothing; the caller ends those requests).
@@ -133,7 +135,7 @@ def sample(
     return tokens, [bool(b) for b in broken]
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     rows, vocab = logits.shape
     device = logits.device
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -159,3 +161,35 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(outside, 0.0))
     noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=g) for g in generators])
     return (probs / noise).argmax(dim=-1)
+
+
+def pick(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int], masks, decode_one
+) -> tuple[list[int], list[Exception | None], list[TokenLogprob | None]]:
+    """Every row's next token in one pass: penalties and biases (adjust), grammar masks for all constrained rows at
+    once (`masks`, constraints.GrammarMasks), logits processors, the draw. Returns the tokens, each row's error (its
+    grammar's, its processor's, or logits that are not numbers) and, where asked for, its log-probabilities: the
+    model's own, taken before masks, processors and temperature (`decode_one` spells a token)."""
+    asking = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    raw = logits[asking] if asking else None  # a copy (indexed by a list)
+    adjust(logits, seqs, eos_ids)
+    errors: list[Exception | None] = list(masks.apply([seq.params.constraint for seq in seqs], logits))
+    for i, seq in enumerate(seqs):
+        try:
+            for processor in seq.params.logits_processors:
+                logits[i] = processor(seq.completion_ids, logits[i])
+        except Exception as exc:
+            errors[i] = errors[i] or exc
+    tokens, broken = sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+    entries: list[TokenLogprob | None] = [None] * len(seqs)
+    if raw is not None:  # some rows ask
+        nums = [seqs[i].params.logprobs or 0 for i in asking]  # never None in `asking` (`or 0` is for mypy)
+        for i, entry in zip(asking, token_logprobs(raw, [tokens[i] for i in asking], nums, decode_one), strict=True):
+            entries[i] = entry
+    for i in range(len(seqs)):
+        if broken[i] and errors[i] is None:
+            errors[i] = FloatingPointError(
+                "the model's logits for this request are not numbers (NaN or inf), or its constraints "
+                "(allowed_token_ids, bad_words, min_tokens, a grammar) together allow no token"
+            )
+    return tokens, errors, entries

@@ -12,8 +12,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
+from llmchat.engine.block_pool import BlockPool
 from llmchat.engine.sampling import SamplingParams, StopChecker, TokenLogprob
+
+if TYPE_CHECKING:  # for the annotations only: the engine thread makes these, this module never does
+    import torch
+    from tokenizers.decoders import DecodeStream
+    from transformers.cache_utils import DynamicCache
 
 _ids = itertools.count()
 # The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances.
@@ -49,7 +56,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    outputs: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     completion_ids: list[int] = field(default_factory=list)
@@ -61,17 +68,28 @@ class Sequence:
     admitted_ns: int | None = None  # when its prefill started
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (set when admitted)
     num_computed: int = 0  # prompt tokens in its KV so far: it is prefilling until all are
-    kv: object = None  # its own KV cache while it is prefilling (the runner's)
+    kv: "DynamicCache | None" = None  # its own KV cache while it is prefilling (the runner's)
     # n > 1: the other choices of the same request. They wait on this sequence's prefill, then join the batch
     # with a copy of its KV and their own first token drawn from its logits; `parent` points back.
     forks: list["Sequence"] = field(default_factory=list)
     parent: "Sequence | None" = None
-    prompt_seen: object = None  # the prompt's distinct token ids, for a repetition penalty (the sampler's)
+    # What it prefills: its prompt, or after a preemption its prompt and the reply it had, recomputed.
+    prefill_ids: list[int] = field(default_factory=list)
+    num_preempted: int = 0
+    # Its block table in the paged KV pool, how many leading blocks are cached, and the last one's chain id.
+    blocks: list[int] = field(default_factory=list)
+    num_committed: int = 0
+    chain: int = -1
+    # The prompt's distinct token ids, for a repetition penalty (the sampler's).
+    prompt_seen: "torch.Tensor | None" = None
     finish_reason: str | None = None
     # Per-sequence decoding state, made by the engine thread when the sequence is admitted.
-    generator: object = None
-    decoder: object = None
+    generator: "torch.Generator | None" = None
+    decoder: "DecodeStream | None" = None
     stops: StopChecker | None = None
+
+    def __post_init__(self) -> None:
+        self.prefill_ids = self.prompt_ids
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -86,7 +104,7 @@ class Sequence:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < self.num_prompt_tokens
+        return self.num_computed < len(self.prefill_ids)
 
     def finish(self, output: Output) -> None:
         self.status = Status.FINISHED
@@ -96,8 +114,9 @@ class Sequence:
 
 @dataclass(slots=True)
 class SchedulerConfig:
-    max_running: int = 16
-    max_batched_tokens: int = 512
+    # None: chosen for the device by the engine (GPU-sized batches on a GPU).
+    max_running: int | None = 16
+    max_batched_tokens: int | None = 512
     max_waiting: int = 64
     # Most tokens (prompt and reply so far) the running sequences may hold in the KV cache together; a
     # newcomer waits while admitting it would pass this (None: no bound). Set from free GPU memory.
@@ -121,6 +140,17 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    # The engine has set the config's bounds for the device (None there) before it makes the scheduler.
+    @property
+    def _max_running(self) -> int:
+        assert self.config.max_running is not None, "the engine sets max_running before scheduling"
+        return self.config.max_running
+
+    @property
+    def _max_batched_tokens(self) -> int:
+        assert self.config.max_batched_tokens is not None, "the engine sets max_batched_tokens before scheduling"
+        return self.config.max_batched_tokens
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; called from the event loop thread."""
@@ -152,28 +182,32 @@ class Scheduler:
             end_forks(seq)
         return [s for s in self.running if s.is_aborted]
 
-    def schedule(self, hold_shared: bool = False) -> list[Sequence]:
+    def schedule(self, hold_shared: bool = False, pool: BlockPool | None = None) -> list[Sequence]:
         """Admits waiting sequences, in order, while the running batch has room; they prefill from the next step.
 
         With `hold_shared` (a prefix cache is on), a sequence whose prompt shares at least a step's worth
         of tokens with one still computing them waits for it (others may pass it meanwhile), and then
-        reads those tokens from the prefix cache instead of computing them again.
+        reads those tokens from the prefix cache instead of computing them again. With a paged KV `pool`, a
+        sequence is admitted when the blocks its prompt needs are free, beside a reserve for the running rows'
+        next blocks; else while the tokens held stay within `max_kv_tokens`.
         """
         admitted: list[Sequence] = []
         held = sum(s.num_prompt_tokens + len(s.completion_ids) for s in self.running)
+        free = 0 if pool is None else pool.num_free - len(self.running)
         with self._lock:
             for seq in list(self.waiting):
                 group = [seq, *(f for f in seq.forks if not f.is_finished)]
                 busy = self.running or admitted
                 # A request's choices are admitted together (one alone when nothing runs, however many).
-                if busy and len(self.running) + len(admitted) + len(group) > self.config.max_running:
+                if busy and len(self.running) + len(admitted) + len(group) > self._max_running:
                     break
-                room = self.config.max_kv_tokens
-                if room is not None and busy and held + len(group) * seq.num_prompt_tokens > room:
+                need = 0 if pool is None else pool.blocks_needed(seq.prefill_ids, extra=len(group) - 1)
+                if busy and not self._fits(held + len(group) * seq.num_prompt_tokens, need + len(group), free, pool):
                     break  # in order: a long prompt is not passed by shorter ones for ever
                 if hold_shared and self._should_wait(seq, [*self.running, *admitted]):
                     continue
                 held += len(group) * seq.num_prompt_tokens
+                free -= need + len(group)  # and one for each one's next block
                 self.waiting.remove(seq)
                 admitted.extend(group)
         if admitted and self.running:
@@ -183,12 +217,17 @@ class Scheduler:
         self.running.extend(admitted)
         return [s for s in admitted if s.parent is None]
 
+    def _fits(self, tokens: int, blocks: int, free: int, pool: BlockPool | None) -> bool:
+        if pool is not None:
+            return blocks <= free
+        return self.config.max_kv_tokens is None or tokens <= self.config.max_kv_tokens
+
     def _should_wait(self, seq: Sequence, others: list[Sequence]) -> bool:
         """Whether a sequence still prefilling will compute at least a step's worth of this one's prompt."""
         for leader in others:
             if leader.is_prefilling and not leader.is_finished:
                 shared = _common_prefix(seq.prompt_ids, leader.prompt_ids)
-                if shared >= self.config.max_batched_tokens and leader.num_computed < shared:
+                if shared >= self._max_batched_tokens and leader.num_computed < shared:
                     return True
         return False
 
@@ -205,7 +244,7 @@ class Scheduler:
         ]
         if not pending:
             return []
-        budget = self.config.max_batched_tokens - num_decoding
+        budget = self._max_batched_tokens - num_decoding
         budget = max(budget if max_chunk is None else min(budget, max_chunk), MIN_CHUNK)
         plan = {id(pending[0]): min(_remaining(pending[0]), max(budget // len(pending), 1))}
         left = budget - plan[id(pending[0])]
@@ -216,6 +255,17 @@ class Scheduler:
             plan[id(seq)] = plan.get(id(seq), 0) + take
             left -= take
         return [(s, plan[id(s)]) for s in pending if plan.get(id(s))]
+
+    def preempt(self, seq: Sequence, forks: list[Sequence]) -> None:
+        """Puts a running sequence (with its choices still waiting on its prompt) back at the head of the queue, to
+        be prefilled again when blocks are free; it passes the queue's bound."""
+        gone = {id(seq), *map(id, forks)}
+        self.running = [s for s in self.running if id(s) not in gone]
+        with self._lock:
+            for member in (seq, *forks):
+                member.status = Status.WAITING
+            self.waiting.appendleft(seq)
+        self.has_work.set()
 
     def postprocess(self) -> list[Sequence]:
         """Drops finished sequences from the running batch and returns them."""
@@ -242,7 +292,7 @@ def end_forks(seq: Sequence) -> None:
 
 
 def _remaining(seq: Sequence) -> int:
-    return seq.num_prompt_tokens - seq.num_computed
+    return len(seq.prefill_ids) - seq.num_computed
 
 
 def _common_prefix(a: list[int], b: list[int], step: int = 16) -> int:

@@ -20,12 +20,14 @@ from llmchat.observe import ChatObservation, Instruments
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-# 4000 tokens would take minutes here; an aborted sequence stops at its next step.
+# 4000 tokens would take minutes here; an aborted sequence stops at its next step. ignore_eos keeps a sampled
+# reply from ending on its own before the client hangs up.
 LONG = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Tell me a very long story."}],
     "max_tokens": 4000,
     "temperature": 0.7,
+    "ignore_eos": True,
 }
 
 

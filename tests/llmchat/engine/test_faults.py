@@ -1,5 +1,5 @@
 """Faults that must cost only the requests they touch: NaN logits, out of memory while admitting or
-prefilling, and the KV memory bound on admission."""
+prefilling, and admission waiting for the KV pool's blocks."""
 
 import asyncio
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import prompt_ids, run_engine
 
@@ -45,11 +46,11 @@ class OutOfMemoryOnPrefill:
     def __getattr__(self, name: str):
         return getattr(self.forward, name)
 
-    def __call__(self, ids, *args):
-        if ids.shape[1] > 1 and int(ids[0, -1]) == self.marker:
+    def paged(self, ids, positions, batch):
+        if batch.has_prompt and int(ids[0, -1]) == self.marker:
             self.raised += 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.forward(ids, *args)
+        return self.forward.paged(ids, positions, batch)
 
 
 def test_out_of_memory_in_prefill_fails_only_the_newcomer(loaded):
@@ -77,8 +78,8 @@ def test_out_of_memory_in_prefill_fails_only_the_newcomer(loaded):
     assert after.finish_reason == "length", "the engine serves on"
 
 
-def test_admission_waits_while_the_kv_bound_is_full(loaded):
-    """With room for about one request's tokens, a second waits until the first is done instead of joining."""
+def test_admission_waits_while_the_pool_is_full(loaded):
+    """With blocks for about one request, a second waits until the first is done instead of joining."""
     first_ids, second_ids = prompt_ids(loaded, "Tell me a story."), prompt_ids(loaded, "Hi")
 
     async def body(engine: Engine):
@@ -90,10 +91,11 @@ def test_admission_waits_while_the_kv_bound_is_full(loaded):
         await stream_all(engine, second)
         return engine, [first, second]
 
-    bound = len(first_ids) + 20
-    engine, seqs = run_engine(loaded, SchedulerConfig(max_kv_tokens=bound), body)
+    blocks = -(-(len(first_ids) + 16) // 16) + 1
+    pool_bytes = blocks * 16 * kv_bytes_per_token(loaded.model)
+    engine, seqs = run_engine(loaded, SchedulerConfig(), body, pool_bytes=pool_bytes)
     assert all(s.finish_reason in ("length", "stop") for s in seqs)
     assert engine.scheduler.num_admitted_while_running == 0
-    assert engine.describe()["max_kv_tokens"] == bound
+    assert engine.describe()["kv_pool"]["blocks_total"] == blocks
     engine, seqs = run_engine(loaded, SchedulerConfig(), body)
-    assert engine.scheduler.num_admitted_while_running == 1, "without the bound the second joins the first"
+    assert engine.scheduler.num_admitted_while_running == 1, "with room the second joins the first"

@@ -9,6 +9,7 @@ import openai
 import torch
 
 from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import run_engine
@@ -27,9 +28,10 @@ def chat_ids(loaded, question: str, system: str = SYSTEM, history: list[dict] | 
     return list(rendered["input_ids"])
 
 
-def run(loaded, body, cache_bytes: int | None = None, budget: int = 64):
+def run(loaded, body, cache_bytes: int | None = None, budget: int = 64, pool_bytes: int | None = None):
     """Runs `body(engine)` on a started engine (small chunks by default, so prompts span several steps)."""
-    return run_engine(loaded, SchedulerConfig(max_batched_tokens=budget), body, prefix_cache_bytes=cache_bytes)
+    config = SchedulerConfig(max_batched_tokens=budget)
+    return run_engine(loaded, config, body, prefix_cache_bytes=cache_bytes, pool_bytes=pool_bytes)
 
 
 async def generate(engine: Engine, ids: list[int], params: SamplingParams = GREEDY):
@@ -93,7 +95,7 @@ def test_cached_prefixes_give_the_same_greedy_tokens(loaded):
         reply = loaded.tokenizer.decode(seqs[0].completion_ids, skip_special_tokens=True)
         history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": reply}]
         next_turn = chat_ids(loaded, "And rule 4?", history=history)
-        return seqs, next_turn, await generate(engine, next_turn), engine.prefix_cache.describe()
+        return seqs, next_turn, await generate(engine, next_turn), engine.describe()["prefix_cache"]
 
     seqs, next_turn, turn2, stats = run(loaded, body)
     assert [s.completion_ids for s in seqs] == expected
@@ -119,20 +121,25 @@ def test_concurrent_prompts_batched_and_chunked_match(loaded):
     assert run(loaded, body) == expected
 
 
-def test_eviction_and_a_tiny_cache_keep_outputs_and_the_bound(loaded):
+def test_eviction_and_a_small_pool_keep_outputs_and_free_every_block(loaded):
+    """A pool for about one of these prompts: concurrent ones wait for blocks, cached blocks are evicted, the
+    outputs stay the same, and every block is free or cached again when the engine is idle."""
     terse = "You are terse and exact. " * 30
     prompts = [chat_ids(loaded, q, system=s) for q in QUESTIONS[:2] for s in (SYSTEM, terse)]
     expected = reference(loaded, prompts)
-    bytes_per_block = 2 * 30 * 3 * 64 * 4 * 16  # SmolLM2-135M: 30 layers, 3 KV heads of 64, float32
+    bytes_per_block = 16 * kv_bytes_per_token(loaded.model)
 
     async def body(engine):
         seqs = [await generate(engine, p) for p in prompts]
         concurrent = await asyncio.gather(*(generate(engine, p) for p in prompts))
-        return seqs + list(concurrent), engine.prefix_cache
+        return seqs + list(concurrent), engine.describe()
 
-    seqs, cache = run(loaded, body, cache_bytes=10 * bytes_per_block)
+    blocks = -(-(max(map(len, prompts)) + GREEDY.max_tokens) // 16) + 4  # less than both system prompts
+    seqs, health = run(loaded, body, pool_bytes=blocks * bytes_per_block)
     assert [s.completion_ids for s in seqs] == expected * 2
-    assert cache.num_bytes <= cache.capacity_bytes and cache.stats.num_evicted > 0
+    pool = health["kv_pool"]
+    assert pool["blocks_total"] == blocks and pool["blocks_used"] == 0
+    assert pool["blocks_free"] + pool["blocks_cached"] == blocks and health["prefix_cache"]["num_evicted"] > 0
 
 
 def test_long_prompt_prefills_in_chunks_between_decode_steps(loaded):
@@ -177,7 +184,7 @@ def test_same_long_prompt_from_many_clients_is_computed_once(loaded):
 
     async def body(engine):
         seqs = await asyncio.gather(*(generate(engine, prompt) for _ in range(5)))
-        return seqs, engine.prefix_cache.describe()
+        return seqs, engine.describe()["prefix_cache"]
 
     seqs, stats = run(loaded, body)
     assert [s.completion_ids for s in seqs] == expected * 5
@@ -202,14 +209,15 @@ def test_abort_mid_prefill_frees_it_and_leaves_good_blocks(loaded):
         return outputs, computed_at_abort, seq, again
 
     outputs, computed_at_abort, aborted, again = run(loaded, body)
-    assert outputs[-1].finish_reason == "abort" and aborted.kv is None
+    assert outputs[-1].finish_reason == "abort" and aborted.blocks == []
     assert computed_at_abort < len(prompt)  # its chunks stopped
     assert again.num_cached_tokens >= 4 * 64 - 16
     assert again.completion_ids == reference(loaded, [prompt])[0]
 
 
 class PoisonOnce:
-    """A forward pass that, at its `at`-th prefill chunk, writes NaN over the cache it was given and fails."""
+    """A forward pass that, at its `at`-th step with a prompt chunk, writes NaN over the pool slots it was given
+    and fails."""
 
     def __init__(self, forward, at: int) -> None:
         self.forward, self.at = forward, at
@@ -217,13 +225,12 @@ class PoisonOnce:
     def __getattr__(self, name: str):
         return getattr(self.forward, name)
 
-    def __call__(self, ids, mask, positions, cache):
-        logits = self.forward(ids, mask, positions, cache)
-        self.at -= ids.shape[1] > 1
+    def paged(self, ids, positions, batch):
+        logits = self.forward.paged(ids, positions, batch)
+        self.at -= batch.has_prompt
         if self.at == 0:
-            for layer in cache.layers:
-                layer.keys.fill_(float("nan"))
-                layer.values.fill_(float("nan"))
+            for pool in (*batch.kv.keys, *batch.kv.values):
+                pool.view(pool.shape[0], -1, pool.shape[-1])[:, batch.slots] = float("nan")
             raise RuntimeError("simulated device fault")
         return logits
 

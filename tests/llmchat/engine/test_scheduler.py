@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from llmchat.engine.block_pool import BlockPool
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
 
@@ -124,3 +125,30 @@ def test_prefill_gives_the_oldest_an_equal_share_and_shortest_first_the_rest(loo
     assert plan[id(short)] == 20  # all of it
     assert plan[id(long)] == 60 - 20  # the rest of the 60 the decoding rows leave
     assert sum(plan.values()) == 60
+
+
+def test_admission_by_the_pools_free_blocks(loop):
+    """A newcomer joins a running batch only when its prompt's blocks are free beside one block per running
+    sequence; nothing running, the first is always admitted."""
+    pool = BlockPool(9, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_running=8))
+    first, second, third = seq(loop, 20), seq(loop, 12), seq(loop, 4)
+    for s in (first, second, third):
+        scheduler.add(s)
+    # first: 5 blocks and 1 for its next token; second: 3 + 1, one more than the 3 left; third: 1 + 1 would fit.
+    assert scheduler.schedule(pool=pool) == [first]
+    pool.allocate(5)
+    assert scheduler.schedule(pool=pool) == []  # in order: the third does not pass the second
+    assert [s.status for s in (second, third)] == [Status.WAITING, Status.WAITING]
+
+
+def test_a_preempted_sequence_goes_back_to_the_head_of_the_queue(loop):
+    scheduler = Scheduler(SchedulerConfig(max_running=1, max_waiting=1))
+    running, waiting = seq(loop), seq(loop)
+    scheduler.add(running)
+    scheduler.schedule()
+    scheduler.add(waiting)
+    scheduler.preempt(running, [])
+    assert list(scheduler.waiting) == [running, waiting] and scheduler.running == []
+    assert running.status is Status.WAITING
+    assert scheduler.schedule() == [running]  # first again, past the queue's bound
