@@ -87,3 +87,9 @@ def numbered_rules(seed: int, tokens: int, count) -> str:
         lines.append(line)
         total += count(line + "\n")
     return "\n".join(lines)
+
+
+def head(tokens: int, count) -> str:
+    """The shared text ahead of a short prompt, as an agent's system prompt and tools are: `tokens` of numbered
+    rules (seed 0, so a longer head starts with every shorter one) and a blank line; "" for 0."""
+    return numbered_rules(seed=0, tokens=tokens, count=count) + "\n\n" if tokens else ""

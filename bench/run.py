@@ -5,11 +5,14 @@ installed) on the same weights: each server is started in turn and every chosen 
     just bench --concurrency 1,8                # throughput at a subset of levels
     just bench --scenarios agent,arrival        # only the agent sessions and the long prompt arrival
     just bench --model ~/m.gguf --prompt-tokens 0,1000,3000   # every server on that GGUF, at three prompt sizes
+    just bench --scenarios context --context-sizes 50,1000 --context-clients 1,8   # a short context sweep
+    just bench --scenarios throughput --concurrency 1,8,16,32,64 --mixed   # and rows mixing the context sizes
 
-Scenarios: throughput (the same streaming load at several concurrencies), constrained, protocols and sampling
-(llmchat only: bench/sampling.py), agent (bench/agent.py), arrival (bench/arrival.py) and tools (bench/tools.py:
-tool replies on public function-calling data). Each prints a table and writes bench/results/<scenario>.json;
-throughput also plots throughput.png.
+Scenarios: throughput (the same streaming load at several concurrencies; with --mixed, also one run per level
+whose prompts cycle through the --context-sizes), context (bench/context.py: tok/s at 1 and 8 clients across
+prompt sizes of ~50 to ~4,000 tokens), constrained, protocols and sampling (llmchat only: bench/sampling.py), agent
+(bench/agent.py), arrival (bench/arrival.py) and tools (bench/tools.py: tool replies on public function-calling
+data). Each prints a table and writes bench/results/<scenario>.json; throughput also plots throughput.png.
 """
 
 import argparse
@@ -23,14 +26,14 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from bench import agent, arrival, constrained, filler, protocols, report, sampling, servers, tools
+from bench import agent, arrival, constrained, context, filler, protocols, report, sampling, servers, tools
 from bench.report import percentile, ratio, table
 from bench.stream import one_request
 from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
 from llmchat.settings import Settings
 
 # constrained, protocols and sampling compare llmchat with itself, so they run against llmchat only.
-SCENARIOS = ("throughput", "constrained", "protocols", "sampling", "agent", "arrival", "tools")
+SCENARIOS = ("throughput", "context", "constrained", "protocols", "sampling", "agent", "arrival", "tools")
 PROMPTS = [
     "Explain how a rainbow forms.",
     "Write a short story about a lighthouse keeper.",
@@ -65,6 +68,7 @@ class Result:
     ttft_p95_s: float
     decode_tok_s_p50: float
     peak_rss_mb: float
+    mixed: bool = False  # requests cycled through several heads; prompt_tokens is the mean over the requests
 
 
 async def run_level(
@@ -76,13 +80,15 @@ async def run_level(
     extra: dict | None = None,
     ask=None,
     server_counts: bool = False,
-    head: str = "",
+    head: str | tuple[str, ...] = "",
 ) -> Result:
     """`num_requests` over `concurrency` clients; ask(client, prompt) replaces the chat request when given.
     With `server_counts`, output tokens are the usage's completion_tokens (the request must ask for usage)
     rather than the streamed text re-tokenized, so tokens a client never sees as text (a tool call's
-    markup) count too. `head`: text every prompt starts with (long context, shared as a system prompt is)."""
+    markup) count too. `head`: text every prompt starts with (long context, shared as a system prompt is), or a
+    tuple of such texts that the requests cycle through (mixed prompt lengths)."""
     ask = ask or (lambda client, prompt: one_request(client, server.model, prompt, max_tokens, count, extra))
+    heads = (head,) if isinstance(head, str) else head
     queue = list(range(num_requests))
     done: list[dict] = []
     errors = 0
@@ -92,7 +98,7 @@ async def run_level(
         while queue:
             i = queue.pop(0)
             try:
-                done.append(await ask(client, head + PROMPTS[i % len(PROMPTS)]))
+                done.append(await ask(client, heads[i % len(heads)] + PROMPTS[i % len(PROMPTS)]))
             except Exception:  # counted, the run goes on
                 errors += 1
 
@@ -106,7 +112,7 @@ async def run_level(
     return Result(
         server=server.name,
         concurrency=concurrency,
-        prompt_tokens=count(head),
+        prompt_tokens=round(statistics.mean(count(heads[i % len(heads)]) for i in range(num_requests))),
         num_requests=num_requests,
         errors=errors,
         output_tokens=tokens,
@@ -116,6 +122,7 @@ async def run_level(
         ttft_p95_s=round(percentile(ttfts, 0.95), 3),
         decode_tok_s_p50=round(statistics.median([d["decode_tok_s"] for d in done] or [0.0]), 2),
         peak_rss_mb=round(server.peak_rss_bytes() / 2**20, 1),
+        mixed=len(heads) > 1,
     )
 
 
@@ -182,6 +189,11 @@ def prompt_sizes(args) -> list[int]:
     return [int(n) for n in args.prompt_tokens.split(",")]
 
 
+def ahead(r: Result) -> str:
+    """The text-ahead cell: tokens of shared text before each short prompt, or their mean over mixed sizes."""
+    return f"mixed, mean {r.prompt_tokens}" if r.mixed else str(r.prompt_tokens)
+
+
 def render(results: list[Result], console: Console) -> None:
     title = "Streaming load, greedy, max_tokens fixed (same prompts and weights for every server)"
     columns = ("server", "conc", "text ahead", "requests", "errors", "tok/s (all)", "TTFT p50 s", "TTFT p95 s")
@@ -190,7 +202,7 @@ def render(results: list[Result], console: Console) -> None:
         results_table.add_row(
             r.server,
             str(r.concurrency),
-            str(r.prompt_tokens),
+            ahead(r),
             str(r.num_requests),
             str(r.errors),
             f"{r.throughput_tok_s:.1f}",
@@ -200,15 +212,15 @@ def render(results: list[Result], console: Console) -> None:
             f"{r.peak_rss_mb:.0f}",
         )
     console.print(results_table)
-    ours = {(r.concurrency, r.prompt_tokens): r for r in results if r.server == "llmchat"}
+    ours = {(r.concurrency, r.prompt_tokens, r.mixed): r for r in results if r.server == "llmchat"}
     for peer in sorted({r.server for r in results} - {"llmchat"}):
         columns = ("conc", "text ahead", "throughput x", "TTFT p50 x (lower is better)", "decode x")
         ratios = table(f"llmchat / {peer}", columns)
-        for r in (r for r in results if r.server == peer and (r.concurrency, r.prompt_tokens) in ours):
-            o = ours[(r.concurrency, r.prompt_tokens)]
+        for r in (r for r in results if r.server == peer and (r.concurrency, r.prompt_tokens, r.mixed) in ours):
+            o = ours[(r.concurrency, r.prompt_tokens, r.mixed)]
             ratios.add_row(
                 str(r.concurrency),
-                str(r.prompt_tokens),
+                ahead(r),
                 ratio(o.throughput_tok_s, r.throughput_tok_s),
                 ratio(o.ttft_p50_s, r.ttft_p50_s),
                 ratio(o.decode_tok_s_p50, r.decode_tok_s_p50),
@@ -223,9 +235,14 @@ def plot(results: list[Result], path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, size in dict.fromkeys((r.server, r.prompt_tokens) for r in results):
-        points = [(r.concurrency, r.throughput_tok_s) for r in results if (r.server, r.prompt_tokens) == (name, size)]
-        ax.plot(*zip(*points, strict=True), marker="o", label=f"{name}, {size} tokens ahead" if size else name)
+
+    def line(r: Result) -> tuple[str, int | str]:  # one line per server and text ahead (mixed: one, any mean)
+        return r.server, "mixed" if r.mixed else r.prompt_tokens
+
+    for name, size in dict.fromkeys(map(line, results)):
+        points = [(r.concurrency, r.throughput_tok_s) for r in results if line(r) == (name, size)]
+        label = f"{name}, mixed prompt sizes" if size == "mixed" else f"{name}, {size} tokens ahead" if size else name
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xlabel("concurrent streaming clients")
     ax.set_ylabel("aggregate output tokens/s")
     ax.set_title(f"Throughput on {model} (same weights)")
@@ -263,10 +280,17 @@ def main() -> None:
         help="throughput at each of these prompt sizes (a comma list): that many tokens of shared text before "
         "each short prompt, as an agent's system prompt and tools are",
     )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="throughput: also one run at each --concurrency level whose requests cycle through the "
+        "--context-sizes prompts (those that fit the context), e.g. --concurrency 1,8,16,32,64 --mixed",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="a comma list of " + ", ".join(SCENARIOS))
     agent.add_arguments(parser)
     arrival.add_arguments(parser)
+    context.add_arguments(parser)
     tools.add_arguments(parser)
     args = parser.parse_args()
     scenarios = args.scenarios.split(",")
@@ -283,7 +307,7 @@ def main() -> None:
     llmchat_args = args.llmchat_args.split()
     if "--model" not in llmchat_args:
         llmchat_args += ["--model", args.model]
-    tokenizer = loaded.tokenizer
+    tokenizer, max_context = loaded.tokenizer, loaded.max_context
     del loaded
 
     def count(text: str) -> int:
@@ -298,11 +322,14 @@ def main() -> None:
         "llama.cpp": lambda: servers.llama_cpp(gguf, args.llama_cpp_python, tools="tools" in scenarios),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
-    heads = [filler.numbered_rules(seed=0, tokens=n, count=count) + "\n\n" if n else "" for n in prompt_sizes(args)]
+    heads = [filler.head(n, count) for n in prompt_sizes(args)]
+    # --mixed: one more throughput run per level, its requests cycling through the context sizes that fit.
+    mixed = tuple(h for h in context.heads(args, count, max_context).values() if h is not None) if args.mixed else ()
     results: list[Result] = []
     agent_rows: list[agent.TurnResult] = []
     arrival_rows: list[arrival.ArrivalResult] = []
     tool_rows: list[tools.ReplyResult] = []
+    context_rows: list[dict] = []
     for key in wanted:
         server = candidates[key]()
         if server is None:
@@ -318,15 +345,17 @@ def main() -> None:
                 report.levers = f"{health['dtype']}, {health['forward']}"
             asyncio.run(run_level(server, 1, 1, 8, count))  # warm-up, not reported
             if "throughput" in scenarios:
-                for head in heads:
+                for head in [*heads, mixed] if mixed else heads:
                     for c in levels:
                         num_requests = max(c * args.requests_per_client, 3)
                         result = asyncio.run(run_level(server, c, num_requests, args.max_tokens, count, head=head))
                         console.print(
-                            f"  {server.name} c={c}, {result.prompt_tokens} prompt tokens ahead: "
+                            f"  {server.name} c={c}, {ahead(result)} prompt tokens ahead: "
                             f"{result.throughput_tok_s} tok/s, errors {result.errors}"
                         )
                         results.append(result)
+            if "context" in scenarios:
+                context_rows += context.run(server, count, args, console, max_context)
             if key == "llmchat" and "constrained" in scenarios:
                 constrained.run(server, count, args.max_tokens, console, args.out)
             if key == "llmchat" and "protocols" in scenarios:
@@ -346,6 +375,9 @@ def main() -> None:
         (args.out / "throughput.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
         plot(results, args.out / "throughput.png", source.name)
         console.print(f"wrote {args.out / 'throughput.json'} and {args.out / 'throughput.png'}")
+    if "context" in scenarios:
+        context.report(context_rows, args, console, args.out / "context.json")
+        console.print(f"wrote {args.out / 'context.json'}")
     if "agent" in scenarios:
         agent.report(agent_rows, args, console, args.out / "agent.json")
         console.print(f"wrote {args.out / 'agent.json'}")
