@@ -191,7 +191,9 @@ class Engine:
             "bytes_total": kv.nbytes,
             "bytes_used": self.runner.kv_cache_bytes(),
             "tokens_held": tokens,  # the running sequences' real tokens; their blocks hold at most 15 more each
-            "attention": "per sequence over its gathered blocks, grouped heads kept (SDPA)",
+            "attention": "SDPA per sequence, grouped heads kept, over "
+            + ("a contiguous copy of its blocks" if self.runner.mirrors else "its gathered blocks"),
+            "copy_bytes": self.runner.mirror_bytes(self.scheduler.running),  # those copies, beside the pool
             "preemptions": self.num_preemptions,
         }
 

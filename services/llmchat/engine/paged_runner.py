@@ -14,7 +14,7 @@ import torch
 
 from llmchat.engine.block_pool import ROOT, BlockPool
 from llmchat.engine.gpu import on_device
-from llmchat.engine.paged_kv import PagedBatch, PagedKV, Segment
+from llmchat.engine.paged_kv import Mirror, PagedBatch, PagedKV, Segment
 from llmchat.engine.scheduler import Sequence
 
 log = logging.getLogger("llmchat.engine.paged_runner")
@@ -36,6 +36,8 @@ class PagedRunner:
         self.device = device
         self.rows: list[Sequence] = []  # prefilled, decoding
         self.expand_heads = device.type == "cuda"
+        # On the CPU each sequence attends over a contiguous copy of its blocks (paged_kv.Mirror); a GPU gathers.
+        self.mirrors = device.type == "cpu"
 
     def prepare(self) -> None:
         """Start-up work of the forward pass that would otherwise stall the first requests (CUDA graphs)."""
@@ -77,6 +79,7 @@ class PagedRunner:
         if seq.blocks:
             self.pool.release(seq.blocks)
             seq.blocks = []
+        seq.mirror = None
         if seq in self.rows:
             self.rows.remove(seq)
 
@@ -94,12 +97,12 @@ class PagedRunner:
         positions: list[int] = []
         for seq in rows:
             past = in_kv(seq)
-            segments.append(Segment(seq.blocks, past, len(seq.pending)))
+            segments.append(Segment(seq.blocks, past, len(seq.pending), self._mirror(seq)))
             ids += seq.pending
             positions += range(past, past + len(seq.pending))
         for seq, n in chunks:
             past = seq.num_computed
-            segments.append(Segment(seq.blocks, past, n))
+            segments.append(Segment(seq.blocks, past, n, self._mirror(seq)))
             ids += seq.prefill_ids[past : past + n]
             positions += range(past, past + n)
         batch = PagedBatch(self.kv, segments, self.device, self.expand_heads)
@@ -124,6 +127,11 @@ class PagedRunner:
                 sampled.append(choice)
                 picked.append(i)
         return sampled, logits[picked] if picked != list(range(len(logits))) else logits
+
+    def _mirror(self, seq: Sequence) -> Mirror | None:
+        if self.mirrors and seq.mirror is None:
+            seq.mirror = Mirror()
+        return seq.mirror
 
     def _fork(self, seq: Sequence, fork: Sequence) -> None:
         """A choice joins with its prompt's full blocks shared and its own copy of the last, partial one."""
@@ -150,6 +158,9 @@ class PagedRunner:
     def kv_cache_bytes(self) -> int:
         """Bytes of the pool's blocks in use by running sequences (read by metrics)."""
         return self.pool.num_used * self.kv.block_size * self.kv.bytes_per_token
+
+    def mirror_bytes(self, seqs: list[Sequence]) -> int:
+        return sum(s.mirror.nbytes for s in seqs if s.mirror is not None)
 
     def reset(self) -> None:
         self.rows = []
