@@ -98,8 +98,9 @@ def report(rows: list[dict], args: argparse.Namespace, console: Console, path: P
     result = table(title, columns)
 
     def tok_s(name: str, size: int, c: int) -> float | None:
+        """A figure to compare with: none where some of its requests failed (their tokens are missing)."""
         r = cell.get((name, size, c))
-        return r["throughput_tok_s"] if r and not r["skipped"] else None
+        return r["throughput_tok_s"] if r and not r["skipped"] and not r["errors"] else None
 
     for size in sizes(args):
         first = next((r for r in rows if r["size"] == size), None)

@@ -38,8 +38,9 @@ log = logging.getLogger("llmchat.engine")
 BLOCK_SIZE = 16  # tokens of one KV block (the prefix cache's unit)
 
 # While sequences decode, a step's prefill chunks may take at most this many decode steps' time, so a
-# running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine.
-STALL_STEPS = 4
+# running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine. With 4, 2 and 1.5,
+# a 3k-token prompt arriving beside 4 streams made gaps 6x, 3.5x and 2.6x their median (2-core AMX host).
+STALL_STEPS = 1.5
 
 
 class Engine:
