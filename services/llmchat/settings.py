@@ -111,8 +111,8 @@ class Settings(ServiceSettings):
         None,
         ge=16,
         description="Token budget of one engine step: one per decoding sequence, the rest for chunks of prompts "
-        "being prefilled; while sequences decode, chunks are also kept to about one and a half decode steps' time. Default: "
-        "2048 on a GPU, 512 on the CPU.",
+        "being prefilled; while sequences decode, chunks are also kept to about one and a half decode steps' "
+        "time. Default: 2048 on a GPU, 512 on the CPU.",
     )
     kv_pool_mb: int | None = Field(
         None,

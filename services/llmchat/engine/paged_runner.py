@@ -45,12 +45,6 @@ class PagedRunner:
         if capture_all is not None:
             capture_all(self.device)
 
-    def blocks_needed(self, seq: Sequence) -> int:
-        """Free blocks admitting the sequence and its waiting choices takes (one each for the choices' own last
-        block)."""
-        forks = sum(1 for f in seq.forks if not f.is_finished)
-        return self.pool.blocks_needed(seq.prefill_ids, extra=forks)
-
     def start(self, seq: Sequence) -> None:
         """Gives an admitted sequence its block table: the cached blocks its prompt starts with, then new ones for
         the rest of it (and one for each of its choices' own last block)."""

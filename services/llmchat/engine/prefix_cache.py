@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-ROOT = -1  # the parent id of a chain's first block
+from llmchat.engine.block_pool import ROOT, PrefixStats
 
 
 @dataclass(slots=True, eq=False)
@@ -22,18 +22,6 @@ class Block:
     parent: int
     kv: torch.Tensor  # [layers, 2 (keys, values), kv_heads, block_size, head_dim]
     num_children: int = 0
-
-
-@dataclass(slots=True)
-class PrefixStats:
-    num_lookups: int = 0
-    num_prompt_tokens: int = 0  # prompt tokens looked up
-    num_cached_tokens: int = 0  # of those, found in the cache
-    num_evicted: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
 
 @dataclass(slots=True)
