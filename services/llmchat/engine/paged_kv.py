@@ -60,6 +60,7 @@ class Segment:
     num_past: int
     num_new: int
     mirror: "Mirror | None" = None  # its contiguous copy, where the runner keeps one (the CPU)
+    is_prompt: bool = False  # a chunk of a prompt, not a decode row's pending tokens
 
 
 class Mirror:
@@ -136,7 +137,8 @@ class PagedBatch:
         self.slots = on_device(slots, device)
         self.tables = [t if isinstance(t, int) else on_device(t, device) for t in tables]
         self.last = on_device([end - 1 for _, end in self.spans], device)
-        self.has_prompt = any(seg.num_new > 1 for seg in segments)
+        # A step with a prompt chunk runs dense matmuls, so a prompt's keys and values never depend on its chunking.
+        self.has_prompt = any(seg.is_prompt for seg in segments)
         self.mirrors = [seg.mirror for seg in segments]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

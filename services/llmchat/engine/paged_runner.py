@@ -96,7 +96,7 @@ class PagedRunner:
             positions += range(past, past + len(seq.pending))
         for seq, n in chunks:
             past = seq.num_computed
-            segments.append(Segment(seq.blocks, past, n, self._mirror(seq)))
+            segments.append(Segment(seq.blocks, past, n, self._mirror(seq), is_prompt=True))
             ids += seq.prefill_ids[past : past + n]
             positions += range(past, past + n)
         batch = PagedBatch(self.kv, segments, self.device, self.expand_heads)
