@@ -27,6 +27,7 @@ from llmchat.engine.loader import LoadedModel
 from llmchat.engine.outputs import OutputProcessor
 from llmchat.engine.paged_kv import PagedKV
 from llmchat.engine.paged_runner import PagedRunner, in_kv
+from llmchat.engine.preemption import Preemption
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner, pick_forward
 from llmchat.engine.sampler import pick
@@ -101,7 +102,8 @@ class Engine:
             num_blocks = max(pool_bytes // (kv_bytes_per_token(model) * BLOCK_SIZE), 2)
             kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, model.dtype, model.device)
             self.pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=prefix_cache_bytes != 0)
-            self.runner: PagedRunner | BatchRunner = PagedRunner(model, forward, kv, self.pool, model.device)
+            self.runner: PagedRunner | BatchRunner = PagedRunner(forward, kv, self.pool, model.device)
+            self.preemption = Preemption(self.scheduler, self.runner)
             # Every request must fit the pool alone: a longer context is refused before any work (a 400).
             self.max_context = min(self.max_context, kv.num_blocks * BLOCK_SIZE - BLOCK_SIZE)
             config.max_kv_tokens = kv.num_blocks * BLOCK_SIZE
@@ -115,7 +117,6 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, jump_forward)
         self.num_model_steps = 0  # since start: model steps whose logits chose a token (fewer when tokens were forced)
         self.num_prefilled_tokens = 0  # prompt tokens computed (not read from the prefix cache or shared by forks)
-        self.num_preemptions = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
@@ -195,7 +196,7 @@ class Engine:
             "attention": "SDPA per sequence, grouped heads kept, over "
             + ("a contiguous copy of its blocks" if self.runner.mirrors else "its gathered blocks"),
             "copy_bytes": self.runner.mirror_bytes(self.scheduler.running),  # those copies, beside the pool
-            "preemptions": self.num_preemptions,
+            "preemptions": self.preemption.count,
         }
 
     def prepare(self) -> None:
@@ -314,7 +315,8 @@ class Engine:
                 self._admit(seq)
             except PoolFull:  # only when nothing else runs: the pool cannot hold this request at all
                 self._fail_group(seq, "the KV pool cannot hold this request's prompt and choices")
-        self._make_room()
+        for seq in self.preemption.make_room():
+            self._fail_group(seq, "the KV pool is full")
         chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), self._max_chunk())
         if not chunks and not self.runner.rows:
             return
@@ -336,42 +338,6 @@ class Engine:
             self._sample(seqs, logits)
         self.runner.drop(self.scheduler.postprocess())
 
-    def _make_room(self) -> None:
-        """Blocks for every decoding row's pending tokens, oldest row first; when the pool has none left the newest
-        running request is preempted (its blocks freed, recomputed later) rather than anything failing."""
-        for seq in list(self.runner.rows):
-            while seq in self.runner.rows and (short := self.runner.blocks_short(seq)) > 0:
-                if short <= self.pool.num_free:
-                    self.runner.grow(seq, short)
-                    break
-                victim = self.scheduler.running[-1]
-                if victim is seq and len(self.scheduler.running) == 1:
-                    self._fail_group(seq, "the KV pool is full")  # cannot happen within max_context
-                    break
-                if victim.parent is not None and victim.is_prefilling:  # a choice waiting on its prompt
-                    victim = victim.parent
-                self._preempt(victim)
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Frees the sequence's blocks (and its waiting choices') and queues it to be prefilled again: its prompt
-        and the reply so far, through the prefix cache where its blocks are still cached."""
-        waiting_forks = [f for f in seq.forks if f.is_prefilling and not f.is_finished] if seq.is_prefilling else []
-        for member in (seq, *waiting_forks):
-            self.runner.release(member)
-        if not seq.is_prefilling or seq.completion_ids:  # it had joined the batch: it resumes where it was
-            done = len(seq.completion_ids) - len(seq.pending)
-            seq.prefill_ids = seq.prompt_ids + seq.completion_ids[:done]
-            if seq.parent is not None:
-                seq.parent.forks.remove(seq)
-            for fork in seq.forks:  # its other choices run on their own now
-                fork.parent = None
-            seq.forks, seq.parent = [], None
-        seq.num_computed = 0
-        seq.num_preempted += 1
-        self.num_preemptions += 1
-        log.info("KV pool full: preempted a request of %d tokens (recomputed later)", len(seq.prefill_ids))
-        self.scheduler.preempt(seq, waiting_forks)
-
     def _fail_group(self, seq: Sequence, error: str) -> None:
         for member in (seq, *seq.forks):
             if not member.is_finished:
@@ -385,7 +351,7 @@ class Engine:
             self._out_of_memory([s for seq, _ in chunks for s in (seq, *seq.forks)])
             self.runner.drop(self.scheduler.postprocess())
         elif len(self.runner.rows) > 1:
-            self._preempt(self.runner.rows[-1])
+            self.preemption.preempt(self.runner.rows[-1])
         else:
             self._out_of_memory(list(self.scheduler.running))
             self.runner.drop(self.scheduler.postprocess())

@@ -8,16 +8,12 @@ so the next turn of a conversation reuses both. The choices of an `n` > 1 reques
 full blocks and each copy its last, partial one.
 """
 
-import logging
-
 import torch
 
 from llmchat.engine.block_pool import ROOT, BlockPool
 from llmchat.engine.gpu import on_device
 from llmchat.engine.paged_kv import Mirror, PagedBatch, PagedKV, Segment
 from llmchat.engine.scheduler import Sequence
-
-log = logging.getLogger("llmchat.engine.paged_runner")
 
 
 def in_kv(seq: Sequence) -> int:
@@ -28,8 +24,7 @@ def in_kv(seq: Sequence) -> int:
 
 
 class PagedRunner:
-    def __init__(self, model: torch.nn.Module, forward, kv: PagedKV, pool: BlockPool, device: torch.device) -> None:
-        self.model = model
+    def __init__(self, forward, kv: PagedKV, pool: BlockPool, device: torch.device) -> None:
         self.forward = forward
         self.kv = kv
         self.pool = pool
