@@ -45,11 +45,13 @@ def test_a_full_pool_preempts_and_every_request_completes_with_the_same_tokens(l
         results = await asyncio.gather(*(generate(engine, p) for p in prompts))
         return [seq for seq, _ in results], await settled(engine)
 
-    roomy, _ = run_engine(loaded, SchedulerConfig(), body, prefix_cache_bytes=0)
+    # Dense matmuls at any row count (int4_rows=0): where the 4-bit weights take over is measured per CPU (2 rows
+    # here, 12 to 32 on AVX2), and the two runs decode different numbers of rows at a time.
+    dense = {"prefix_cache_bytes": 0, "int4_rows": 0}
+    roomy, _ = run_engine(loaded, SchedulerConfig(), body, **dense)
     per_request = -(-(len(prompts[0]) + 24) // 16)
-    tight, health = run_engine(
-        loaded, SchedulerConfig(), body, prefix_cache_bytes=0, pool_bytes=4 * per_request * block_bytes(loaded)
-    )
+    pool_bytes = 4 * per_request * block_bytes(loaded)
+    tight, health = run_engine(loaded, SchedulerConfig(), body, pool_bytes=pool_bytes, **dense)
     assert [s.finish_reason for s in tight] == ["length"] * 16
     assert [s.completion_ids for s in tight] == [s.completion_ids for s in roomy]
     assert health["kv_pool"]["preemptions"] > 0 and sum(s.num_preempted for s in tight) > 0
@@ -96,7 +98,7 @@ def test_many_identical_prompts_leave_no_block_behind(loaded):
         seq, _ = await generate(engine, prompt)
         return [s for s, _ in results], seq, await settled(engine)
 
-    seqs, again, health = run_engine(loaded, SchedulerConfig(max_batched_tokens=64), body)
+    seqs, again, health = run_engine(loaded, SchedulerConfig(max_batched_tokens=64), body, int4_rows=0)  # as above
     assert len({tuple(s.completion_ids) for s in seqs}) == 1 and again.completion_ids == seqs[0].completion_ids
     assert again.num_cached_tokens == (len(prompt) - 1) // 16 * 16
     assert idle_pool(health)
