@@ -162,6 +162,16 @@ async def drain(engine, seq) -> list[int]:
     return seq.completion_ids
 
 
+async def settled(engine) -> dict:
+    """/health's view of the engine once its thread has released the last finished sequence's blocks (a stream
+    ends before the engine thread drops its sequence)."""
+    for _ in range(200):
+        if engine.describe()["kv_pool"]["blocks_used"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    return engine.describe()
+
+
 def run_engine(loaded, config, body, **engine_options):
     """Runs `await body(engine)` on a started llmchat engine over `loaded`, then shuts the engine down."""
     from llmchat.engine import Engine

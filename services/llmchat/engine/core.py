@@ -193,11 +193,15 @@ class Engine:
             "bytes_total": kv.nbytes,
             "bytes_used": self.runner.kv_cache_bytes(),
             "tokens_held": tokens,  # the running sequences' real tokens; their blocks hold at most 15 more each
-            "attention": "SDPA per sequence, grouped heads kept, over "
-            + ("a contiguous copy of its blocks" if self.runner.mirrors else "its gathered blocks"),
-            "copy_bytes": self.runner.mirror_bytes(self.scheduler.running),  # those copies, beside the pool
+            "attention": self._describe_attention(),
             "preemptions": self.preemption.count,
         }
+
+    def _describe_attention(self) -> str:
+        gathered = "SDPA per sequence over its gathered blocks, grouped heads kept"
+        if self.runner.no_kernel is None:
+            return f"decoding rows: llmchat's paged decode kernel, blocks read in place; prompt chunks: {gathered}"
+        return f"{gathered} (llmchat's paged decode kernel: {self.runner.no_kernel})"
 
     def prepare(self) -> None:
         """Captures the forward pass's CUDA graphs for every batch size; call before start()."""

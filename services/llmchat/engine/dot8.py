@@ -9,7 +9,8 @@ torch's kernel takes, for about a fifth more work. Measured there, one row throu
 matmuls took 6.5 ms instead of 9.5 and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers`
 compares whole decode steps with either kernel).
 
-It is compiled at first use with the system's C++ compiler against this torch (about 20 s) and kept in
+It is compiled at first use with the system's C++ compiler against this torch, in one library with the paged
+decode attention kernel (paged_attention.cpp, used by paged_kv.py), about 30 s, and kept in
 `TORCH_EXTENSIONS_DIR` (the service sets it under its cache directory). Without AVX2, an x86 CPU, or a
 compiler, `unavailable()` says why and the 4-bit weights use torch's kernel. Where it runs, the fused pass
 still times one row through both kernels at load, per kind of projection, and switches to torch's where it
@@ -32,6 +33,8 @@ from torch.utils import cpp_extension
 log = logging.getLogger("llmchat.engine.dot8")
 
 SOURCE = Path(__file__).with_name("dot8.cpp")
+# Built into the same library: decode attention read in place from the paged KV pool (paged_kv.py).
+SOURCES = (SOURCE, SOURCE.with_name("paged_attention.cpp"))
 # -fopenmp: ATen's parallel_for is inline OpenMP code. The library then needs libgomp.so.1, which resolves to
 # the copy torch's wheels load, so the kernel shares torch's threads (tested).
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
@@ -73,16 +76,17 @@ def _built(compiler: str) -> Path:
         *(f"-I{p}" for p in cpp_extension.include_paths()),
     ]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()] + ["-lc10", "-ltorch_cpu"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, *command]).encode()).hexdigest()[:16]
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, *command]).encode()).hexdigest()[:16]
     target = build_dir() / f"dot8-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the 8-bit dot-product kernel into %s (once, about 20 s)", target)
+    log.info("compiling llmchat's CPU kernels into %s (once, about 30 s)", target)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # replicas starting together each build their own
         built = Path(scratch) / target.name
         result = subprocess.run(
-            [*command, str(SOURCE), "-o", str(built), *libs], capture_output=True, text=True, timeout=600
+            [*command, *map(str, SOURCES), "-o", str(built), *libs], capture_output=True, text=True, timeout=600
         )
         if result.returncode != 0:
             detail = result.stderr.strip()[-500:] or f"exit status {result.returncode}"

@@ -1,15 +1,18 @@
 """The paged KV pool's memory, and one step's attention over block tables.
 
 Every layer has one keys and one values tensor, [kv_heads, blocks, block_size, head_dim], allocated
-once at start-up. A step's new keys and values are written into their sequences' slots in place;
-each sequence then attends over its own blocks, gathered block by block (16 tokens of one head are
-one contiguous run, so a gather is a few large copies) into one contiguous [kv_heads, tokens, dim]
-view per head group. Grouped key/value heads are never expanded: SDPA takes them (enable_gqa).
+once at start-up. A step's new keys and values are written into their sequences' slots in place. Then:
 
-Measured on a 2-core CPU for 8 sequences of ~2k tokens (Qwen2.5-0.5B's shapes, bfloat16), one
-layer's attention took 1.4 ms over contiguous caches, 3.5 ms gathered by token, 3 ms gathered by
-block, 5-6 ms as one padded, masked SDPA over all rows (which reads every row at the longest
-row's width); the per-sequence block gather is kept.
+- On the CPU, where llmchat's kernels build (dot8.py), every decoding row's queries go through one call
+  of its paged decode kernel (paged_attention.cpp), which reads each sequence's blocks in place and each
+  key once for all the query heads that share it. For 8 rows of 2k tokens (Qwen2.5-0.5B's shapes,
+  bfloat16, a different pool region per layer as in a real step) it took 1.0 ms a layer on a 2-core AMX
+  host, where SDPA per sequence took 1.6 ms over contiguous per-sequence copies (that the pool would
+  have to keep beside it, twice the memory), about 3 ms gathering blocks, and 5-6 ms as one padded,
+  masked SDPA over all rows.
+- Prompt chunks, and every segment on a GPU or where the kernel cannot run, attend with SDPA over the
+  sequence's blocks gathered block by block (16 tokens of one head are one contiguous run, so a gather
+  is a few large copies), grouped key/value heads never expanded (enable_gqa).
 """
 
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmchat.engine import dot8
 from llmchat.engine.gpu import on_device
 
 
@@ -59,87 +63,54 @@ class Segment:
     blocks: list[int]
     num_past: int
     num_new: int
-    mirror: "Mirror | None" = None  # its contiguous copy, where the runner keeps one (the CPU)
     is_prompt: bool = False  # a chunk of a prompt, not a decode row's pending tokens
-
-
-class Mirror:
-    """A sequence's keys and values in one contiguous buffer per layer beside the pool, appended to each step.
-
-    On the CPU, SDPA reads a sequence's context in place only when it is contiguous; gathering its blocks
-    every step took 17% of a decode step at 8 rows of 1.3k tokens (Qwen2.5-0.5B, 2 cores, AMX). The
-    copy is made once, when the sequence first attends, and then grows by the step's new tokens; the
-    pool stays the record (prefix caching, preemption, forks), so a mirror is dropped at any time and
-    rebuilt from the blocks. It costs the running sequences' KV memory a second time.
-    """
-
-    SPARE = 64  # columns of room past the tokens, so most steps append in place
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.filled: list[int] = []
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
-
-    def extend(
-        self, layer: int, pool: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor | int, past: int, k, v
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values [1, kv_heads, past + new, dim] after appending `k` and `v` [kv_heads, new,
-        dim]; rebuilt from the pool's blocks (`table`) when the copy does not hold exactly the first `past`."""
-        new = k.shape[1]
-        if layer == len(self.keys):
-            self.keys.append(k.new_empty(0))
-            self.values.append(v.new_empty(0))
-            self.filled.append(-1)
-        if self.filled[layer] != past or self.keys[layer].shape[1] < past + new:
-            heads, dim = k.shape[0], k.shape[2]
-            keys, values = (k.new_empty((heads, past + new + self.SPARE, dim)) for _ in range(2))
-            if past:
-                if self.filled[layer] >= past:  # growing: what it holds is right
-                    keys[:, :past], values[:, :past] = self.keys[layer][:, :past], self.values[layer][:, :past]
-                else:
-                    keys[:, :past] = _gathered(pool[0], table, past)[0]
-                    values[:, :past] = _gathered(pool[1], table, past)[0]
-            self.keys[layer], self.values[layer] = keys, values
-        self.keys[layer][:, past : past + new] = k
-        self.values[layer][:, past : past + new] = v
-        self.filled[layer] = past + new
-        return self.keys[layer][None, :, : past + new], self.values[layer][None, :, : past + new]
 
 
 class PagedBatch:
     """One step's layout: the new tokens of every segment side by side in one row, where they go in the pool, and
-    how each segment attends (over its own blocks, causally among its new tokens)."""
+    how each segment attends (over its own blocks, causally among its new tokens). With `in_place` (the CPU,
+    where llmchat's kernel runs), decoding rows go through the paged decode kernel; other segments gather."""
 
-    def __init__(self, kv: PagedKV, segments: list[Segment], device: torch.device, expand_heads: bool) -> None:
+    def __init__(
+        self, kv: PagedKV, segments: list[Segment], device: torch.device, expand_heads: bool, in_place: bool = False
+    ) -> None:
         size = kv.block_size
         self.kv = kv
         self.expand_heads = expand_heads
         slots: list[int] = []
-        tables: list[int | list[int]] = []
         self.spans: list[tuple[int, int]] = []
-        self.lengths: list[int] = []
-        self.masks: list[torch.Tensor | None] = []
+        # Segments that gather: (start, end, block table or first of consecutive blocks, length, causal mask).
+        self.gathers: list[tuple[int, int, torch.Tensor | int, int, torch.Tensor | None]] = []
+        queries: list[int] = []  # the kernel's: each query token, its sequence's block table and context length
+        tables: list[list[int]] = []
+        lengths: list[int] = []
         start = 0
         for seg in segments:
             length = seg.num_past + seg.num_new
+            end = start + seg.num_new
             slots.extend(seg.blocks[p // size] * size + p % size for p in range(seg.num_past, length))
-            self.spans.append((start, start + seg.num_new))
+            self.spans.append((start, end))
             table = seg.blocks[: -(-length // size)]
-            # Blocks that follow one another in the pool are read in place, without a gather.
-            tables.append(table[0] if table == list(range(table[0], table[0] + len(table))) else table)
-            self.lengths.append(length)
-            self.masks.append(_causal_bias(seg, kv.keys[0].dtype, device))
-            start += seg.num_new
+            if in_place and not seg.is_prompt:
+                queries += range(start, end)
+                tables += [table] * seg.num_new
+                lengths += range(seg.num_past + 1, length + 1)
+            else:
+                # Blocks that follow one another in the pool are read in place, without a gather.
+                consecutive = table == list(range(table[0], table[0] + len(table)))
+                first_or_table = table[0] if consecutive else on_device(table, device)
+                self.gathers.append((start, end, first_or_table, length, _causal_bias(seg, kv.keys[0].dtype, device)))
+            start = end
+        self.num_tokens = start
         self.slots = on_device(slots, device)
-        self.tables = [t if isinstance(t, int) else on_device(t, device) for t in tables]
         self.last = on_device([end - 1 for _, end in self.spans], device)
+        self.decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if queries:
+            width = max(len(t) for t in tables)
+            padded = [t + [0] * (width - len(t)) for t in tables]
+            self.decode = tuple(torch.tensor(x, dtype=torch.int32) for x in (queries, padded, lengths))  # type: ignore[assignment]
         # A step with a prompt chunk runs dense matmuls, so a prompt's keys and values never depend on its chunking.
         self.has_prompt = any(seg.is_prompt for seg in segments)
-        self.mirrors = [seg.mirror for seg in segments]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Writes this layer's new keys and values [1, kv_heads, tokens, dim] into the pool and returns every
@@ -148,20 +119,18 @@ class PagedBatch:
         heads, dim = keys.shape[0], keys.shape[3]
         keys.view(heads, -1, dim).index_copy_(1, self.slots, k[0])
         values.view(heads, -1, dim).index_copy_(1, self.slots, v[0])
-        outs = []
-        for i, ((start, end), table, length, mask) in enumerate(
-            zip(self.spans, self.tables, self.lengths, self.masks, strict=True)
-        ):
-            mirror = self.mirrors[i]
-            if mirror is not None:
-                past = length - (end - start)
-                own_k, own_v = mirror.extend(layer, (keys, values), table, past, k[0, :, start:end], v[0, :, start:end])
-            else:
-                own_k, own_v = _gathered(keys, table, length), _gathered(values, table, length)
-            outs.append(self._sdpa(q[:, :, start:end], own_k, own_v, mask, scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if self.decode is None and len(self.gathers) == 1:
+            return self._gathered_sdpa(q, keys, values, *self.gathers[0][2:], scale)
+        out = q.new_empty((self.num_tokens, q.shape[1], q.shape[3]))  # [tokens, heads, dim]
+        if self.decode is not None:
+            paged_decode(q[0].transpose(0, 1), keys, values, *self.decode, scale, out)
+        for start, end, table, length, mask in self.gathers:
+            attended = self._gathered_sdpa(q[:, :, start:end], keys, values, table, length, mask, scale)
+            out[start:end] = attended[0].transpose(0, 1)
+        return out.transpose(0, 1)[None]
 
-    def _sdpa(self, q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def _gathered_sdpa(self, q, keys, values, table, length: int, mask: torch.Tensor | None, scale: float):
+        k, v = _gathered(keys, table, length), _gathered(values, table, length)
         causal = mask is None and q.shape[2] > 1  # new tokens with nothing before them
         if self.expand_heads and mask is not None:
             # On a GPU, SDPA's kernels that take a mask do not all take grouped heads (see attention.py).
@@ -169,6 +138,21 @@ class PagedBatch:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+
+
+def paged_decode(q, keys, values, queries, tables, lengths, scale: float, out: torch.Tensor) -> None:
+    """llmchat's kernel (paged_attention.cpp): writes out[queries[i]] [heads, dim], the attention of q[queries[i]]
+    [heads, dim] over the first lengths[i] tokens of the blocks tables[i] of one layer's `keys` and `values`."""
+    torch.ops.llmchat_attention.paged_decode(q, keys, values, queries, tables, lengths, scale, out)
+
+
+def in_place_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why decoding rows cannot attend through llmchat's paged decode kernel here, or None where they do."""
+    if device.type != "cpu":
+        return "not on the CPU"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"the KV pool is {dtype}"
+    return dot8.unavailable()
 
 
 def _gathered(pool: torch.Tensor, table: torch.Tensor | int, length: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from llmchat.engine.block_pool import ROOT, BlockPool
 from llmchat.engine.gpu import on_device
-from llmchat.engine.paged_kv import Mirror, PagedBatch, PagedKV, Segment
+from llmchat.engine.paged_kv import PagedBatch, PagedKV, Segment, in_place_kernel
 from llmchat.engine.scheduler import Sequence
 
 
@@ -31,8 +31,8 @@ class PagedRunner:
         self.device = device
         self.rows: list[Sequence] = []  # prefilled, decoding
         self.expand_heads = device.type == "cuda"
-        # On the CPU each sequence attends over a contiguous copy of its blocks (paged_kv.Mirror); a GPU gathers.
-        self.mirrors = device.type == "cpu"
+        # Why decoding rows gather their blocks for SDPA rather than go through llmchat's kernel (None: they do not).
+        self.no_kernel = in_place_kernel(device, kv.keys[0].dtype)
 
     def prepare(self) -> None:
         """Start-up work of the forward pass that would otherwise stall the first requests (CUDA graphs)."""
@@ -68,7 +68,6 @@ class PagedRunner:
         if seq.blocks:
             self.pool.release(seq.blocks)
             seq.blocks = []
-        seq.mirror = None
         if seq in self.rows:
             self.rows.remove(seq)
 
@@ -86,15 +85,15 @@ class PagedRunner:
         positions: list[int] = []
         for seq in rows:
             past = in_kv(seq)
-            segments.append(Segment(seq.blocks, past, len(seq.pending), self._mirror(seq)))
+            segments.append(Segment(seq.blocks, past, len(seq.pending)))
             ids += seq.pending
             positions += range(past, past + len(seq.pending))
         for seq, n in chunks:
             past = seq.num_computed
-            segments.append(Segment(seq.blocks, past, n, self._mirror(seq), is_prompt=True))
+            segments.append(Segment(seq.blocks, past, n, is_prompt=True))
             ids += seq.prefill_ids[past : past + n]
             positions += range(past, past + n)
-        batch = PagedBatch(self.kv, segments, self.device, self.expand_heads)
+        batch = PagedBatch(self.kv, segments, self.device, self.expand_heads, in_place=self.no_kernel is None)
         logits = self.forward.paged(on_device([ids], self.device), on_device([positions], self.device), batch)
         # Only now, after the pass succeeded, do its blocks count as computed (and get cached).
         for seq in rows:
@@ -116,11 +115,6 @@ class PagedRunner:
                 sampled.append(choice)
                 picked.append(i)
         return sampled, logits[picked] if picked != list(range(len(logits))) else logits
-
-    def _mirror(self, seq: Sequence) -> Mirror | None:
-        if self.mirrors and seq.mirror is None:
-            seq.mirror = Mirror()
-        return seq.mirror
 
     def _fork(self, seq: Sequence, fork: Sequence) -> None:
         """A choice joins with its prompt's full blocks shared and its own copy of the last, partial one."""
@@ -147,9 +141,6 @@ class PagedRunner:
     def kv_cache_bytes(self) -> int:
         """Bytes of the pool's blocks in use by running sequences (read by metrics)."""
         return self.pool.num_used * self.kv.block_size * self.kv.bytes_per_token
-
-    def mirror_bytes(self, seqs: list[Sequence]) -> int:
-        return sum(s.mirror.nbytes for s in seqs if s.mirror is not None)
 
     def reset(self) -> None:
         self.rows = []

@@ -124,9 +124,11 @@ def sample(
     token i with probability p_i, and, unlike torch.multinomial, does not assert on the device when a row
     is NaN (which on CUDA would kill the process's context).
     """
-    tokens = logits.argmax(dim=-1)
-    # NaN or +inf, or nothing left to choose (constraints that together allow no token).
-    broken = (logits.isnan() | logits.isposinf()).any(dim=-1) | logits.isneginf().all(dim=-1)
+    # One pass for both: a row's maximum is NaN where it holds a NaN, +inf where it holds +inf, and -inf where nothing
+    # is left to choose (constraints that together allow no token). Five passes over the logits took 5% of a step
+    # of 8 rows on the CPU (Qwen2.5's 151k-token vocabulary).
+    top, tokens = logits.max(dim=-1)
+    broken = ~top.isfinite()
     drawn = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
     if drawn:
         index = on_device(drawn, logits.device)

@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # for the annotations only: the engine thread makes these, th
     from tokenizers.decoders import DecodeStream
     from transformers.cache_utils import DynamicCache
 
-    from llmchat.engine.paged_kv import Mirror
-
 _ids = itertools.count()
 # The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances.
 MIN_CHUNK = 16
@@ -80,7 +78,6 @@ class Sequence:
     num_preempted: int = 0
     # Its block table in the paged KV pool, how many leading blocks are cached, and the last one's chain id.
     blocks: list[int] = field(default_factory=list)
-    mirror: "Mirror | None" = None  # on the CPU, its blocks' contiguous copy (paged_kv.Mirror)
     num_committed: int = 0
     chain: int = -1
     # The prompt's distinct token ids, for a repetition penalty (the sampler's).

@@ -6,7 +6,7 @@ import asyncio
 from llmchat.engine import Engine, SchedulerConfig
 from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.sampling import SamplingParams
-from tests.conftest import prompt_ids, run_engine
+from tests.conftest import prompt_ids, run_engine, settled
 
 QUESTIONS = [f"Tell me about the number {i} in a few sentences." for i in range(16)]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -20,15 +20,6 @@ async def generate(engine: Engine, ids: list[int], params: SamplingParams = GREE
     seq = engine.submit(ids, params)
     outputs = [o async for o in engine.stream(seq)]
     return seq, outputs
-
-
-async def settled(engine: Engine) -> dict:
-    """/health's view once the engine thread has released the last finished sequence's blocks."""
-    for _ in range(200):
-        if engine.describe()["kv_pool"]["blocks_used"] == 0:
-            break
-        await asyncio.sleep(0.01)
-    return engine.describe()
 
 
 def idle_pool(health: dict) -> bool:

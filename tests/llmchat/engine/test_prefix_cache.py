@@ -12,7 +12,7 @@ from llmchat.engine import Engine, SchedulerConfig
 from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.sampling import SamplingParams
-from tests.conftest import run_engine
+from tests.conftest import run_engine, settled
 
 MODEL = "SmolLM2-135M-Instruct"
 SYSTEM = " ".join(f"Rule {i}: check valve {i * 7 % 13} before pump {i % 5} starts." for i in range(24))
@@ -132,7 +132,7 @@ def test_eviction_and_a_small_pool_keep_outputs_and_free_every_block(loaded):
     async def body(engine):
         seqs = [await generate(engine, p) for p in prompts]
         concurrent = await asyncio.gather(*(generate(engine, p) for p in prompts))
-        return seqs + list(concurrent), engine.describe()
+        return seqs + list(concurrent), await settled(engine)
 
     blocks = -(-(max(map(len, prompts)) + GREEDY.max_tokens) // 16) + 4  # less than both system prompts
     seqs, health = run(loaded, body, pool_bytes=blocks * bytes_per_block)

@@ -152,11 +152,14 @@ def test_the_exponential_race_draws_in_proportion_to_the_probabilities():
 
 
 def test_a_nan_row_is_reported_and_does_not_disturb_the_others():
-    logits = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 1.0, 0.0], [1.0, float("inf"), 0.0], [3.0, 1.0, 0.0]])
-    params = [SamplingParams(max_tokens=1, temperature=t) for t in (0.0, 1.0, 1.0, 1.0)]
-    gens = [torch.Generator().manual_seed(n) for n in range(4)]
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [[0.0, 2.0, 1.0], [nan, 1.0, 0.0], [1.0, inf, 0.0], [3.0, 1.0, 0.0], [3.0, 1.0, nan], [-inf, -inf, -inf]]
+    )
+    params = [SamplingParams(max_tokens=1, temperature=t) for t in (0.0, 1.0, 1.0, 1.0, 0.0, 0.0)]
+    gens = [torch.Generator().manual_seed(n) for n in range(len(params))]
     tokens, broken = sample(logits, params, gens)
-    assert broken == [False, True, True, False]
+    assert broken == [False, True, True, False, True, True]
     assert tokens[0] == 1 and 0 <= tokens[3] < 3
 
 

@@ -1,0 +1,107 @@
+"""llmchat's paged decode kernel (paged_attention.cpp) against SDPA over the same blocks gathered, and a step's
+attention with decoding rows through the kernel against every segment gathered."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmchat.engine import dot8
+from llmchat.engine.paged_kv import PagedBatch, PagedKV, Segment, in_place_kernel, paged_decode
+
+pytestmark = pytest.mark.skipif(
+    dot8.unavailable() is not None, reason=f"llmchat's kernels cannot run here: {dot8.unavailable()}"
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def pool(kv_heads: int, dim: int, dtype: torch.dtype, blocks: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(kv_heads, blocks, 16, dim, generator=gen).to(dtype) for _ in range(2))  # type: ignore[return-value]
+
+
+def reference(q, keys, values, table: list[int], length: int, scale: float) -> torch.Tensor:
+    """q [heads, dim] over the first `length` tokens of `table`, by SDPA in float32."""
+    kv_heads, dim = keys.shape[0], keys.shape[3]
+    k, v = (t[:, table].reshape(kv_heads, -1, dim)[None, :, :length].float() for t in (keys, values))
+    return F.scaled_dot_product_attention(q[None, :, None].float(), k, v, scale=scale, enable_gqa=True)[0, :, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(14, 2, 64), (32, 8, 128), (24, 2, 64), (4, 4, 64)])
+def test_each_query_matches_sdpa_over_its_gathered_blocks(dtype, heads, kv_heads, dim):
+    keys, values = pool(kv_heads, dim, dtype)
+    order = list(range(keys.shape[1]))
+    random.Random(1).shuffle(order)
+    lengths = [1, 7, 16, 17, 100, 1000, 2500]  # partial and whole last blocks, and long enough to split
+    tables = [[order.pop() for _ in range(-(-n // 16))] for n in lengths]
+    width = max(map(len, tables))
+    # q as the forward pass gives it: a [tokens, heads, dim] view of a wider row (queries, keys and values)
+    q = torch.randn(len(lengths), heads + 2 * kv_heads, dim).to(dtype)[:, :heads]
+    out = torch.full((len(lengths), heads, dim), float("nan"), dtype=dtype)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    order_of_queries = torch.arange(len(lengths), dtype=torch.int32).flip(0)  # query i of the kernel is token n-1-i
+    paged_decode(
+        q, keys, values, order_of_queries, padded.flip(0), torch.tensor(lengths[::-1], dtype=torch.int32), 0.1, out
+    )
+    for i, (table, length) in enumerate(zip(tables, lengths, strict=True)):
+        expected = reference(q[i], keys, values, table, length, 0.1)
+        assert torch.allclose(out[i].float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]), (i, length)
+
+
+def test_a_block_outside_the_pool_is_an_error_not_a_read():
+    keys, values = pool(2, 64, torch.float32, blocks=4)
+    q, out = torch.randn(1, 4, 64), torch.empty(1, 4, 64)
+    one = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="not in the pool"):
+        paged_decode(
+            q,
+            keys,
+            values,
+            one,
+            torch.tensor([[0, 9]], dtype=torch.int32),
+            torch.tensor([20], dtype=torch.int32),
+            0.1,
+            out,
+        )
+    with pytest.raises(RuntimeError, match="short table"):
+        paged_decode(
+            q,
+            keys,
+            values,
+            one,
+            torch.tensor([[0]], dtype=torch.int32),
+            torch.tensor([20], dtype=torch.int32),
+            0.1,
+            out,
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_attends_the_same_with_decoding_rows_in_place(dtype):
+    """Decoding rows (one token, and several forced ones), a prompt's first chunk and a later chunk in one step."""
+    assert in_place_kernel(torch.device("cpu"), dtype) is None
+    heads, kv_heads, dim = 6, 2, 64
+    segments = [
+        Segment([5, 1, 9], 40, 1),
+        Segment([2, 3], 20, 3),
+        Segment([7, 8], 0, 30, is_prompt=True),
+        Segment([10, 11, 12, 13], 33, 20, is_prompt=True),
+        Segment([0], 0, 1),
+    ]
+    tokens = sum(s.num_new for s in segments)
+    q, k, v = (torch.randn(1, n, tokens, dim).to(dtype) for n in (heads, kv_heads, kv_heads))
+    outs = []
+    for in_place in (False, True):
+        kv = PagedKV(2, kv_heads, dim, 16, 16, dtype, torch.device("cpu"))
+        for layer in range(2):
+            kv.keys[layer].copy_(torch.randn(kv.keys[layer].shape, generator=torch.Generator().manual_seed(layer)))
+            kv.values[layer].copy_(torch.randn(kv.values[layer].shape, generator=torch.Generator().manual_seed(9)))
+        batch = PagedBatch(kv, segments, torch.device("cpu"), expand_heads=False, in_place=in_place)
+        assert (batch.decode is not None) == in_place
+        outs.append([batch.attend(layer, q, k, v, 0.125) for layer in range(2)])
+    for gathered, in_place in zip(*outs, strict=True):
+        assert gathered.shape == in_place.shape == (1, heads, tokens, dim)
+        assert torch.allclose(gathered.float(), in_place.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
