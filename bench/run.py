@@ -319,7 +319,9 @@ def main() -> None:
         "llmchat-compile": lambda: servers.llmchat([*llmchat_args, "--compile"], "llmchat-compile"),
         "transformers": lambda: servers.transformers_serve(weights),
         "transformers-bf16": lambda: servers.transformers_serve(weights, "bfloat16"),
-        "llama.cpp": lambda: servers.llama_cpp(gguf, args.llama_cpp_python, tools="tools" in scenarios),
+        "llama.cpp": lambda: servers.llama_cpp(
+            gguf, args.llama_cpp_python, tools="tools" in scenarios, prompt_cache="agent" in scenarios
+        ),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
     heads = [filler.head(n, count) for n in prompt_sizes(args)]

@@ -105,20 +105,24 @@ def transformers_serve(weights_dir: Path, dtype: str = "auto") -> Server | None:
     return Server(name, cmd, str(weights_dir), "/health", port=port)
 
 
-def llama_cpp(gguf: Path, python: str | None = None, tools: bool = False) -> Server | None:
+def llama_cpp(gguf: Path, python: str | None = None, tools: bool = False, prompt_cache: bool = False) -> Server | None:
     """llama.cpp's server on the GGUF itself, run by `python` (an interpreter with llama-cpp-python[server]).
 
     With `tools`, its chatml-function-calling chat format: the GGUF's own template ignores tools, and this is
     the ChatML format (SmolLM2's) that honours tools and tool_choice, with a grammar for named calls. Without
-    tools in a request it renders plain ChatML, but without the template's default system prompt."""
+    tools in a request it renders plain ChatML, but without the template's default system prompt.
+
+    With `prompt_cache`, --cache True keeps evaluated prompts in RAM (LlamaRAMCache) for reuse by a later prompt
+    sharing their prefix, as the agent scenario's interleaved turns do. Each saved prompt copies the server's
+    whole table of scores, n_ctx x vocabulary floats: 5 GB for Qwen2.5's 151k tokens, which killed the server
+    at 1.5k-token prompts on a 24 GiB host. Without it the server reuses the previous request's tokens, which
+    serves the other scenarios' shared prefixes, sent one request after another, as well."""
     python = python or sys.executable
     probe = subprocess.run([python, "-c", "import llama_cpp.server"], capture_output=True)
     if probe.returncode != 0:
         return None
     port = free_port()
-    # Without --interrupt_requests False each new request cancels the one in flight. --cache True keeps
-    # evaluated prompts in RAM (LlamaRAMCache, 2 GiB) for reuse by the next prompt sharing their prefix, as
-    # the agent scenario's turns do; the server reuses only the previous request's tokens without it.
+    # Without --interrupt_requests False each new request cancels the one in flight.
     cmd = [
         python,
         "-m",
@@ -134,7 +138,7 @@ def llama_cpp(gguf: Path, python: str | None = None, tools: bool = False) -> Ser
         "--n_ctx",
         "8192",
         "--cache",
-        "True",
+        str(prompt_cache),
         # llama-cpp-python's default is half the CPUs; llmchat (torch) uses all of them.
         "--n_threads",
         str(os.cpu_count() or 1),
