@@ -29,7 +29,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from llmchat.engine import Engine, LoadedModel, SchedulerConfig, gpu
+from llmchat.engine import Engine, EngineConfig, LoadedModel, SchedulerConfig, gpu
 from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.loader import ModelSource
 from llmchat.engine.sampling import SamplingParams
@@ -213,7 +213,8 @@ async def run_engine(loaded: LoadedModel, args, prompts: dict[int, list[list[int
     tokens_needed = max(prompts) * (args.prompt_tokens + args.new_tokens) + len(probe)
     # Sized for these runs, not 80% of the free memory, so transformers' batching gets the card back after it.
     pool_bytes = int(1.25 * tokens_needed * kv_bytes_per_token(loaded.model))
-    engine = Engine(loaded, SchedulerConfig(None, None, 2 * max(prompts)), cuda_graphs=True, pool_bytes=pool_bytes)
+    scheduling = SchedulerConfig(None, None, 2 * max(prompts))
+    engine = Engine(loaded, EngineConfig(scheduling, cuda_graphs=True, pool_bytes=pool_bytes))
     start = time.perf_counter()
     engine.prepare()
     prepare_s = time.perf_counter() - start

@@ -174,10 +174,10 @@ async def settled(engine) -> dict:
 
 def run_engine(loaded, config, body, **engine_options):
     """Runs `await body(engine)` on a started llmchat engine over `loaded`, then shuts the engine down."""
-    from llmchat.engine import Engine
+    from llmchat.engine import Engine, EngineConfig
 
     async def main():
-        engine = Engine(loaded, config, **engine_options)
+        engine = Engine(loaded, EngineConfig(config, **engine_options))
         if engine_options.get("cuda_graphs") or engine_options.get("compile_decode"):
             engine.prepare()  # captured or compiled before serving, as the service does
         engine.start()

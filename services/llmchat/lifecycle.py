@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hrserve import ServiceError, Watchdog, not_ready, notify
 from hrserve.systemd import extending_start_timeout
 from llmchat.chat import Chat, ChatMessage, ChatOptions, ChatRequest
-from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine import Engine, EngineConfig, SchedulerConfig
 from llmchat.engine.loader import ModelConfig, ModelLoadError, load_model, resolve_source
 from llmchat.settings import Settings
 
@@ -146,7 +146,6 @@ async def warm_up(chat: Chat) -> None:
 async def load_in_background(runtime: Runtime, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     result: asyncio.Future = loop.create_future()
-    scheduler_config = SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting)
 
     def stage(text: str) -> None:
         loop.call_soon_threadsafe(runtime.set_stage, text)
@@ -160,17 +159,7 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
             if loaded.device == "cpu":  # where the 4-bit kernel is compiled at first start (engine/dot8.py)
                 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(settings.cache_dir / "kernels"))
             stage("preparing the forward pass")
-            engine = Engine(
-                loaded,
-                scheduler_config,
-                fused_forward=settings.forward == "auto",
-                cuda_graphs=settings.cuda_graphs,
-                prefix_cache_bytes=prefix_cache_bytes(settings),
-                jump_forward=settings.jump_forward,
-                int4_rows=settings.int4_rows,
-                compile_decode=settings.compile,
-                pool_bytes=None if settings.kv_pool_mb is None else settings.kv_pool_mb * 2**20,
-            )
+            engine = Engine(loaded, engine_config(settings))
             if settings.cuda_graphs and loaded.device == "cuda":
                 stage("capturing CUDA graphs for every batch size")
                 engine.prepare()
@@ -212,8 +201,19 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
     notify("READY=1", f"STATUS=ready in {runtime.ready_seconds:.0f}s: {runtime.model_name} on {details['device']}")
 
 
-def prefix_cache_bytes(settings: Settings) -> int | None:
-    """The engine's prefix cache bound: 0 when it is off, None to derive it from free memory."""
+def engine_config(settings: Settings) -> EngineConfig:
+    """What the engine is told, from the settings."""
     if not settings.prefix_cache:
-        return 0
-    return None if settings.prefix_cache_mb is None else settings.prefix_cache_mb * 2**20
+        prefix_cache_bytes: int | None = 0
+    else:
+        prefix_cache_bytes = None if settings.prefix_cache_mb is None else settings.prefix_cache_mb * 2**20
+    return EngineConfig(
+        SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting),
+        fused_forward=settings.forward == "auto",
+        cuda_graphs=settings.cuda_graphs,
+        prefix_cache_bytes=prefix_cache_bytes,
+        jump_forward=settings.jump_forward,
+        int4_rows=settings.int4_rows,
+        compile_decode=settings.compile,
+        pool_bytes=None if settings.kv_pool_mb is None else settings.kv_pool_mb * 2**20,
+    )

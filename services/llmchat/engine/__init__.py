@@ -2,12 +2,14 @@
 forward, via runner), batches sequences continuously (scheduler, core) and samples their tokens (sampler, sampling).
 It knows nothing of chat templates or wire protocols: token ids in, token ids and text out."""
 
+from llmchat.engine.config import EngineConfig
 from llmchat.engine.core import Engine
 from llmchat.engine.loader import LoadedModel, ModelConfig, ModelLoadError, load_model
 from llmchat.engine.scheduler import Output, QueueFull, SchedulerConfig, Sequence
 
 __all__ = [
     "Engine",
+    "EngineConfig",
     "LoadedModel",
     "ModelConfig",
     "ModelLoadError",

@@ -11,10 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import torch
 
 from llmchat.engine.block_pool import BlockPool, PoolFull
+from llmchat.engine.config import EngineConfig
 from llmchat.engine.constraints import GrammarMasks
 from llmchat.engine.kv_cache import (
     default_pool_bytes,
@@ -32,7 +34,7 @@ from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner, pick_forward
 from llmchat.engine.sampler import pick
 from llmchat.engine.sampling import SamplingParams
-from llmchat.engine.scheduler import Output, Scheduler, SchedulerConfig, Sequence
+from llmchat.engine.scheduler import Output, Scheduler, Sequence
 
 log = logging.getLogger("llmchat.engine")
 
@@ -47,34 +49,19 @@ STALL_STEPS = 1.5
 class Engine:
     """Facade the chat layer talks to: start(), submit(), stream(), abort(), shutdown()."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        config: SchedulerConfig | None = None,
-        fused_forward: bool = True,
-        cuda_graphs: bool = False,
-        prefix_cache_bytes: int | None = None,
-        jump_forward: bool = True,
-        int4_rows: int | None = None,
-        compile_decode: bool = False,
-        pool_bytes: int | None = None,
-    ) -> None:
-        """`prefix_cache_bytes`: the prefix cache's bound (None: derived from free memory; 0: no prefix cache).
-        `jump_forward`: append the tokens a grammar forces without a model step for each. `int4_rows`: decode
-        steps of up to this many rows use a GGUF's 4-bit weights on the CPU (None: measured at load; 0: never).
-        `compile_decode`: one-row decode steps on the CPU run compiled by torch.compile (compiled on prepare()).
-        `pool_bytes`: the paged KV pool's size (None: derived from free memory), where the fused pass runs."""
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.max_context = loaded.max_context
         self.vocab_size = loaded.model.config.vocab_size
-        config = config or SchedulerConfig()
+        scheduling = replace(config.scheduler)  # its device defaults filled in here, not in the caller's
         gpu = loaded.model.device.type == "cuda"
-        if config.max_running is None:
-            config.max_running = 256 if gpu else 64
-        if config.max_batched_tokens is None:
-            config.max_batched_tokens = 2048 if gpu else 512
-        self.scheduler = Scheduler(config)
+        if scheduling.max_running is None:
+            scheduling.max_running = 256 if gpu else 64
+        if scheduling.max_batched_tokens is None:
+            scheduling.max_batched_tokens = 2048 if gpu else 512
+        self.scheduler = Scheduler(scheduling)
         eos = loaded.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -84,37 +71,40 @@ class Engine:
         model = loaded.model
         forward = pick_forward(
             model,
-            fused_forward,
-            cuda_graphs,
-            config.max_running,
+            config.fused_forward,
+            config.cuda_graphs,
+            scheduling.max_running,
             checkpoint=loaded.checkpoint,
-            int4_rows=int4_rows,
-            compile_decode=compile_decode,
+            int4_rows=config.int4_rows,
+            compile_decode=config.compile_decode,
             choices=loaded.choices,
             gguf=loaded.gguf,
         )
         self.pool: BlockPool | None = None
+        self.paged: PagedRunner | None = None  # the runner, where it runs over the pool
         self.prefix_cache: PrefixCache | None = None
-        self.prefix_cache_off: str | None = "turned off in the settings" if prefix_cache_bytes == 0 else None
+        self.prefix_cache_off: str | None = "turned off in the settings" if config.prefix_cache_bytes == 0 else None
         if hasattr(forward, "paged"):  # llmchat's fused pass: the paged KV pool
+            pool_bytes = config.pool_bytes
             if pool_bytes is None:
                 pool_bytes = default_pool_bytes(model, self.max_context)
             num_blocks = max(pool_bytes // (kv_bytes_per_token(model) * BLOCK_SIZE), 2)
             kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, model.dtype, model.device)
-            self.pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=prefix_cache_bytes != 0)
-            self.runner: PagedRunner | BatchRunner = PagedRunner(forward, kv, self.pool, model.device)
-            self.preemption = Preemption(self.scheduler, self.runner)
+            self.pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=config.prefix_cache_bytes != 0)
+            self.paged = PagedRunner(forward, kv, self.pool, model.device)
+            self.runner: PagedRunner | BatchRunner = self.paged
+            self.preemption = Preemption(self.scheduler, self.paged)
             # Every request must fit the pool alone: a longer context is refused before any work (a 400).
             self.max_context = min(self.max_context, kv.num_blocks * BLOCK_SIZE - BLOCK_SIZE)
-            config.max_kv_tokens = kv.num_blocks * BLOCK_SIZE
+            scheduling.max_kv_tokens = kv.num_blocks * BLOCK_SIZE
         else:  # transformers' forward, or the compiled one-row decode: one padded batch cache
-            self.prefix_cache, self.prefix_cache_off = make_prefix_cache(model, prefix_cache_bytes)
-            if config.max_kv_tokens is None:
+            self.prefix_cache, self.prefix_cache_off = make_prefix_cache(model, config.prefix_cache_bytes)
+            if scheduling.max_kv_tokens is None:
                 reserved = self.prefix_cache.capacity_bytes if self.prefix_cache is not None else 0
-                config.max_kv_tokens = kv_token_budget(model, reserved)
+                scheduling.max_kv_tokens = kv_token_budget(model, reserved)
             self.runner = BatchRunner(model, forward, pad, self.prefix_cache)
         self.masks = GrammarMasks()
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, jump_forward)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, config.jump_forward)
         self.num_model_steps = 0  # since start: model steps whose logits chose a token (fewer when tokens were forced)
         self.num_prefilled_tokens = 0  # prompt tokens computed (not read from the prefix cache or shared by forks)
         self._thread: threading.Thread | None = None
@@ -148,22 +138,22 @@ class Engine:
 
     @property
     def prefix_cache_bytes(self) -> int:
-        if self.pool is not None:
-            return len(self.pool.cached) * self.pool.block_size * self.runner.kv.bytes_per_token
+        if self.paged is not None:
+            return len(self.paged.pool.cached) * self.paged.pool.block_size * self.paged.kv.bytes_per_token
         return self.prefix_cache.num_bytes if self.prefix_cache is not None else 0
 
     def describe(self) -> dict:
         """What /health shows of the engine: the model as loaded, its forward pass, KV pool, prefix cache and load."""
         if self.prefix_cache_off is not None:
             cache = {"off": self.prefix_cache_off}
-        elif self.pool is not None:
+        elif self.paged is not None:
             # Cached blocks may fill whatever of the pool the running sequences leave.
-            cache = self.pool.describe_prefix() | {
+            cache = self.paged.pool.describe_prefix() | {
                 "bytes": self.prefix_cache_bytes,
-                "capacity_bytes": self.runner.kv.nbytes,
+                "capacity_bytes": self.paged.kv.nbytes,
             }
         else:
-            cache = self.prefix_cache.describe()
+            cache = self.prefix_cache.describe() if self.prefix_cache is not None else {}
         return self.loaded.describe() | {
             "forward": self.runner.forward.kind,
             # Weights the forward pass keeps beside the model's own (prepacked and 4-bit copies).
@@ -184,24 +174,23 @@ class Engine:
         }
 
     def _describe_pool(self) -> dict:
-        if self.pool is None:
+        paged = self.paged
+        if paged is None:
             return {"off": f"the forward pass is {self.runner.forward.kind}: one padded batch cache"}
-        kv = self.runner.kv
         tokens = sum(in_kv(s) for s in self.scheduler.running if s.blocks)
-        return self.pool.describe() | {
-            "bytes_per_token": kv.bytes_per_token,
-            "bytes_total": kv.nbytes,
-            "bytes_used": self.runner.kv_cache_bytes(),
+        gathered = "SDPA per sequence over its gathered blocks, grouped heads kept"
+        if paged.no_kernel is None:
+            attention = f"decoding rows: llmchat's paged decode kernel, blocks read in place; prompt chunks: {gathered}"
+        else:
+            attention = f"{gathered} (llmchat's paged decode kernel: {paged.no_kernel})"
+        return paged.pool.describe() | {
+            "bytes_per_token": paged.kv.bytes_per_token,
+            "bytes_total": paged.kv.nbytes,
+            "bytes_used": paged.kv_cache_bytes(),
             "tokens_held": tokens,  # the running sequences' real tokens; their blocks hold at most 15 more each
-            "attention": self._describe_attention(),
+            "attention": attention,
             "preemptions": self.preemption.count,
         }
-
-    def _describe_attention(self) -> str:
-        gathered = "SDPA per sequence over its gathered blocks, grouped heads kept"
-        if self.runner.no_kernel is None:
-            return f"decoding rows: llmchat's paged decode kernel, blocks read in place; prompt chunks: {gathered}"
-        return f"{gathered} (llmchat's paged decode kernel: {self.runner.no_kernel})"
 
     def prepare(self) -> None:
         """Captures the forward pass's CUDA graphs for every batch size; call before start()."""
@@ -313,8 +302,10 @@ class Engine:
 
     def _step_paged(self) -> None:
         """Over the paged pool the decoding rows and the prompt chunks go through one forward pass together."""
+        paged, pool = self.paged, self.pool
+        assert paged is not None and pool is not None
         self._reap()
-        for seq in self.scheduler.schedule(hold_shared=self.pool.caching, pool=self.pool):
+        for seq in self.scheduler.schedule(hold_shared=pool.caching, pool=pool):
             try:
                 self._admit(seq)
             except PoolFull:  # only when nothing else runs: the pool cannot hold this request at all
@@ -326,7 +317,7 @@ class Engine:
             return
         start = time.perf_counter()
         try:
-            seqs, logits = self.runner.step(chunks)
+            seqs, logits = paged.step(chunks)
         except torch.OutOfMemoryError:
             self._out_of_memory_paged(chunks)
             return
@@ -364,6 +355,8 @@ class Engine:
 
     def _step_batched(self) -> None:
         """With one padded batch cache: prefill chunks, sample the prompts that are done, then a decode step."""
+        runner = self.runner
+        assert isinstance(runner, BatchRunner)
         self._reap()
         for seq in self.scheduler.schedule(hold_shared=self.prefix_cache is not None):
             try:
@@ -374,7 +367,7 @@ class Engine:
         if chunks:
             start = time.perf_counter()
             try:
-                joined, logits = self.runner.prefill(chunks)
+                joined, logits = runner.prefill(chunks)
             except torch.OutOfMemoryError:  # raised before the batch's cache was touched: only newcomers fail
                 self._out_of_memory([s for seq, _ in chunks for s in (seq, *seq.forks)])
                 joined = []
@@ -388,7 +381,7 @@ class Engine:
         if self.runner.rows:
             start = time.perf_counter()
             rows = list(self.runner.rows)
-            self._sample(rows, self.runner.decode())
+            self._sample(rows, runner.decode())
             self.decode_step_s = _average(self.decode_step_s, time.perf_counter() - start)
             self.runner.drop(self.scheduler.postprocess())
 

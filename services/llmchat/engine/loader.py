@@ -13,11 +13,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmchat.engine import cpu, gpu
 from llmchat.engine.choices import Choices, kept_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("llmchat.engine.loader")
 
@@ -61,8 +65,8 @@ class ModelSource:
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
     name: str
     source: ModelSource
     device: str

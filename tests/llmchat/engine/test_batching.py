@@ -8,6 +8,7 @@ import pytest
 
 from llmchat.engine import Engine, SchedulerConfig
 from llmchat.engine.sampling import SamplingParams
+from llmchat.lifecycle import engine_config
 from llmchat.server import create_app
 from llmchat.settings import Settings
 from tests.conftest import drain, prompt_ids, run_engine, spawn_llmchat, start_server
@@ -82,7 +83,7 @@ def test_abort_during_waiting_and_running_frees_slots(loaded):
 @pytest.fixture(scope="module")
 def small_queue(loaded):
     settings = Settings(port=0, max_running=1, max_waiting=1)
-    engine = Engine(loaded, SchedulerConfig(settings.max_running, settings.max_batched_tokens, settings.max_waiting))
+    engine = Engine(loaded, engine_config(settings))
     live = start_server(create_app(settings, engine=engine))
     yield live
     live.stop()

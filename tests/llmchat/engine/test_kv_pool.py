@@ -3,7 +3,7 @@ to what the pool holds, and every block back when the engine is idle."""
 
 import asyncio
 
-from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine import Engine, EngineConfig, SchedulerConfig
 from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import prompt_ids, run_engine, settled
@@ -102,7 +102,7 @@ def test_bucketed_decode_over_the_pool_matches_the_fused_pass(loaded):
     from llmchat.engine.cuda_graphs import GraphedDecode
     from llmchat.engine.paged_kv import PagedBatch, Segment
 
-    engine = Engine(loaded, pool_bytes=64 * block_bytes(loaded))
+    engine = Engine(loaded, EngineConfig(pool_bytes=64 * block_bytes(loaded)))
     fused, kv = engine.runner.forward, engine.runner.kv
     graphed = GraphedDecode(fused, 4, capture=False)
     prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:3]]

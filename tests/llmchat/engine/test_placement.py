@@ -6,7 +6,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine import Engine, EngineConfig, SchedulerConfig
 from llmchat.engine.loader import ModelConfig, ModelLoadError, load_model, parse_max_memory
 from llmchat.engine.sampling import SamplingParams
 from llmchat.lifecycle import model_config
@@ -50,7 +50,7 @@ def greedy_tokens(loaded) -> list[list[int]]:
     max_tokens = [4, 10]
 
     async def main():
-        engine = Engine(loaded, SchedulerConfig(max_running=4))
+        engine = Engine(loaded, EngineConfig(SchedulerConfig(max_running=4)))
         engine.start()
         try:
             params = [SamplingParams(max_tokens=n, temperature=0.0) for n in max_tokens]
