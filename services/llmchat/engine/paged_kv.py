@@ -6,10 +6,10 @@ once at start-up. A step's new keys and values are written into their sequences'
 - On the CPU, where llmchat's kernels build (dot8.py), every decoding row's queries go through one call
   of its paged decode kernel (paged_attention.cpp), which reads each sequence's blocks in place and each
   key once for all the query heads that share it. For 8 rows of 2k tokens (Qwen2.5-0.5B's shapes,
-  bfloat16, a different pool region per layer as in a real step) it took 1.0 ms a layer on a 2-core AMX
-  host, where SDPA per sequence took 1.6 ms over contiguous per-sequence copies (that the pool would
-  have to keep beside it, twice the memory), about 3 ms gathering blocks, and 5-6 ms as one padded,
-  masked SDPA over all rows.
+  bfloat16, every layer's blocks cold as in a real step) it took 1.0-1.5 ms a layer on a 2-core AMX host
+  (blocks in order or scattered), where SDPA per sequence took 1.6 ms over contiguous per-sequence copies
+  (which the pool would have to keep beside it, twice the memory), about 3 ms gathering blocks, and 5-6 ms
+  as one padded, masked SDPA over all rows.
 - Prompt chunks, and every segment on a GPU or where the kernel cannot run, attend with SDPA over the
   sequence's blocks gathered block by block (16 tokens of one head are one contiguous run, so a gather
   is a few large copies), grouped key/value heads never expanded (enable_gqa).
