@@ -80,7 +80,6 @@ class Engine:
             choices=loaded.choices,
             gguf=loaded.gguf,
         )
-        self.pool: BlockPool | None = None
         self.paged: PagedRunner | None = None  # the runner, where it runs over the pool
         self.prefix_cache: PrefixCache | None = None
         self.prefix_cache_off: str | None = "turned off in the settings" if config.prefix_cache_bytes == 0 else None
@@ -90,8 +89,8 @@ class Engine:
                 pool_bytes = default_pool_bytes(model, self.max_context)
             num_blocks = max(pool_bytes // (kv_bytes_per_token(model) * BLOCK_SIZE), 2)
             kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, model.dtype, model.device)
-            self.pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=config.prefix_cache_bytes != 0)
-            self.paged = PagedRunner(forward, kv, self.pool, model.device)
+            pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=config.prefix_cache_bytes != 0)
+            self.paged = PagedRunner(forward, kv, pool, model.device)
             self.runner: PagedRunner | BatchRunner = self.paged
             self.preemption = Preemption(self.scheduler, self.paged)
             # Every request must fit the pool alone: a longer context is refused before any work (a 400).
@@ -114,6 +113,11 @@ class Engine:
         self.prefill_token_s: float | None = None
         # When the loop last came round (monotonic); the systemd watchdog reads it.
         self.last_beat = time.monotonic()
+
+    @property
+    def pool(self) -> BlockPool | None:
+        """The paged KV pool's blocks, where the runner runs over the pool."""
+        return self.paged.pool if self.paged is not None else None
 
     @property
     def is_alive(self) -> bool:
@@ -295,17 +299,17 @@ class Engine:
 
         Aborts are honoured before each forward pass, so a hung-up client's slot is free within one pass.
         """
-        if self.pool is not None:
+        if self.paged is not None:
             self._step_paged()
         else:
             self._step_batched()
 
     def _step_paged(self) -> None:
         """Over the paged pool the decoding rows and the prompt chunks go through one forward pass together."""
-        paged, pool = self.paged, self.pool
-        assert paged is not None and pool is not None
+        paged = self.paged
+        assert paged is not None
         self._reap()
-        for seq in self.scheduler.schedule(hold_shared=pool.caching, pool=pool):
+        for seq in self.scheduler.schedule(hold_shared=paged.pool.caching, pool=paged.pool):
             try:
                 self._admit(seq)
             except PoolFull:  # only when nothing else runs: the pool cannot hold this request at all
