@@ -284,7 +284,8 @@ def render(report: dict) -> Table:
     table = Table(
         title=f"decode: {report['model']}, {report['dtype']}, greedy, context {report['context']} tokens",
         caption=f"device: {report['device']}, torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"llmchat: {report['llmchat']['forward']}; HBM peak {report['peak_bandwidth']}",
+        f"llmchat: {report['llmchat']['forward']}; attention: {report['llmchat']['kv_pool']['attention']}; "
+        f"HBM peak {report['peak_bandwidth']}",
     )
     columns = ("run", "streams", "tok/s", "ms/step", "GB read/step", "HBM roofline", "TTFT ms", "max gap ms")
     for i, col in enumerate(columns):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmchat.engine import Engine, SchedulerConfig
+from llmchat.engine import Engine, SchedulerConfig, paged_flex
 from llmchat.engine.cuda_graphs import GraphedDecode
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.kv_cache import new_cache
@@ -138,6 +138,7 @@ def test_default_settings_serve_on_the_gpu_and_health_shows_its_memory():
         assert health["device"] == "cuda" and health["quantization"] == "none"
         assert "half the GPU's free memory" in health["quantization_reason"]
         assert health["forward"].endswith("CUDA graphs around attention"), health["forward"]
+        assert health["kv_pool"]["attention"].startswith("decoding rows: FlexAttention"), health["kv_pool"]
         assert not torch.backends.cuda.cudnn_sdp_enabled()  # its per-shape plans cost ms every decode step
         gpu = health["gpu"]
         assert 0 < gpu["allocated_bytes"] <= gpu["reserved_bytes"] < gpu["total_bytes"]
@@ -152,3 +153,12 @@ def test_default_settings_serve_on_the_gpu_and_health_shows_its_memory():
         assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
     finally:
         live.stop()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
+def test_flex_attention_over_the_pool_passes_its_check_here(dtype, heads, kv_heads, dim):
+    """The compiled kernels that decoding rows use on a GPU, against SDPA over gathered blocks (shapes of Llama 3
+    8B, the bundled SmolLM2 and Qwen2.5-7B)."""
+    keys, values = (torch.zeros(kv_heads, 1000, 16, dim, dtype=dtype, device="cuda") for _ in range(2))
+    assert paged_flex.check(keys, values, heads) is None

@@ -90,7 +90,7 @@ class Engine:
             num_blocks = max(pool_bytes // (kv_bytes_per_token(model) * BLOCK_SIZE), 2)
             kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, model.dtype, model.device)
             pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=config.prefix_cache_bytes != 0)
-            self.paged = PagedRunner(forward, kv, pool, model.device)
+            self.paged = PagedRunner(forward, kv, pool, model.device, model.config.num_attention_heads)
             self.runner: PagedRunner | BatchRunner = self.paged
             self.preemption = Preemption(self.scheduler, self.paged)
             # Every request must fit the pool alone: a longer context is refused before any work (a 400).
@@ -183,10 +183,10 @@ class Engine:
             return {"off": f"the forward pass is {self.runner.forward.kind}: one padded batch cache"}
         tokens = sum(in_kv(s) for s in self.scheduler.running if s.blocks)
         gathered = "SDPA per sequence over its gathered blocks, grouped heads kept"
-        if paged.no_kernel is None:
-            attention = f"decoding rows: llmchat's paged decode kernel, blocks read in place; prompt chunks: {gathered}"
+        if paged.in_place is not None:
+            attention = f"decoding rows: {paged.in_place}, blocks read in place; prompt chunks: {gathered}"
         else:
-            attention = f"{gathered} (llmchat's paged decode kernel: {paged.no_kernel})"
+            attention = f"{gathered} (reading blocks in place: {paged.no_kernel})"
         return paged.pool.describe() | {
             "bytes_per_token": paged.kv.bytes_per_token,
             "bytes_total": paged.kv.nbytes,

@@ -10,9 +10,12 @@ once at start-up. A step's new keys and values are written into their sequences'
   (blocks in order or scattered), where SDPA per sequence took 1.6 ms over contiguous per-sequence copies
   (which the pool would have to keep beside it, twice the memory), about 3 ms gathering blocks, and 5-6 ms
   as one padded, masked SDPA over all rows.
-- Prompt chunks, and every segment on a GPU or where the kernel cannot run, attend with SDPA over the
-  sequence's blocks gathered block by block (16 tokens of one head are one contiguous run, so a gather
-  is a few large copies), grouped key/value heads never expanded (enable_gqa).
+- On a GPU, decoding rows go through one FlexAttention call per layer over the pool in place
+  (paged_flex.py), once a start-up check on the device has passed.
+- Prompt chunks, and decoding rows where neither can run, attend with SDPA over the sequence's blocks
+  gathered block by block (16 tokens of one head are one contiguous run, so a gather is a few large
+  copies), grouped key/value heads never expanded (enable_gqa). A prompt chunk's attention is a matmul
+  that SDPA runs near peak; the gather is small beside it.
 """
 
 from dataclasses import dataclass
@@ -22,6 +25,9 @@ import torch.nn.functional as F
 
 from llmchat.engine import dot8
 from llmchat.engine.gpu import on_device
+from llmchat.engine.paged_flex import FlexRows
+
+KERNEL, FLEX = "llmchat's paged decode kernel", "FlexAttention"  # how decoding rows attend in place
 
 
 class PagedKV:
@@ -38,9 +44,12 @@ class PagedKV:
         device: torch.device,
     ) -> None:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
-        # torch.empty: on the CPU pages are only committed when a block is first written.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # On the CPU torch.empty: pages are only committed when a block is first written, and nothing reads a slot
+        # before it is written. A GPU's FlexAttention reads a last block's unwritten slots and masks them, and a
+        # masked NaN would still poison the weighted sum: zeros there.
+        make = torch.empty if device.type == "cpu" else torch.zeros
+        self.keys = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
@@ -68,11 +77,16 @@ class Segment:
 
 class PagedBatch:
     """One step's layout: the new tokens of every segment side by side in one row, where they go in the pool, and
-    how each segment attends (over its own blocks, causally among its new tokens). With `in_place` (the CPU,
-    where llmchat's kernel runs), decoding rows go through the paged decode kernel; other segments gather."""
+    how each segment attends (over its own blocks, causally among its new tokens). With `in_place` (KERNEL or
+    FLEX), decoding rows attend through it, reading their blocks in place; other segments gather."""
 
     def __init__(
-        self, kv: PagedKV, segments: list[Segment], device: torch.device, expand_heads: bool, in_place: bool = False
+        self,
+        kv: PagedKV,
+        segments: list[Segment],
+        device: torch.device,
+        expand_heads: bool,
+        in_place: str | None = None,
     ) -> None:
         size = kv.block_size
         self.kv = kv
@@ -84,6 +98,7 @@ class PagedBatch:
         queries: list[int] = []  # the kernel's: each query token, its sequence's block table and context length
         tables: list[list[int]] = []
         lengths: list[int] = []
+        rows: list[tuple[list[int], int, int]] = []  # FlexAttention's: each row's table, past and new tokens
         start = 0
         for seg in segments:
             length = seg.num_past + seg.num_new
@@ -95,6 +110,7 @@ class PagedBatch:
                 queries += range(start, end)
                 tables += [table] * seg.num_new
                 lengths += range(seg.num_past + 1, length + 1)
+                rows.append((table, seg.num_past, seg.num_new))
             else:
                 # Blocks that follow one another in the pool are read in place, without a gather.
                 consecutive = table == list(range(table[0], table[0] + len(table)))
@@ -105,7 +121,10 @@ class PagedBatch:
         self.slots = on_device(slots, device)
         self.last = on_device([end - 1 for _, end in self.spans], device)
         self.decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if queries:
+        self.flex: tuple[FlexRows, torch.Tensor] | None = None
+        if queries and in_place == FLEX:
+            self.flex = FlexRows(rows, kv.num_blocks, size, device), on_device(queries, device)
+        elif queries:
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]
             self.decode = tuple(torch.tensor(x, dtype=torch.int32) for x in (queries, padded, lengths))  # type: ignore[assignment]
@@ -119,11 +138,15 @@ class PagedBatch:
         heads, dim = keys.shape[0], keys.shape[3]
         keys.view(heads, -1, dim).index_copy_(1, self.slots, k[0])
         values.view(heads, -1, dim).index_copy_(1, self.slots, v[0])
-        if self.decode is None and len(self.gathers) == 1:
+        if self.decode is None and self.flex is None and len(self.gathers) == 1:
             return self._gathered_sdpa(q, keys, values, *self.gathers[0][2:], scale)
         out = q.new_empty((self.num_tokens, q.shape[1], q.shape[3]))  # [tokens, heads, dim]
         if self.decode is not None:
             paged_decode(q[0].transpose(0, 1), keys, values, *self.decode, scale, out)
+        if self.flex is not None:
+            rows, index = self.flex
+            attended = rows.attend(q.index_select(2, index), keys, values, scale)
+            out.index_copy_(0, index, attended[0].transpose(0, 1))
         for start, end, table, length, mask in self.gathers:
             attended = self._gathered_sdpa(q[:, :, start:end], keys, values, table, length, mask, scale)
             out[start:end] = attended[0].transpose(0, 1)

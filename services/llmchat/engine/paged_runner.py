@@ -10,9 +10,10 @@ full blocks and each copy its last, partial one.
 
 import torch
 
+from llmchat.engine import paged_flex
 from llmchat.engine.block_pool import ROOT, BlockPool
 from llmchat.engine.gpu import on_device
-from llmchat.engine.paged_kv import PagedBatch, PagedKV, Segment, in_place_kernel
+from llmchat.engine.paged_kv import FLEX, KERNEL, PagedBatch, PagedKV, Segment, in_place_kernel
 from llmchat.engine.scheduler import Sequence
 
 
@@ -24,18 +25,28 @@ def in_kv(seq: Sequence) -> int:
 
 
 class PagedRunner:
-    def __init__(self, forward, kv: PagedKV, pool: BlockPool, device: torch.device) -> None:
+    def __init__(self, forward, kv: PagedKV, pool: BlockPool, device: torch.device, num_heads: int) -> None:
         self.forward = forward
         self.kv = kv
         self.pool = pool
         self.device = device
+        self.num_heads = num_heads
         self.rows: list[Sequence] = []  # prefilled, decoding
         self.expand_heads = device.type == "cuda"
-        # Why decoding rows gather their blocks for SDPA rather than go through llmchat's kernel (None: they do not).
+        # How decoding rows attend in place (KERNEL, FLEX), or None with the reason they gather blocks for SDPA.
+        self.in_place: str | None = None
         self.no_kernel = in_place_kernel(device, kv.keys[0].dtype)
+        if self.no_kernel is None:
+            self.in_place = KERNEL
+        elif device.type == "cuda":
+            self.no_kernel = "FlexAttention is checked at start-up (prepare)"
 
     def prepare(self) -> None:
-        """Start-up work of the forward pass that would otherwise stall the first requests (CUDA graphs)."""
+        """Start-up work that would otherwise stall the first requests: on a GPU, the check (and compilation) of
+        FlexAttention over the pool and the capture of CUDA graphs."""
+        if self.device.type == "cuda" and self.in_place is None:
+            self.no_kernel = paged_flex.check(self.kv.keys[0], self.kv.values[0], self.num_heads)
+            self.in_place = FLEX if self.no_kernel is None else None
         capture_all = getattr(self.forward, "capture_all", None)
         if capture_all is not None:
             capture_all(self.device)
@@ -93,7 +104,7 @@ class PagedRunner:
             segments.append(Segment(seq.blocks, past, n, is_prompt=True))
             ids += seq.prefill_ids[past : past + n]
             positions += range(past, past + n)
-        batch = PagedBatch(self.kv, segments, self.device, self.expand_heads, in_place=self.no_kernel is None)
+        batch = PagedBatch(self.kv, segments, self.device, self.expand_heads, in_place=self.in_place)
         logits = self.forward.paged(on_device([ids], self.device), on_device([positions], self.device), batch)
         # Only now, after the pass succeeded, do its blocks count as computed (and get cached).
         for seq in rows:
