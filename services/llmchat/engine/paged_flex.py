@@ -25,7 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex_attention
 
 from llmchat.engine.gpu import on_device
 
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 QUERY_BLOCK = 16
 SCRATCH_BLOCKS = 128  # blocks the start-up check writes
-KERNEL_OPTIONS = {"BLOCK_M": QUERY_BLOCK, "BLOCK_N": 16, "FORCE_USE_FLEX_ATTENTION": True}
+# Triton's flex_attention kernel in 16x16 tiles; its decoding kernel is for a few queries of one sequence.
+KERNEL_OPTIONS: FlexKernelOptions = {"BLOCK_M": QUERY_BLOCK, "BLOCK_N": 16, "BACKEND": "TRITON"}
 
 
 @functools.cache
