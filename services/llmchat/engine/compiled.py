@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.fused_forward import FusedForward, growing_layers
 
 log = logging.getLogger("llmchat.engine.compiled")
 
@@ -43,23 +43,24 @@ class CompiledDecode:
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
-        length = cache.layers[0].get_seq_length()
+        layers = growing_layers(cache)
+        length = layers[0].get_seq_length()
         # A cache of 0 or 1 columns (a one-token prompt): torch.compile specialises the sizes 0 and 1, so
         # compiling for them would take another minute for a step the eager pass takes in milliseconds.
         if ids.shape != (1, 1) or mask is not None or length < 2 or self.failure is not None:
             return self.fused(ids, mask, positions, cache)
-        for layer in cache.layers:
+        for layer in layers:
             # A spare column past the new one: the graph was compiled for a buffer longer than the keys it
             # attends over, and a step whose keys filled the buffer exactly would compile another (a minute).
             layer.reserve(length + 2)
-        buffers = [layer.buffers for layer in cache.layers]
+        buffers = [layer.buffers for layer in layers]
         try:
             logits = self._step(ids, positions, buffers, length)
         except Exception as exc:  # noqa: BLE001 -- no compiler, an op inductor cannot take: decode eagerly
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
             log.warning("compiling the one-row decode step failed; decoding eagerly: %s", self.failure)
             return self.fused(ids, mask, positions, cache)
-        for layer in cache.layers:
+        for layer in layers:
             layer.grow(1)
         return logits
 

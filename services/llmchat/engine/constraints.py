@@ -85,6 +85,7 @@ class GrammarMasks:
         return self._thread.submit(self._fill, jobs, bits)
 
     def _fill(self, jobs: list, bits: torch.Tensor) -> None:
+        assert self._executor is not None  # made by _submit, which queued this
         self._executor.unsafe_compute_mask_ptr(jobs, bits.data_ptr(), bits.shape[1] * 4, bits.shape[0])
 
     def apply(self, constraints: list[Constraint | None], logits: torch.Tensor) -> list[GrammarError | None]:
@@ -95,11 +96,12 @@ class GrammarMasks:
         rows = [i for i, c in enumerate(constraints) if c is not None]
         if not rows:
             return [None] * len(constraints)
-        self.start([c for c in (constraints[i] for i in rows) if c.mask is None])
+        present = [c for c in constraints if c is not None]
+        self.start([c for c in present if c.mask is None])
         words = []
         errors: list[GrammarError | None] = [None] * len(constraints)
-        for i in rows:
-            constraint = constraints[i]
+        for i, constraint in zip(rows, present, strict=True):
+            assert constraint.mask is not None  # started just above if it was not
             batch, row = constraint.mask
             batch.done.result()
             words.append(batch.bits[row])

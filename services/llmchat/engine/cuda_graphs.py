@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from llmchat.engine.fused_forward import FusedForward
+from llmchat.engine.fused_forward import FusedForward, growing_layers
 from llmchat.engine.paged_kv import PagedBatch
 
 log = logging.getLogger("llmchat.engine.cuda_graphs")
@@ -103,7 +103,7 @@ class GraphedDecode:
         self.extra_bytes = fused.extra_bytes
 
     def __call__(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         rows = ids.shape[0]
         if ids.shape[1] != 1 or rows > self.sizes[-1]:
@@ -111,8 +111,9 @@ class GraphedDecode:
         bucket = self._bucket(next(size for size in self.sizes if size >= rows), ids.device)
         fused = self.fused
         self._load(bucket, ids, positions)
-        attend = fused.attention(mask, 1, cache.layers[0].get_seq_length(), bucket.x[:rows])
-        for pre, post, layer, cache_layer in zip(bucket.pre, bucket.post, fused.layers, cache.layers, strict=True):
+        cache_layers = growing_layers(cache)
+        attend = fused.attention(mask, 1, cache_layers[0].get_seq_length(), bucket.x[:rows])
+        for pre, post, layer, cache_layer in zip(bucket.pre, bucket.post, fused.layers, cache_layers, strict=True):
             pre()
             keys, values = cache_layer.update(bucket.k[:rows], bucket.v[:rows])
             out = attend(bucket.q[:rows], keys, values, layer.scaling)

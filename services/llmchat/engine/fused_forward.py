@@ -11,6 +11,7 @@ as transformers' forward, so the runner does not care which ran.
 
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +21,23 @@ from llmchat.engine import dot8, int4
 from llmchat.engine.attention import Attention
 from llmchat.engine.choices import Choices
 from llmchat.engine.cpu import has_amx_bf16
+from llmchat.engine.kv_cache import GrowingLayer
 from llmchat.engine.paged_kv import PagedBatch
 from llmchat.engine.quantized import QUANTIZED, Modules, dequantize_on_cpu, dequantized, projection_kind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def unsupported_reason(model: torch.nn.Module) -> str | None:
+def growing_layers(cache: DynamicCache) -> list[GrowingLayer]:
+    """A cache's layers, kv_cache.GrowingLayer as new_cache makes every cache here (DynamicCache types them as any
+    kind of cache layer)."""
+    return cast(list[GrowingLayer], cache.layers)
+
+
+def unsupported_reason(model: "PreTrainedModel") -> str | None:
     """Why this model must use transformers' forward, or None when the fused pass can run it."""
     config = model.config
     if config.model_type not in FAMILIES:
@@ -54,7 +65,7 @@ def _mlp_linears(layer) -> list[torch.nn.Linear]:
     return [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
 
 
-def uses_packed_bf16(model: torch.nn.Module) -> bool:
+def uses_packed_bf16(model: "PreTrainedModel") -> bool:
     """oneDNN's prepacked bfloat16 matmul: about twice as fast as the unpacked one on AMX CPUs (bench.levers)."""
     return (
         model.device.type == "cpu"
@@ -81,6 +92,7 @@ class Linear:
         weights = [dequantized(m, dequantize_to) if dequantize_to else m.weight.detach() for m in linears]
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [m.bias for m in linears]
+        self.bias: torch.Tensor | None
         if any(b is not None for b in biases):
             zeros = [weight.new_zeros(w.shape[0]) for w in weights]
             self.bias = torch.cat([z if b is None else b.detach() for b, z in zip(biases, zeros, strict=True)])
@@ -103,6 +115,12 @@ class Linear:
             offset += rows
 
     @property
+    def grid(self) -> int4.Grid:
+        """`int4`, of a projection known to keep a 4-bit form."""
+        assert self.int4 is not None
+        return self.int4
+
+    @property
     def extra_bytes(self) -> int:
         """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
         extra = self.weight.nbytes if self.copied else 0
@@ -122,6 +140,7 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
 
     def quantized(self, flat: torch.Tensor) -> torch.Tensor:
+        assert self.int4 is not None  # int4_rows is 0 without it
         out = self.int4.matmul(flat)
         return out if self.bias is None else out + self.bias
 
@@ -145,19 +164,23 @@ def _projections(layer) -> list[list[torch.nn.Linear]]:
     return [[q, k, v], [o], [gate, up], [down]]
 
 
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and epsilon
+
+
 class Layer:
-    def __init__(self, layer, projections: list[Linear]) -> None:
+    def __init__(self, layer, projections: list[Linear | Modules]) -> None:
         """`projections`: this layer's matmuls, in the order `_projections` lists them."""
         attn = layer.self_attn
         self.qkv, self.o, self.gate_up, self.down = projections
-        self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        self.norm2 = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.norm1: Norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.norm2: Norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         # Qwen3 normalises each head's query and key before the rotation.
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.qk_norms = None
+        self.qk_norms: tuple[Norm, Norm] | None = None
         if q_norm is not None:
+            assert k_norm is not None  # the two come together
             self.qk_norms = ((q_norm.weight, q_norm.variance_epsilon), (k_norm.weight, k_norm.variance_epsilon))
-        self.scaling = attn.scaling
+        self.scaling: float = attn.scaling
 
 
 def _checkpoint_grids(
@@ -187,13 +210,18 @@ ROLES = ("q/k/v", "o", "gate/up", "down")
 CROSSOVER_BYTES = 64 * 2**20
 
 
-def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype, choices: Choices) -> dict[str, int]:
+def _int4_rows(
+    linears: list[Linear | Modules], roles: list[str], dtype: torch.dtype, choices: Choices
+) -> dict[str, int]:
     """Each role's crossover of the 4-bit and dense matmuls on this machine (of the roles with 4-bit weights),
     after moving a role's grids to torch's int4 kernel where that is faster at one row than llmchat's.
     `choices` keeps both per role and shape, so a restart (or a second engine) makes the same ones."""
     crossovers = {}
     for role in dict.fromkeys(roles):
-        grids = [p for p, r in zip(linears, roles, strict=True) if r == role and p.int4 is not None]
+        # Only a Linear keeps a 4-bit form (a Modules' int4 is None).
+        grids = [
+            p for p, r in zip(linears, roles, strict=True) if r == role and isinstance(p, Linear) and p.int4 is not None
+        ]
         if not grids:
             continue
         first = grids[0]
@@ -203,7 +231,7 @@ def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype, choi
         # compiler), torch's must not inherit its crossover.
         key = (
             f"4-bit {role}: {len(group)} x {first.out_features}x{first.in_features}, {layout} {dtype}, "
-            f"from {first.int4.kernel}"
+            f"from {first.grid.kernel}"
         )
         chosen = choices.get(key, partial(_measure_role, group, role, dtype))
         if chosen["kernel"] == int4.TORCH_KERNEL:
@@ -215,22 +243,22 @@ def _int4_rows(linears: list[Linear], roles: list[str], dtype: torch.dtype, choi
 def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
     """The kernel for one kind of projection (timed on `group`, a few of them) and its crossover."""
     first = group[0]
-    if first.int4.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
-        [p.int4 for p in group], first.in_features, dtype
+    if first.grid.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
+        [p.grid for p in group], first.in_features, dtype
     ):
         on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
     timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
-    return {"kernel": first.int4.kernel, "rows": int4.crossover(timer, role)}
+    return {"kernel": first.grid.kernel, "rows": int4.crossover(timer, role)}
 
 
 def on_torch_kernel(linears: list[Linear]) -> None:
     """Their grids multiplied by torch's int4 kernel from now on (those it can take)."""
     for p in linears:
-        if p.int4.kernel != int4.TORCH_KERNEL and int4.torch_takes(p.int4.levels):
-            p.int4 = int4.Grid(*p.int4.levels, dot8_kernel=False)
+        if p.grid.kernel != int4.TORCH_KERNEL and int4.torch_takes(p.grid.dot8_levels):
+            p.int4 = int4.Grid(*p.grid.dot8_levels, dot8_kernel=False)
 
 
-def _four_bit_kind(linears: list[Linear], roles: list[str]) -> str:
+def _four_bit_kind(linears: list[Linear | Modules], roles: list[str]) -> str:
     """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ,
     and the kernel that multiplies them ("" when none are kept)."""
     used = {role: p.int4_rows for p, role in zip(linears, roles, strict=True) if p.int4 is not None}
@@ -248,7 +276,7 @@ def _four_bit_kind(linears: list[Linear], roles: list[str]) -> str:
     return f", 4-bit weights up to {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"
 
 
-def rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     """transformers' Llama RMSNorm to the bit: statistics in float32, weight applied in the model's dtype."""
     weight, eps = norm
     if x.dtype == torch.float32:  # one op instead of four: a decode step runs two per layer
@@ -268,7 +296,7 @@ class FusedForward:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: "PreTrainedModel",
         packed: bool | None = None,
         checkpoint: Path | None = None,
         int4_rows: int | None = None,
@@ -280,14 +308,17 @@ class FusedForward:
         where the measured kernels and crossovers are kept (default: in this process)."""
         config = model.config
         packed = uses_packed_bf16(model) if packed is None else packed
-        projections = [*(p for layer in model.model.layers for p in _projections(layer)), [model.lm_head]]
+        projections: list[list[torch.nn.Linear]] = [
+            *(p for layer in model.model.layers for p in _projections(layer)),
+            [model.lm_head],
+        ]
         kinds = [projection_kind(p[0]) for p in projections]
         quantized = [kind for kind in kinds if kind != "dense"]
         dequantize, why = dequantize_on_cpu(model, projections)
         # A quantized model's own values are its quantized ones, not the grids of the checkpoint it came from.
         four_bit = model.device.type == "cpu" and int4_rows != 0 and not quantized
         grids = _checkpoint_grids(model, projections, checkpoint if four_bit else None, gguf)
-        linears = [
+        linears: list[Linear | Modules] = [
             Linear(p, packed, grid)
             if kind == "dense"
             else Linear(p, packed, dequantize_to=model.dtype)
@@ -313,22 +344,23 @@ class FusedForward:
             self.kind += _four_bit_kind(linears, roles)
         self.layers = [Layer(layer, linears[4 * i : 4 * i + 4]) for i, layer in enumerate(model.model.layers)]
         self.lm_head = linears[-1]
-        self.embed = model.model.embed_tokens.weight
-        self.final_norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
+        self.embed: torch.Tensor = model.model.embed_tokens.weight
+        self.final_norm: Norm = (model.model.norm.weight, model.model.norm.variance_epsilon)
         self.extra_bytes = sum(p.extra_bytes for p in linears)
-        self.rotary = model.model.rotary_emb
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary: torch.nn.Module = model.model.rotary_emb
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def __call__(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         cos, sin = self.rotary_for(x, positions)
-        attend = self.attention(mask, ids.shape[1], cache.layers[0].get_seq_length(), x)
+        cache_layers = growing_layers(cache)
+        attend = self.attention(mask, ids.shape[1], cache_layers[0].get_seq_length(), x)
         prefill = ids.shape[1] > 1
-        for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
+        for layer, cache_layer in zip(self.layers, cache_layers, strict=True):
             q, k, v = self.pre_attention(layer, x, cos, sin, prefill)
             keys, values = cache_layer.update(k, v)
             out = attend(q, keys, values, layer.scaling)
@@ -358,7 +390,7 @@ class FusedForward:
             outs = []
             for cache, start, n, attend in zip(caches, starts, sizes, attends, strict=True):
                 end = start + n
-                keys, values = cache.layers[index].update(k[:, :, start:end], v[:, :, start:end])
+                keys, values = growing_layers(cache)[index].update(k[:, :, start:end], v[:, :, start:end])
                 outs.append(attend(q[:, :, start:end], keys, values, layer.scaling))
             x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2), prefill=True)
         last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
@@ -387,14 +419,15 @@ class FusedForward:
         index = real.flatten().nonzero().flatten()
         x = F.embedding(ids.flatten()[index], self.embed)[None]
         cos, sin = self.rotary_for(x, positions.flatten()[index][None])
-        attend = self.attention(mask, k, cache.layers[0].get_seq_length(), x)
+        cache_layers = growing_layers(cache)
+        attend = self.attention(mask, k, cache_layers[0].get_seq_length(), x)
 
         def spread(t: torch.Tensor) -> torch.Tensor:  # [1, heads, tokens, dim] -> [rows, heads, k, dim]
             out = t.new_zeros((rows * k, t.shape[1], t.shape[3]))
             out[index] = t[0].transpose(0, 1)
             return out.view(rows, k, t.shape[1], t.shape[3]).transpose(1, 2)
 
-        for layer, cache_layer in zip(self.layers, cache.layers, strict=True):
+        for layer, cache_layer in zip(self.layers, cache_layers, strict=True):
             q, key, value = self.pre_attention(layer, x, cos, sin)
             keys, values = cache_layer.update(spread(key), spread(value))
             out = attend(spread(q), keys, values, layer.scaling)
@@ -409,7 +442,9 @@ class FusedForward:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos[:, :, None, :], sin[:, :, None, :]
 
-    def pre_attention(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefill=False):
+    def pre_attention(
+        self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefill: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [rows, heads, queries, dim], keys and values [rows, kv_heads, queries, dim] of one layer."""
         heads, kv_heads = self.num_heads, self.num_kv_heads
         rows, num_queries = x.shape[:2]
@@ -425,7 +460,9 @@ class FusedForward:
             qkv[:, :, heads + kv_heads :].transpose(1, 2),
         )
 
-    def post_attention(self, layer: Layer, x: torch.Tensor, attended: torch.Tensor, prefill=False) -> torch.Tensor:
+    def post_attention(
+        self, layer: Layer, x: torch.Tensor, attended: torch.Tensor, prefill: bool = False
+    ) -> torch.Tensor:
         """The rest of one layer (output projection, MLP, residuals); `attended` is [rows, queries, heads * dim]."""
         x = x + layer.o(attended, prefill)
         gate, up = layer.gate_up(rms_norm(x, layer.norm2), prefill).chunk(2, dim=-1)

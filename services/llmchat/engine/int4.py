@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -46,6 +47,8 @@ PARTS = ("levels", "scales", "offsets", "fifth")
 # for levels up to 31, their fifth bits uint8 [out, in / 8], a group's 32 as one little-endian word, else None)
 # or a signed one (int8 [out, in]; scales [out, in / 32] or, Q6_K's, [out, in / 16]; offsets and fifth None).
 Levels = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# One projection's levels, scales and offsets (None on a signed grid) as gguf_grids.py reads them, before `pack`.
+Unpacked = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 DOT8_KERNEL, TORCH_KERNEL = "8-bit dot products", "torch's int4 kernel"
 # torch's kernel must be this much faster to be chosen: timing noise must not flip the choice (and with it the
 # logits) from one start to the next.
@@ -66,13 +69,20 @@ def load_grids(checkpoint: Path, projections: list[list[str]], gguf: Path | None
     origin = "blocks" if gguf is not None else "values"
     cache = checkpoint / CACHE_FILE
     if cache.is_file():
-        with safe_open(cache, framework="pt") as f:
+        # The stub of safetensors 0.4 (the floor) types safe_open without its methods, __enter__ and __exit__ too.
+        with safe_open(cache, framework="pt") as f:  # type: ignore[attr-defined, unused-ignore]
             meta = f.metadata() or {}
             same = meta.get("format") == FORMAT and meta.get("from") == origin
             if same and json.loads(meta.get("keys", "[]")) == keys:
                 stored = set(f.keys())
                 return [
-                    make_grid(tuple(f.get_tensor(f"{k}.{part}") if f"{k}.{part}" in stored else None for part in PARTS))
+                    # Every grid stores its levels and scales; offsets and fifth bits only where it has them.
+                    make_grid(
+                        cast(
+                            Levels,
+                            tuple(f.get_tensor(f"{k}.{part}") if f"{k}.{part}" in stored else None for part in PARTS),
+                        )
+                    )
                     if f"{k}.levels" in stored
                     else None
                     for k in keys
@@ -88,15 +98,15 @@ def load_grids(checkpoint: Path, projections: list[list[str]], gguf: Path | None
             origin = "values"
     with ExitStack() as files:
         # Each checkpoint file opened once; a name is looked up in the file that holds it.
-        holder = {}
+        holder: dict[str, Any] = {}
         for path in sorted(checkpoint.glob("*.safetensors")):
             if path.name != CACHE_FILE:
-                f = files.enter_context(safe_open(path, framework="pt"))
+                f = files.enter_context(safe_open(path, framework="pt"))  # type: ignore[arg-type, unused-ignore]
                 holder.update(dict.fromkeys(f.keys(), f))
-        found = []
+        found: list[Levels | None] = []
         for names in projections:
-            parts = [holder[name].get_tensor(name) if name in holder else None for name in names]
-            if any(p is None for p in parts):
+            parts = [holder[name].get_tensor(name) for name in names if name in holder]
+            if len(parts) < len(names):
                 found.append(None)
             elif blocks is not None:
                 found.append(fused_levels([blocks.levels(name, part) for name, part in zip(names, parts, strict=True)]))
@@ -130,23 +140,27 @@ def torch_takes(levels: Levels) -> bool:
     return fifth is None and per_32 and values.shape[0] % 16 == 0
 
 
-def fused_levels(parts: list[tuple[torch.Tensor, ...] | None]) -> Levels | None:
+def fused_levels(parts: list[Unpacked | None]) -> Levels | None:
     """The grid of projections fused along their outputs (q, k and v; gate and up) from each one's levels, scales
     and offsets (gguf_grids.py), or None where one has none. Parts of different kinds (a Q8_0 v beside Q5_0 q and
     k) meet as signed levels with a scale per 16 or 32, where that is exact."""
-    if any(p is None for p in parts):
+    known = [p for p in parts if p is not None]
+    if len(known) < len(parts):
         return None
-    if len({(p[2] is None, p[1].shape[1]) for p in parts}) > 1:
-        parts = [_signed(p) for p in parts]
-        if any(p is None for p in parts):
+    if len({(p[2] is None, p[1].shape[1]) for p in known}) > 1:
+        signed = [_signed(p) for p in known]
+        known = [p for p in signed if p is not None]
+        if len(known) < len(signed):
             return None
-        finest = max(p[1].shape[1] for p in parts)
-        parts = [(p[0], p[1].repeat_interleave(finest // p[1].shape[1], 1), None) for p in parts]
-    levels, scales = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return pack(levels, scales, torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None)
+        finest = max(p[1].shape[1] for p in known)
+        known = [(p[0], p[1].repeat_interleave(finest // p[1].shape[1], 1), None) for p in known]
+    levels, scales = torch.cat([p[0] for p in known]), torch.cat([p[1] for p in known])
+    # The parts are of one kind here: all have offsets or none has.
+    offsets = torch.cat([p[2] for p in known if p[2] is not None]) if known[0][2] is not None else None
+    return pack(levels, scales, offsets)
 
 
-def _signed(part: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, None] | None:
+def _signed(part: Unpacked) -> tuple[torch.Tensor, torch.Tensor, None] | None:
     """Unsigned levels whose offset is a whole number of steps below zero (Q4_0's -8, Q5_0's -16) as signed ones."""
     levels, scales, offsets = part
     if offsets is None:
@@ -185,9 +199,12 @@ class Grid:
         dot8_kernel: bool = True,
     ) -> None:
         self.levels: Levels | None = (levels, scales, offsets, fifth)
+        self.tensors: tuple[torch.Tensor, ...]
+        self._matmul: Callable[..., torch.Tensor]  # x and then `tensors`
         if dot8_kernel and dot8.unavailable() is None:
             self.kernel = DOT8_KERNEL
             if fifth is not None:
+                assert offsets is not None  # fifth bits are on an unsigned grid
                 self.tensors, self._matmul = (levels, fifth, scales, offsets), dot8.q5_mm
             elif offsets is None:
                 self.tensors, self._matmul = (levels, scales), dot8.q8_mm
@@ -200,6 +217,12 @@ class Grid:
             self.levels = None
             self.tensors = _torch_int4(levels, scales, offsets)
             self._matmul = _torch_int4_matmul
+
+    @property
+    def dot8_levels(self) -> Levels:
+        """`levels`, of a grid llmchat's kernel multiplies (one in torch's layout holds none)."""
+        assert self.levels is not None, "a grid in torch's layout holds no levels"
+        return self.levels
 
     @property
     def nbytes(self) -> int:
@@ -303,9 +326,9 @@ def torch_kernel_is_faster(grids: list[Grid], width: int, dtype: torch.dtype) ->
     """Whether torch's int4 kernel multiplies one row by these grids (llmchat's kernel's) faster than llmchat's:
     where torch has AVX-512 code and llmchat's kernel only AVX2, the flags alone do not say. False where torch's
     cannot take one of them."""
-    if not all(torch_takes(g.levels) for g in grids):
+    if not all(torch_takes(g.dot8_levels) for g in grids):
         return False
-    theirs = [Grid(*g.levels, dot8_kernel=False) for g in grids]
+    theirs = [Grid(*g.dot8_levels, dot8_kernel=False) for g in grids]
     ours_s, theirs_s = timer([(a.matmul, b.matmul) for a, b in zip(grids, theirs, strict=True)], width, dtype)(1)
     log.info("one row, %d grids: llmchat's kernel %.2f ms, torch's %.2f ms", len(grids), ours_s * 1e3, theirs_s * 1e3)
     return theirs_s < MARGIN * ours_s

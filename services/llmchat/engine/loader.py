@@ -62,6 +62,12 @@ class ModelSource:
     name: str
     gguf_file: str | None = None
 
+    @property
+    def gguf_path(self) -> Path:
+        """The GGUF file; only for kind "gguf"."""
+        assert self.gguf_file is not None
+        return Path(self.path) / self.gguf_file
+
 
 @dataclass(slots=True)
 class LoadedModel:
@@ -132,7 +138,7 @@ def bundled_gguf() -> Path:
         ) from None
     for file in dist.files or ():
         if file.name.endswith(".gguf"):
-            return Path(dist.locate_file(file))
+            return Path(file.locate())
     raise ModelLoadError(f"The {BUNDLED_DIST} package holds no .gguf file; reinstall it.")
 
 
@@ -279,7 +285,7 @@ def converted_dir(source: ModelSource, cache_dir: Path) -> Path:
     Not the modification time: reinstalling the same package must not force a new conversion, and
     hashing a multi-GB file whole would cost every start seconds.
     """
-    path = Path(source.path) / source.gguf_file
+    path = source.gguf_path
     size = path.stat().st_size
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -305,7 +311,7 @@ def convert_gguf(source: ModelSource, target: Path) -> None:
         log.info("converting: dequantizing %s to float32", source.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
         # The GGUF quantizer marks the model unsaveable, but the weights are already plain tensors.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, absent from its hints
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         log.info("converting: writing safetensors to %s", target)
@@ -418,6 +424,6 @@ def load_model(
         device_map=config.device_map,
         max_memory=config.max_memory,
         checkpoint=cached,
-        gguf=Path(source.path) / source.gguf_file if cached is not None else None,
+        gguf=source.gguf_path if cached is not None else None,
         choices=kept,
     )

@@ -1,6 +1,11 @@
 """bitsandbytes' 4- and 8-bit layers inside the fused pass: which layers they are, and how they run there."""
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # bitsandbytes' layers, by class name (bitsandbytes is an optional extra), and what /health calls them.
 QUANTIZED = {"Linear4bit": "bitsandbytes 4-bit", "Linear8bitLt": "bitsandbytes 8-bit"}
@@ -18,17 +23,19 @@ def dequantized(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes 4-bit layer's weight [out, in] in `dtype`: the values its own matmul computes with."""
     import bitsandbytes.functional
 
-    return bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    weight: Any = module.weight  # bitsandbytes' Params4bit: the packed data and its quant_state
+    return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
-def dequantize_on_cpu(model: torch.nn.Module, projections: list[list[torch.nn.Module]]) -> tuple[bool, str]:
+def dequantize_on_cpu(model: "PreTrainedModel", projections: list[list[torch.nn.Linear]]) -> tuple[bool, str]:
     """Whether the fused pass keeps a CPU model's bitsandbytes 4-bit weights dequantized, and why.
 
     bitsandbytes' CPU matmul (without AVX512_BF16) dequantizes a 4-bit weight on every call: a decode
     step of the bundled model took 151 ms in nf4 against 67 ms in float32. A copy made once, where it
     takes at most half the available memory, computes with the same values at the dense speed.
     """
-    layers = [m for p in projections for m in p if projection_kind(m) == QUANTIZED["Linear4bit"]]
+    # bitsandbytes' Linear4bit, whose weight (a Params4bit) holds its quant_state
+    layers: list[Any] = [m for p in projections for m in p if projection_kind(m) == QUANTIZED["Linear4bit"]]
     if model.device.type != "cpu" or not layers:
         return False, ""
     if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
@@ -52,7 +59,7 @@ class Modules:
 
     int4, int4_rows, packed, extra_bytes = None, 0, False, 0
 
-    def __init__(self, modules: list[torch.nn.Module]) -> None:
+    def __init__(self, modules: list[torch.nn.Linear]) -> None:
         self.modules = modules
         self.out_features = sum(m.out_features for m in modules)
         self.in_features = modules[0].in_features

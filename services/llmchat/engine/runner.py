@@ -9,6 +9,7 @@ allows (llama.py), else transformers'; both read and write the same cache.
 import inspect
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -22,13 +23,16 @@ from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.scheduler import Sequence
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = logging.getLogger("llmchat.engine.runner")
 
 # Computed tokens up to which a prefilling sequence is batched with others (its KV copied into the batch).
 MAX_BATCHED_PAST = 256
 
 
-def input_device(model: torch.nn.Module) -> torch.device:
+def input_device(model: "PreTrainedModel") -> torch.device:
     """Where inputs go and logits come back: the main device of an accelerate device map, else the model's.
 
     Under a device map the first parameter may be offloaded (on the meta device); accelerate's
@@ -52,7 +56,7 @@ class TransformersForward:
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def __call__(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         out = self.model(
             input_ids=ids,
@@ -66,7 +70,7 @@ class TransformersForward:
 
 
 def pick_forward(
-    model: torch.nn.Module,
+    model: "PreTrainedModel",
     fused: bool,
     cuda_graphs: bool = False,
     max_rows: int = 16,
@@ -80,12 +84,13 @@ def pick_forward(
     rows it uses them (None: measured) and where it keeps what it measured, see FusedForward. `compile_decode`:
     one-row decode steps on the CPU compiled (compiled.py)."""
     reason = unsupported_reason(model) if fused else "chosen in the settings"
+    forward: FusedForward | GraphedDecode | CompiledDecode | TransformersForward
     if reason is None:
         forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows, choices=choices, gguf=gguf)
     else:
         forward = TransformersForward(model, reason)
     if cuda_graphs:
-        if reason is not None:
+        if not isinstance(forward, FusedForward):  # reason says why not
             log.info("CUDA graphs need the fused forward pass (%s); not used", reason)
         elif forward.graph_blocker is not None:
             log.info("CUDA graphs cannot capture %s; not used", forward.graph_blocker)
@@ -99,6 +104,7 @@ def pick_forward(
         elif model.device.type != "cpu":
             log.info("compiling the decode step is for the CPU; not used on the %s", model.device.type)
         else:
+            assert isinstance(forward, FusedForward)  # graphs wrap it on a GPU only
             forward = CompiledDecode(forward)
     log.info("forward pass: %s", forward.kind)
     return forward
@@ -114,7 +120,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: "PreTrainedModel",
         forward: TransformersForward | CompiledDecode,
         pad_token_id: int,
         prefix_cache: PrefixCache | None = None,
@@ -154,7 +160,7 @@ class BatchRunner:
             return
         kv = self.prefix_cache.load(blocks)
         seq.kv = new_cache(self.model)
-        for i, layer in enumerate(seq.kv.layers):
+        for i, layer in enumerate(_layers(seq.kv)):
             layer.update(kv[i, 0, None], kv[i, 1, None])
             layer.reserve(seq.num_prompt_tokens)
         seq.num_computed = seq.num_cached_tokens = kv.shape[3]
@@ -178,7 +184,7 @@ class BatchRunner:
                 logits[id(seq)] = self._prefill_one(seq, n)
         for seq, n in chunks:
             seq.num_computed += n
-            for layer in seq.kv.layers:
+            for layer in _layers(seq.kv):
                 layer.reserve(seq.num_prompt_tokens)  # so later chunks write in place
             self._cache_prefix(seq)
         joined = []
@@ -240,13 +246,13 @@ class BatchRunner:
         cache = new_cache(self.model)
         if past:
             self._fill_past(cache, chunks, past)
-        moved = (t.to(self.device, non_blocking=True) for t in (ids, mask, positions))
-        logits = self.forward(*moved, cache)
+        ids, mask, positions = (t.to(self.device, non_blocking=True) for t in (ids, mask, positions))
+        logits = self.forward(ids, mask, positions, cache)
         for i, (seq, n) in enumerate(chunks):
             done = seq.num_computed
             columns = torch.cat([torch.arange(past - done, past), torch.arange(past + longest - n, past + longest)])
             seq.kv = new_cache(self.model)
-            for own, batch in zip(seq.kv.layers, cache.layers, strict=True):
+            for own, batch in zip(_layers(seq.kv), _layers(cache), strict=True):
                 index = columns.to(batch.keys.device)
                 own.update(batch.keys[i : i + 1, :, index], batch.values[i : i + 1, :, index])
         return {id(seq): row for (seq, _), row in zip(chunks, logits, strict=True)}
@@ -255,12 +261,12 @@ class BatchRunner:
     def _fill_past(cache: DynamicCache, chunks: list[tuple[Sequence, int]], past: int) -> None:
         """Copies each row's computed keys and values into `cache`, right-aligned at column `past`."""
         owners = [(i, s) for i, (s, _) in enumerate(chunks) if s.kv is not None]
-        for layer_index, layer in enumerate(cache.layers):
-            like = owners[0][1].kv.layers[layer_index].keys
+        for layer_index, layer in enumerate(_layers(cache)):
+            like = _layers(owners[0][1].kv)[layer_index].keys
             keys = like.new_zeros((len(chunks), like.shape[1], past, like.shape[3]))
             values = torch.zeros_like(keys)
             for i, seq in owners:
-                own = seq.kv.layers[layer_index]
+                own = _layers(seq.kv)[layer_index]
                 keys[i, :, past - seq.num_computed :] = own.keys[0]
                 values[i, :, past - seq.num_computed :] = own.values[0]
             layer.update(keys, values)
@@ -281,12 +287,12 @@ class BatchRunner:
         for i, seq in enumerate(seqs):
             mask[i, width - seq.num_computed :] = 1
         old, had_rows = self.num_columns, bool(self.rows)
-        layers = zip(*(s.kv.layers for s in seqs), strict=True)
+        layers = zip(*(_layers(s.kv) for s in seqs), strict=True)
         if self.cache is None:
             self.cache = new_cache(self.model)
             self.mask = mask[:0, :0]
             self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
-        for batch, own in zip(self.cache.layers, layers, strict=True):
+        for batch, own in zip(_layers(self.cache), layers, strict=True):
             keys = [_left_pad(layer.keys, width - layer.keys.shape[2]) for layer in own]
             values = [_left_pad(layer.values, width - layer.values.shape[2]) for layer in own]
             if had_rows:
@@ -295,6 +301,7 @@ class BatchRunner:
                 batch.replace(torch.cat(keys), torch.cat(values))
             else:
                 batch.update(torch.cat(keys), torch.cat(values))
+        assert self.mask is not None and self.positions is not None  # with the batch cache
         self.mask = torch.cat([_left_pad(self.mask, width - old), mask])
         self.padded = self.padded or (had_rows and old < width) or any(s.num_computed < width for s in seqs)
         self.positions = torch.cat([self.positions, mask.sum(dim=1)])
@@ -305,7 +312,7 @@ class BatchRunner:
     def _cache_prefix(self, seq: Sequence) -> None:
         """Copies the sequence's newly computed full blocks into the prefix cache."""
         if self.prefix_cache is not None:
-            layers = seq.kv.layers
+            layers = _layers(seq.kv)
             tokens = seq.prompt_ids[: seq.num_computed]
             self.prefix_cache.insert(tokens, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
 
@@ -317,12 +324,13 @@ class BatchRunner:
         tokens masked out (they stay in the cache as padding). The fused pass runs its matmuls over the
         real tokens only; transformers' forward runs the padded block.
         """
-        counts = [len(s.pending) for s in self.rows]
-        k, fewest = max(counts), min(counts)
-        ids = [[self.pad_token_id] * (k - n) + s.pending for s, n in zip(self.rows, counts, strict=True)]
-        ids = on_device(ids, self.device, torch.long)
-        real = on_device([[0] * (k - n) + [1] * n for n in counts], self.device, self.mask.dtype)
-        counts = on_device(counts, self.device)
+        assert self.cache is not None and self.mask is not None and self.positions is not None  # rows are running
+        num_pending = [len(s.pending) for s in self.rows]
+        k, fewest = max(num_pending), min(num_pending)
+        padded_ids = [[self.pad_token_id] * (k - n) + s.pending for s, n in zip(self.rows, num_pending, strict=True)]
+        ids = on_device(padded_ids, self.device, torch.long)
+        real = on_device([[0] * (k - n) + [1] * n for n in num_pending], self.device, self.mask.dtype)
+        counts = on_device(num_pending, self.device)
         # A padding column's position is that of the row's first real one: any value would do, it is masked.
         positions = self.positions[:, None] + (torch.arange(k, device=self.device) - (k - counts)[:, None]).clamp(min=0)
         mask = torch.cat([self.mask, real], dim=1)
@@ -359,20 +367,22 @@ class BatchRunner:
             self.reset()
             return
         index = torch.tensor(keep, device=self.device)
+        assert self.mask is not None and self.positions is not None  # rows were running
         self.mask, self.positions = self.mask[index], self.positions[index]
         first_used = int(self.mask.any(dim=0).int().argmax())
         self.mask = self.mask[:, first_used:]
         self.padded = not bool(self.mask.all())
-        for layer in self.cache.layers:
+        for layer in _layers(self.cache):
             # Under a device map split over GPUs each layer's cache lives on that layer's GPU.
             rows = index.to(layer.keys.device)
             layer.replace(layer.keys[rows, :, first_used:, :], layer.values[rows, :, first_used:, :])
 
     def _cache_row(self, i: int, seq: Sequence) -> None:
         """Caches a finished row's prompt and reply: the row's unmasked columns, in order."""
+        assert self.mask is not None and self.prefix_cache is not None  # a running row, with a prefix cache
         columns = self.mask[i].nonzero().flatten()
         tokens = (seq.prompt_ids + seq.completion_ids)[: len(columns)]
-        layers = self.cache.layers
+        layers = _layers(self.cache)
         if len(columns) == self.num_columns - int(columns[0]):  # no padding inside the row: slices, not copies
             keys = [layer.keys[i, :, int(columns[0]) :] for layer in layers]
             values = [layer.values[i, :, int(columns[0]) :] for layer in layers]
@@ -386,12 +396,19 @@ class BatchRunner:
         cache = self.cache
         if cache is None:
             return 0
-        layers = [layer for layer in cache.layers if getattr(layer, "_keys", None) is not None]
+        layers = [layer for layer in _layers(cache) if getattr(layer, "_keys", None) is not None]
         return sum(layer._keys.nbytes + layer._values.nbytes for layer in layers)
 
     def reset(self) -> None:
         self.rows, self.cache, self.mask, self.positions = [], None, None, None
         self.padded = False
+
+
+def _layers(cache: DynamicCache | None) -> list[Any]:
+    """The layers of a cache the caller knows is there. They are kv_cache.GrowingLayer, their keys and values set by
+    their first update: loosely typed, as transformers types a cache's layers as any kind and their keys optional."""
+    assert cache is not None
+    return cache.layers
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
