@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from llmchat.engine import dot8
-from llmchat.engine.paged_kv import PagedBatch, PagedKV, Segment, in_place_kernel, paged_decode
+from llmchat.engine.paged_kv import KERNEL, Segment, in_place_kernel, paged_decode
+from tests.llmchat.engine.conftest import paged_step
 
 pytestmark = pytest.mark.skipif(
     dot8.unavailable() is not None, reason=f"llmchat's kernels cannot run here: {dot8.unavailable()}"
@@ -83,7 +84,6 @@ def test_a_block_outside_the_pool_is_an_error_not_a_read():
 def test_a_step_attends_the_same_with_decoding_rows_in_place(dtype):
     """Decoding rows (one token, and several forced ones), a prompt's first chunk and a later chunk in one step."""
     assert in_place_kernel(torch.device("cpu"), dtype) is None
-    heads, kv_heads, dim = 6, 2, 64
     segments = [
         Segment([5, 1, 9], 40, 1),
         Segment([2, 3], 20, 3),
@@ -91,17 +91,9 @@ def test_a_step_attends_the_same_with_decoding_rows_in_place(dtype):
         Segment([10, 11, 12, 13], 33, 20, is_prompt=True),
         Segment([0], 0, 1),
     ]
-    tokens = sum(s.num_new for s in segments)
-    q, k, v = (torch.randn(1, n, tokens, dim).to(dtype) for n in (heads, kv_heads, kv_heads))
-    outs = []
-    for in_place in (False, True):
-        kv = PagedKV(2, kv_heads, dim, 16, 16, dtype, torch.device("cpu"))
-        for layer in range(2):
-            kv.keys[layer].copy_(torch.randn(kv.keys[layer].shape, generator=torch.Generator().manual_seed(layer)))
-            kv.values[layer].copy_(torch.randn(kv.values[layer].shape, generator=torch.Generator().manual_seed(9)))
-        batch = PagedBatch(kv, segments, torch.device("cpu"), expand_heads=False, in_place=in_place)
-        assert (batch.decode is not None) == in_place
-        outs.append([batch.attend(layer, q, k, v, 0.125) for layer in range(2)])
-    for gathered, in_place in zip(*outs, strict=True):
-        assert gathered.shape == in_place.shape == (1, heads, tokens, dim)
-        assert torch.allclose(gathered.float(), in_place.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    plain, gathered = paged_step(segments, None, dtype)
+    batch, in_place = paged_step(segments, KERNEL, dtype)
+    assert plain.decode is None and batch.decode is not None
+    for expected, got in zip(gathered, in_place, strict=True):
+        assert expected.shape == got.shape == (1, 6, sum(s.num_new for s in segments), 64)
+        assert torch.allclose(expected.float(), got.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])

@@ -12,10 +12,11 @@ from llmchat.engine import Engine, SchedulerConfig, paged_flex
 from llmchat.engine.block_pool import BlockPool
 from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.paged_flex import FlexRows
-from llmchat.engine.paged_kv import FLEX, PagedBatch, PagedKV, Segment
+from llmchat.engine.paged_kv import FLEX, PagedKV, Segment
 from llmchat.engine.paged_runner import PagedRunner
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import drain, prompt_ids, run_engine
+from tests.llmchat.engine.conftest import paged_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
@@ -66,7 +67,6 @@ def test_each_query_group_lists_its_rows_blocks_once_and_no_others():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_step_attends_the_same_with_decoding_rows_through_flex_attention(dtype):
     """Decoding rows (one token, several forced ones, two sharing a prefix block) and prompt chunks in one step."""
-    heads, kv_heads, dim = 6, 2, 64
     segments = [
         Segment([5, 1, 9], 40, 1),
         Segment([2, 3], 20, 3),
@@ -75,20 +75,12 @@ def test_a_step_attends_the_same_with_decoding_rows_through_flex_attention(dtype
         Segment([10, 11, 12, 13], 33, 20, is_prompt=True),
         Segment([0], 0, 1),
     ]
-    tokens = sum(s.num_new for s in segments)
-    q, k, v = (torch.randn(1, n, tokens, dim).to(dtype) for n in (heads, kv_heads, kv_heads))
-    outs = []
-    for in_place in (None, FLEX):
-        kv = PagedKV(2, kv_heads, dim, 16, 16, dtype, CPU)
-        for layer in range(2):
-            kv.keys[layer].copy_(torch.randn(kv.keys[layer].shape, generator=torch.Generator().manual_seed(layer)))
-            kv.values[layer].copy_(torch.randn(kv.values[layer].shape, generator=torch.Generator().manual_seed(9)))
-        batch = PagedBatch(kv, segments, CPU, expand_heads=False, in_place=in_place)
-        assert (batch.flex is not None) == (in_place == FLEX)
-        outs.append([batch.attend(layer, q, k, v, 0.125) for layer in range(2)])
-    for gathered, flex in zip(*outs, strict=True):
-        assert gathered.shape == flex.shape == (1, heads, tokens, dim)
-        assert torch.allclose(gathered.float(), flex.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    plain, gathered = paged_step(segments, None, dtype)
+    batch, flex = paged_step(segments, FLEX, dtype)
+    assert plain.flex is None and batch.flex is not None
+    for expected, got in zip(gathered, flex, strict=True):
+        assert expected.shape == got.shape == (1, 6, sum(s.num_new for s in segments), 64)
+        assert torch.allclose(expected.float(), got.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 class NoGraphs:
