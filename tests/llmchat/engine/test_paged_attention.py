@@ -1,5 +1,5 @@
-"""llmchat's paged decode kernel (paged_attention.cpp) against SDPA over the same blocks gathered, and a step's
-attention with decoding rows through the kernel against every segment gathered."""
+"""llmchat's paged decode kernel (paged_attention.cpp) against SDPA over the same blocks gathered (a whole step
+through it: test_paged_flex.py)."""
 
 import random
 
@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmchat.engine import dot8
-from llmchat.engine.paged_kv import KERNEL, Segment, in_place_kernel, paged_decode
-from tests.llmchat.engine.conftest import paged_step
+from llmchat.engine.paged_kv import paged_decode
 
 pytestmark = pytest.mark.skipif(
     dot8.unavailable() is not None, reason=f"llmchat's kernels cannot run here: {dot8.unavailable()}"
@@ -78,22 +77,3 @@ def test_a_block_outside_the_pool_is_an_error_not_a_read():
             0.1,
             out,
         )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_step_attends_the_same_with_decoding_rows_in_place(dtype):
-    """Decoding rows (one token, and several forced ones), a prompt's first chunk and a later chunk in one step."""
-    assert in_place_kernel(torch.device("cpu"), dtype) is None
-    segments = [
-        Segment([5, 1, 9], 40, 1),
-        Segment([2, 3], 20, 3),
-        Segment([7, 8], 0, 30, is_prompt=True),
-        Segment([10, 11, 12, 13], 33, 20, is_prompt=True),
-        Segment([0], 0, 1),
-    ]
-    plain, gathered = paged_step(segments, None, dtype)
-    batch, in_place = paged_step(segments, KERNEL, dtype)
-    assert plain.decode is None and batch.decode is not None
-    for expected, got in zip(gathered, in_place, strict=True):
-        assert expected.shape == got.shape == (1, 6, sum(s.num_new for s in segments), 64)
-        assert torch.allclose(expected.float(), got.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])

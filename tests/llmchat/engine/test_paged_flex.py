@@ -1,6 +1,6 @@
-"""FlexAttention over the pool (a GPU's way for decoding rows to read their blocks in place), run here through
-torch's eager reference with the same block mask and mask function, against SDPA over gathered blocks; and how
-the runner chooses it. The compiled kernels run in `just gpu-check` (tests/gpu)."""
+"""Decoding rows reading their blocks in place: FlexAttention over the pool (a GPU's way), run here through torch's
+eager reference with the same block mask and mask function, and llmchat's CPU kernel, against SDPA over gathered
+blocks; and how the runner chooses. FlexAttention's compiled kernels run in `just gpu-check` (tests/gpu)."""
 
 import asyncio
 import random
@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from llmchat.engine import Engine, SchedulerConfig, paged_flex
+from llmchat.engine import Engine, SchedulerConfig, dot8, paged_flex
 from llmchat.engine.block_pool import BlockPool
 from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.paged_flex import FlexRows
-from llmchat.engine.paged_kv import FLEX, PagedKV, Segment
+from llmchat.engine.paged_kv import FLEX, KERNEL, PagedKV, Segment, in_place_kernel
 from llmchat.engine.paged_runner import PagedRunner
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import drain, prompt_ids, run_engine
@@ -64,9 +64,16 @@ def test_each_query_group_lists_its_rows_blocks_once_and_no_others():
         assert len(listed) == len(set(listed)) and set(listed) == needed
 
 
+NO_KERNEL = pytest.mark.skipif(dot8.unavailable() is not None, reason=f"no llmchat kernel here: {dot8.unavailable()}")
+
+
+@pytest.mark.parametrize("in_place", [FLEX, pytest.param(KERNEL, marks=NO_KERNEL)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_step_attends_the_same_with_decoding_rows_through_flex_attention(dtype):
-    """Decoding rows (one token, several forced ones, two sharing a prefix block) and prompt chunks in one step."""
+def test_a_step_attends_the_same_with_decoding_rows_in_place(in_place, dtype):
+    """Decoding rows (one token, several forced ones, two sharing a prefix block) and prompt chunks in one step,
+    through FlexAttention or llmchat's CPU kernel, against every segment gathered for SDPA."""
+    if in_place == KERNEL:
+        assert in_place_kernel(CPU, dtype) is None
     segments = [
         Segment([5, 1, 9], 40, 1),
         Segment([2, 3], 20, 3),
@@ -76,9 +83,10 @@ def test_a_step_attends_the_same_with_decoding_rows_through_flex_attention(dtype
         Segment([0], 0, 1),
     ]
     plain, gathered = paged_step(segments, None, dtype)
-    batch, flex = paged_step(segments, FLEX, dtype)
-    assert plain.flex is None and batch.flex is not None
-    for expected, got in zip(gathered, flex, strict=True):
+    batch, attended = paged_step(segments, in_place, dtype)
+    assert plain.flex is plain.decode is None
+    assert (batch.flex is not None) == (in_place == FLEX) and (batch.decode is not None) == (in_place == KERNEL)
+    for expected, got in zip(gathered, attended, strict=True):
         assert expected.shape == got.shape == (1, 6, sum(s.num_new for s in segments), 64)
         assert torch.allclose(expected.float(), got.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
