@@ -186,7 +186,7 @@ class Engine:
         if paged.in_place is not None:
             attention = f"decoding rows: {paged.in_place}, blocks read in place; prompt chunks: {gathered}"
         else:
-            attention = f"{gathered} (reading blocks in place: {paged.no_kernel})"
+            attention = f"{gathered} (reading blocks in place: {paged.why_gathered})"
         return paged.pool.describe() | {
             "bytes_per_token": paged.kv.bytes_per_token,
             "bytes_total": paged.kv.nbytes,

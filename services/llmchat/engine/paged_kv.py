@@ -44,12 +44,9 @@ class PagedKV:
         device: torch.device,
     ) -> None:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
-        # On the CPU torch.empty: pages are only committed when a block is first written, and nothing reads a slot
-        # before it is written. A GPU's FlexAttention reads a last block's unwritten slots and masks them, and a
-        # masked NaN would still poison the weighted sum: zeros there.
-        make = torch.empty if device.type == "cpu" else torch.zeros
-        self.keys = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # torch.empty: on the CPU pages are only committed when a block is first written.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
@@ -57,6 +54,11 @@ class PagedKV:
     @property
     def nbytes(self) -> int:
         return self.bytes_per_token * self.block_size * self.num_blocks
+
+    def clear_values(self, blocks: torch.Tensor) -> None:
+        """Zeroes the values of `blocks` in every layer (see PagedRunner.fresh)."""
+        for values in self.values:
+            values.index_fill_(1, blocks, 0)
 
     def copy_block(self, source: int, target: int) -> None:
         """Copy-on-write of a shared partial block: a fork's own copy of its parent's last block."""

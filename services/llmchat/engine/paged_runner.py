@@ -32,21 +32,25 @@ class PagedRunner:
         self.device = device
         self.num_heads = num_heads
         self.rows: list[Sequence] = []  # prefilled, decoding
+        # Blocks handed out since the last step. On a GPU their values are zeroed before the step: FlexAttention
+        # reads a last block's unwritten slots and masks them, but a masked NaN left there by an earlier sequence
+        # (one whose step broke) would still poison the weighted sum of the next one.
+        self.fresh: list[int] = []
         self.expand_heads = device.type == "cuda"
         # How decoding rows attend in place (KERNEL, FLEX), or None with the reason they gather blocks for SDPA.
         self.in_place: str | None = None
-        self.no_kernel = in_place_kernel(device, kv.keys[0].dtype)
-        if self.no_kernel is None:
+        self.why_gathered = in_place_kernel(device, kv.keys[0].dtype)
+        if self.why_gathered is None:
             self.in_place = KERNEL
         elif device.type == "cuda":
-            self.no_kernel = "FlexAttention is checked at start-up (prepare)"
+            self.why_gathered = "FlexAttention is checked at start-up (prepare)"
 
     def prepare(self) -> None:
         """Start-up work that would otherwise stall the first requests: on a GPU, the check (and compilation) of
         FlexAttention over the pool and the capture of CUDA graphs."""
         if self.device.type == "cuda" and self.in_place is None:
-            self.no_kernel = paged_flex.check(self.kv.keys[0], self.kv.values[0], self.num_heads)
-            self.in_place = FLEX if self.no_kernel is None else None
+            self.why_gathered = paged_flex.check(self.kv.keys[0], self.kv.values[0], self.num_heads)
+            self.in_place = FLEX if self.why_gathered is None else None
         capture_all = getattr(self.forward, "capture_all", None)
         if capture_all is not None:
             capture_all(self.device)
@@ -56,7 +60,7 @@ class PagedRunner:
         the rest of it (and one for each of its choices' own last block)."""
         first = seq.num_preempted == 0
         cached = self.pool.match(seq.prefill_ids, count=first)
-        fresh = self.pool.allocate(self.pool.blocks_for(len(seq.prefill_ids)) - len(cached))
+        fresh = self._allocate(self.pool.blocks_for(len(seq.prefill_ids)) - len(cached))
         seq.blocks = cached + fresh
         seq.num_computed = len(cached) * self.pool.block_size
         if first:
@@ -65,14 +69,20 @@ class PagedRunner:
         seq.chain = self.pool.chain_id[cached[-1]] if cached else ROOT
         for fork in seq.forks:
             if not fork.is_finished:
-                fork.blocks = self.pool.allocate(1)
+                fork.blocks = self._allocate(1)
 
     def blocks_short(self, seq: Sequence) -> int:
         """Blocks a decoding row lacks for its pending tokens."""
         return self.pool.blocks_for(in_kv(seq) + len(seq.pending)) - len(seq.blocks)
 
     def grow(self, seq: Sequence, n: int) -> None:
-        seq.blocks.extend(self.pool.allocate(n))
+        seq.blocks.extend(self._allocate(n))
+
+    def _allocate(self, n: int) -> list[int]:
+        blocks = self.pool.allocate(n)
+        if self.device.type == "cuda":
+            self.fresh += blocks
+        return blocks
 
     def release(self, seq: Sequence) -> None:
         """Returns the sequence's blocks to the pool (its cached ones stay cached) and takes it out of the batch."""
@@ -104,6 +114,9 @@ class PagedRunner:
             segments.append(Segment(seq.blocks, past, n, is_prompt=True))
             ids += seq.prefill_ids[past : past + n]
             positions += range(past, past + n)
+        if self.fresh:
+            self.kv.clear_values(on_device(self.fresh, self.device))
+            self.fresh = []
         batch = PagedBatch(self.kv, segments, self.device, self.expand_heads, in_place=self.in_place)
         logits = self.forward.paged(on_device([ids], self.device), on_device([positions], self.device), batch)
         # Only now, after the pass succeeded, do its blocks count as computed (and get cached).

@@ -4,6 +4,7 @@ blocks; and how the runner chooses. FlexAttention's compiled kernels run in `jus
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,17 +96,37 @@ class NoGraphs:
     """A forward pass with nothing to capture."""
 
 
+def test_blocks_handed_out_on_a_gpu_have_their_values_zeroed_before_the_next_step():
+    """FlexAttention reads the unwritten slots of a row's last block (masked): a NaN an earlier sequence left there
+    must not reach the next one."""
+    kv = PagedKV(2, 2, 64, 8, 16, torch.float32, CPU)
+    for values in kv.values:
+        values.fill_(float("nan"))
+    runner = PagedRunner(NoGraphs(), kv, BlockPool(8, 16, caching=True), torch.device("cuda"), num_heads=6)
+    seq = SimpleNamespace(blocks=[])
+    runner.grow(seq, 2)
+    assert runner.fresh == seq.blocks and len(seq.blocks) == 2
+    kv.clear_values(torch.tensor(runner.fresh))
+    for values in kv.values:
+        assert values[:, seq.blocks].eq(0).all()
+        others = [b for b in range(8) if b not in seq.blocks]
+        assert values[:, others].isnan().all()
+    cpu = PagedRunner(NoGraphs(), kv, BlockPool(8, 16, caching=True), CPU, num_heads=6)
+    cpu.grow(SimpleNamespace(blocks=[]), 2)
+    assert cpu.fresh == []  # nothing on the CPU reads a slot before it is written
+
+
 @pytest.mark.parametrize("reason", [None, "FlexAttention differs from SDPA by 0.5 on this device"])
 def test_a_gpu_runner_reads_blocks_in_place_only_after_the_check_passes(monkeypatch, reason):
     checked = []
     monkeypatch.setattr(paged_flex, "check", lambda keys, values, heads: checked.append(heads) or reason)
     kv = PagedKV(1, 2, 64, 8, 16, torch.float32, CPU)  # the pool's tensors stay on the CPU: only the choice runs
     runner = PagedRunner(NoGraphs(), kv, BlockPool(8, 16, caching=True), torch.device("cuda"), num_heads=6)
-    assert runner.in_place is None and "checked at start-up" in runner.no_kernel
+    assert runner.in_place is None and "checked at start-up" in runner.why_gathered
     runner.prepare()
     assert checked == [6]
     assert runner.in_place == (FLEX if reason is None else None)
-    assert runner.no_kernel == reason
+    assert runner.why_gathered == reason
 
 
 def test_greedy_tokens_are_the_same_with_decoding_rows_through_flex_attention(loaded):
