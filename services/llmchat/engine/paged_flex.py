@@ -12,11 +12,11 @@ without a copy. Every decoding row's queries go through one FlexAttention call p
 
 It comes with torch (Triton kernels on CUDA and ROCm, nothing to install), takes 16-token blocks (torch's
 flash-attention paged path wants 256-token blocks, FlashInfer another layout), and is chosen only after a
-start-up check on the device against SDPA over gathered blocks (`check`); /health names the result. 16x16
-kernel tiles, as vLLM's FlexAttention backend uses for 16-token blocks. On the CPU llmchat's own kernel
-(paged_attention.cpp) is used instead: for 8 rows of 500 tokens (Qwen2.5-0.5B's heads, bfloat16, a 2-core
-AMX host) compiled FlexAttention took 9.9 ms a layer there and that kernel 0.21 ms; and inductor's CPU
-template would not compile the mask function with dynamic shapes (a static kernel per shape instead).
+start-up check on the device against SDPA over gathered blocks (`check`); /health names the result. Its
+kernel runs in 16x16 tiles, as vLLM's FlexAttention backend does for 16-token blocks. On the CPU llmchat's own
+kernel (paged_attention.cpp) is used instead: for 8 rows of 500 tokens (Qwen2.5-0.5B's heads, bfloat16, a
+2-core AMX host) compiled FlexAttention took 9.9 ms a layer and that kernel 0.21 ms, and inductor's CPU
+template would not compile the mask function with dynamic shapes (only a static kernel per shape).
 """
 
 import functools

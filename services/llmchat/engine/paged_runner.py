@@ -32,7 +32,7 @@ class PagedRunner:
         self.device = device
         self.num_heads = num_heads
         self.rows: list[Sequence] = []  # prefilled, decoding
-        # Blocks handed out since the last step. On a GPU their values are zeroed before the step: FlexAttention
+        # Blocks handed out since the last step. With FlexAttention their values are zeroed before the step: it
         # reads a last block's unwritten slots and masks them, but a masked NaN left there by an earlier sequence
         # (one whose step broke) would still poison the weighted sum of the next one.
         self.fresh: list[int] = []
@@ -80,7 +80,7 @@ class PagedRunner:
 
     def _allocate(self, n: int) -> list[int]:
         blocks = self.pool.allocate(n)
-        if self.device.type == "cuda":
+        if self.in_place == FLEX:
             self.fresh += blocks
         return blocks
 

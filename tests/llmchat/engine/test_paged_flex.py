@@ -96,13 +96,14 @@ class NoGraphs:
     """A forward pass with nothing to capture."""
 
 
-def test_blocks_handed_out_on_a_gpu_have_their_values_zeroed_before_the_next_step():
+def test_blocks_handed_out_for_flex_attention_have_their_values_zeroed_before_the_next_step():
     """FlexAttention reads the unwritten slots of a row's last block (masked): a NaN an earlier sequence left there
     must not reach the next one."""
     kv = PagedKV(2, 2, 64, 8, 16, torch.float32, CPU)
     for values in kv.values:
         values.fill_(float("nan"))
     runner = PagedRunner(NoGraphs(), kv, BlockPool(8, 16, caching=True), torch.device("cuda"), num_heads=6)
+    runner.in_place = FLEX  # as prepare() sets it once the check passes
     seq = SimpleNamespace(blocks=[])
     runner.grow(seq, 2)
     assert runner.fresh == seq.blocks and len(seq.blocks) == 2
@@ -111,9 +112,10 @@ def test_blocks_handed_out_on_a_gpu_have_their_values_zeroed_before_the_next_ste
         assert values[:, seq.blocks].eq(0).all()
         others = [b for b in range(8) if b not in seq.blocks]
         assert values[:, others].isnan().all()
-    cpu = PagedRunner(NoGraphs(), kv, BlockPool(8, 16, caching=True), CPU, num_heads=6)
-    cpu.grow(SimpleNamespace(blocks=[]), 2)
-    assert cpu.fresh == []  # nothing on the CPU reads a slot before it is written
+    gathering = PagedRunner(NoGraphs(), kv, BlockPool(8, 16, caching=True), CPU, num_heads=6)
+    gathering.in_place = None
+    gathering.grow(SimpleNamespace(blocks=[]), 2)
+    assert gathering.fresh == []  # gathered blocks are cut to the row's length: no slot is read before it is written
 
 
 @pytest.mark.parametrize("reason", [None, "FlexAttention differs from SDPA by 0.5 on this device"])
@@ -139,6 +141,8 @@ def test_greedy_tokens_are_the_same_with_decoding_rows_through_flex_attention(lo
         async def run(engine: Engine):
             assert engine.paged is not None
             engine.paged.in_place = in_place  # before any request: the engine thread reads it each step
+            for pool in (*engine.paged.kv.keys, *engine.paged.kv.values):
+                pool.zero_()  # the eager reference reads every block, never written ones too
             seqs = []
             for ids in prompts:
                 seqs.append(engine.submit(ids, greedy))
