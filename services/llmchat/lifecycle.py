@@ -154,15 +154,18 @@ async def load_in_background(runtime: Runtime, settings: Settings) -> None:
         try:
             # A large model's first conversion can outlast the unit's start timeout.
             loaded = load_model(model_config(settings), stage, while_converting=extending_start_timeout)
-            if settings.compile:  # inductor's compiled code outlives /tmp there, so later starts reuse it
+            if settings.compile or loaded.device == "cuda":  # LLMCHAT_COMPILE's and FlexAttention's kernels
+                # outlive /tmp there, so later starts reuse them
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
             if loaded.device == "cpu":  # where the 4-bit kernel is compiled at first start (engine/dot8.py)
                 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(settings.cache_dir / "kernels"))
             stage("preparing the forward pass")
             engine = Engine(loaded, engine_config(settings))
-            if settings.cuda_graphs and loaded.device == "cuda":
-                stage("capturing CUDA graphs for every batch size")
-                engine.prepare()
+            if loaded.device == "cuda":  # FlexAttention is checked and compiled there, graphs or not
+                graphs = " and capturing CUDA graphs for every batch size" if settings.cuda_graphs else ""
+                stage(f"checking FlexAttention over the KV pool{graphs}")
+                with extending_start_timeout():
+                    engine.prepare()
             elif settings.compile and loaded.device == "cpu":
                 stage("compiling the one-row decode step (about a minute the first time)")
                 with extending_start_timeout():

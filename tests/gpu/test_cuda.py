@@ -155,6 +155,16 @@ def test_default_settings_serve_on_the_gpu_and_health_shows_its_memory():
         live.stop()
 
 
+def test_without_cuda_graphs_decoding_rows_still_read_their_blocks_in_place():
+    live = start_server(create_app(Settings(port=0, cuda_graphs=False)))
+    try:
+        health = httpx.get(f"{live.base_url}/health").json()
+        assert "CUDA graphs" not in health["forward"], health["forward"]
+        assert health["kv_pool"]["attention"].startswith("decoding rows: FlexAttention"), health["kv_pool"]
+    finally:
+        live.stop()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 8, 128), (9, 3, 64), (28, 4, 128)])
 def test_flex_attention_over_the_pool_passes_its_check_here(dtype, heads, kv_heads, dim):

@@ -197,7 +197,8 @@ class Engine:
         }
 
     def prepare(self) -> None:
-        """Captures the forward pass's CUDA graphs for every batch size; call before start()."""
+        """Start-up work before start(): on a GPU, FlexAttention's check over the pool and the CUDA graphs; on the
+        CPU, LLMCHAT_COMPILE's one-row step."""
         self._use_device()
         with torch.inference_mode():
             self.runner.prepare()
