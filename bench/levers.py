@@ -17,9 +17,10 @@ from transformers.cache_utils import DynamicCache
 
 from bench.report import captioned
 from llmchat.engine import int4
-from llmchat.engine.fused_forward import FusedForward, on_torch_kernel
+from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.kv_cache import new_cache
 from llmchat.engine.loader import ModelConfig, converted_dir, load_model, resolve_source
+from llmchat.engine.projections import on_torch_kernel
 from llmchat.engine.runner import TransformersForward
 from llmchat.settings import Settings
 

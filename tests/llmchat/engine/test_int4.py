@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmchat.engine import dot8, fused_forward, int4
+from llmchat.engine import dot8, int4, projections
 from llmchat.engine.choices import Choices
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
@@ -226,7 +226,7 @@ def test_each_kind_of_projection_gets_its_own_crossover(monkeypatch):
 
     monkeypatch.setattr(int4, "timer", timer)
     monkeypatch.setattr(int4, "torch_kernel_is_faster", lambda grids, width, dtype: False)
-    monkeypatch.setattr(fused_forward, "_measured", Choices())
+    monkeypatch.setattr(projections, "_measured", Choices())
     measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint)
     assert measured.lm_head.int4_rows == 4
     for layer in measured.layers:
@@ -250,7 +250,7 @@ def test_a_kind_of_projection_moves_to_torchs_kernel_where_that_is_faster(monkey
         return width == loaded.model.config.intermediate_size
 
     monkeypatch.setattr(int4, "torch_kernel_is_faster", torch_faster)
-    monkeypatch.setattr(fused_forward, "_measured", Choices())
+    monkeypatch.setattr(projections, "_measured", Choices())
     measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=None)
     assert len(widths) == 5  # timed once per kind of projection
     kernels = {(name, getattr(layer, name).int4.kernel) for layer in measured.layers for name in ("qkv", "down")}

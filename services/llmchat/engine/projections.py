@@ -1,0 +1,190 @@
+"""The fused pass's matmuls: one projection or several fused into one, dense (plain or prepacked for oneDNN) or
+from a 4-bit copy for steps of few rows; and which of the two wins up to how many rows on this machine.
+"""
+
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmchat.engine import dot8, int4
+from llmchat.engine.choices import Choices
+from llmchat.engine.quantized import Modules, dequantized
+
+
+class Linear:
+    """One projection, or several fused into one: a plain matmul, or oneDNN's on a prepacked weight."""
+
+    def __init__(
+        self,
+        linears: list[torch.nn.Linear],
+        packed: bool,
+        grid: int4.Grid | None = None,
+        dequantize_to: torch.dtype | None = None,
+    ) -> None:
+        """`grid`: the weights' 4-bit form, used for steps of up to `int4_rows` rows (set once measured).
+        `dequantize_to`: bitsandbytes 4-bit layers, whose weights are dequantized once into this dtype."""
+        self.int4 = grid
+        self.int4_rows = 0
+        weights = [dequantized(m, dequantize_to) if dequantize_to else m.weight.detach() for m in linears]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        biases = [m.bias for m in linears]
+        self.bias: torch.Tensor | None
+        if any(b is not None for b in biases):
+            zeros = [weight.new_zeros(w.shape[0]) for w in weights]
+            self.bias = torch.cat([z if b is None else b.detach() for b, z in zip(biases, zeros, strict=True)])
+            self.bias = self.bias.to(weight.dtype)
+        else:
+            self.bias = None
+        self.out_features, self.in_features = weight.shape
+        self.packed = packed
+        self.copied = packed or dequantize_to is not None  # held beside the model's own weights
+        if packed:
+            # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+            return
+        self.weight = weight
+        # The model's own projections become views of the fused weight, so it is not held twice.
+        offset = 0
+        for m in linears if len(linears) > 1 and not dequantize_to else []:
+            rows = m.weight.shape[0]
+            m.weight.data = weight[offset : offset + rows]
+            offset += rows
+
+    @property
+    def grid(self) -> int4.Grid:
+        """`int4`, of a projection known to keep a 4-bit form."""
+        assert self.int4 is not None
+        return self.int4
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
+        extra = self.weight.nbytes if self.copied else 0
+        return extra + (self.int4.nbytes if self.int4 is not None else 0)
+
+    def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """Prefill always takes the dense matmul, so a prompt's keys and values do not depend on its chunking."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.dense(flat) if prefill or flat.shape[0] > self.int4_rows else self.quantized(flat)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def dense(self, flat: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return F.linear(flat, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return packed_linear(flat, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+
+    def quantized(self, flat: torch.Tensor) -> torch.Tensor:
+        assert self.int4 is not None  # int4_rows is 0 without it
+        out = self.int4.matmul(flat)
+        return out if self.bias is None else out + self.bias
+
+
+@torch.library.custom_op("llmchat::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's matmul on a prepacked weight, opaque to torch.compile: inductor's own lowering of it fails on
+    dynamic shapes (LLMCHAT_COMPILE on AMX CPUs), and the matmul is one call either way."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def checkpoint_grids(
+    model: torch.nn.Module, projections: list[list[torch.nn.Linear]], checkpoint: Path | None, gguf: Path | None
+) -> list[int4.Grid | None]:
+    """Each projection's 4-bit form from the checkpoint (and the GGUF it came from), by its modules' parameter
+    names (None without one)."""
+    if checkpoint is None:
+        return [None] * len(projections)
+    # By parameter, so a logits matmul tied to the embedding finds the embedding's name in the checkpoint.
+    names = {id(param): name for name, param in model.named_parameters()}
+    return int4.load_grids(checkpoint, [[names[id(m.weight)] for m in linears] for linears in projections], gguf)
+
+
+# Kernel choices and crossovers measured in this process, for forward passes built without kept choices: engines
+# loaded again (tests) reuse them.
+_measured = Choices()
+
+
+# Projections whose crossovers are timed apart, in the order fused_forward._projections lists a layer's (the
+# logits matmul comes last): their shapes differ, and a Q8_0 weight's two grids take the input twice. Measured on
+# AVX2, the 4-bit weights won up to 12 rows for the logits, 16 for down, 32 for gate/up.
+ROLES = ("q/k/v", "o", "gate/up", "down")
+
+# Dense weight bytes timed per role: more than a CPU cache holds, as in a decode step, and for a large model
+# only its first layers, so that timing stays within a second or two.
+CROSSOVER_BYTES = 64 * 2**20
+
+
+def measure_int4_rows(
+    linears: list[Linear | Modules], roles: list[str], dtype: torch.dtype, choices: Choices | None = None
+) -> dict[str, int]:
+    """Each role's crossover of the 4-bit and dense matmuls on this machine (of the roles with 4-bit weights),
+    after moving a role's grids to torch's int4 kernel where that is faster at one row than llmchat's.
+    `choices` keeps both per role and shape, so a restart (or a second engine) makes the same ones (default: kept
+    in this process)."""
+    choices = _measured if choices is None else choices
+    crossovers = {}
+    for role in dict.fromkeys(roles):
+        # Only a Linear keeps a 4-bit form (a Modules' int4 is None).
+        grids = [
+            p for p, r in zip(linears, roles, strict=True) if r == role and isinstance(p, Linear) and p.int4 is not None
+        ]
+        if not grids:
+            continue
+        first = grids[0]
+        group = grids[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
+        layout = "prepacked" if first.packed else "plain"
+        # The kernel first meant to multiply them is part of the key: where llmchat's can no longer be built (no
+        # compiler), torch's must not inherit its crossover.
+        key = (
+            f"4-bit {role}: {len(group)} x {first.out_features}x{first.in_features}, {layout} {dtype}, "
+            f"from {first.grid.kernel}"
+        )
+        chosen = choices.get(key, partial(_measure_role, group, role, dtype))
+        if chosen["kernel"] == int4.TORCH_KERNEL:
+            on_torch_kernel(grids)
+        crossovers[role] = chosen["rows"]
+    return crossovers
+
+
+def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
+    """The kernel for one kind of projection (timed on `group`, a few of them) and its crossover."""
+    first = group[0]
+    if first.grid.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
+        [p.grid for p in group], first.in_features, dtype
+    ):
+        on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
+    timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
+    return {"kernel": first.grid.kernel, "rows": int4.crossover(timer, role)}
+
+
+def on_torch_kernel(linears: list[Linear]) -> None:
+    """Their grids multiplied by torch's int4 kernel from now on (those it can take)."""
+    for p in linears:
+        if p.grid.kernel != int4.TORCH_KERNEL and int4.torch_takes(p.grid.dot8_levels):
+            p.int4 = int4.Grid(*p.grid.dot8_levels, dot8_kernel=False)
+
+
+def four_bit_kind(linears: list[Linear | Modules], roles: list[str]) -> str:
+    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ,
+    and the kernel that multiplies them ("" when none are kept)."""
+    used = {role: p.int4_rows for p, role in zip(linears, roles, strict=True) if p.int4 is not None}
+    num_int4 = sum(p.int4 is not None for p in linears)
+    if not used:
+        return ""
+    if len(set(used.values())) == 1:
+        limit = f"{next(iter(used.values()))} rows"
+    else:
+        limit = ", ".join(f"{role} {n}" for role, n in used.items()) + " rows"
+    kernels = dict.fromkeys(p.int4.kernel for p in linears if p.int4 is not None)
+    kernel = ", ".join(kernels)
+    if int4.DOT8_KERNEL not in kernels and (why := dot8.unavailable()):
+        kernel += f": {why}"
+    return f", 4-bit weights up to {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"
