@@ -136,11 +136,15 @@ def test_the_callers_trace_context_reaches_the_replica(cluster):
     traceparent = f"00-{TRACE_ID}-{PARENT_ID}-01"
     text = asyncio.run(stream_text(router(config), extra_headers={"traceparent": traceparent}))
     assert text
-    wait_until(lambda: any(s.trace_id.hex() == TRACE_ID for _, s in receiver.spans))
-    spans = [s for _, s in receiver.spans if s.trace_id.hex() == TRACE_ID]
-    (server,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
+
+    def traced(name: str) -> list:
+        return [s for _, s in receiver.spans if s.trace_id.hex() == TRACE_ID and s.name == name]
+
+    # A stream's chat span ends, and may be exported, before the server span that wraps it.
+    wait_until(lambda: traced("POST /v1/chat/completions") and traced(f"chat {MODEL}"))
+    (server,) = traced("POST /v1/chat/completions")
     assert server.parent_span_id.hex() == PARENT_ID
-    assert any(s.name == f"chat {MODEL}" and s.parent_span_id == server.span_id for s in spans)
+    assert any(s.parent_span_id == server.span_id for s in traced(f"chat {MODEL}"))
 
 
 def test_killing_a_replica_mid_run_fails_no_request(cluster):
