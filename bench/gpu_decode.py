@@ -234,7 +234,7 @@ async def run_engine(loaded: LoadedModel, args, prompts: dict[int, list[list[int
         "forward": described["forward"],
         "prepare_s": prepare_s,
         "kv_pool": described["kv_pool"],
-        "decode_step_s_average": engine.decode_step_s,
+        "decode_step_s_average": engine.step_cost.decode_step_s,
         "runs": runs,
     }
 

@@ -35,6 +35,7 @@ from llmchat.engine.runner import BatchRunner, pick_forward
 from llmchat.engine.sampler import pick
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.scheduler import Output, Scheduler, Sequence
+from llmchat.engine.step_cost import StepCost
 
 log = logging.getLogger("llmchat.engine")
 
@@ -108,9 +109,7 @@ class Engine:
         self.num_prefilled_tokens = 0  # prompt tokens computed (not read from the prefix cache or shared by forks)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Recent seconds per decode step and per prefilled token (moving averages), for the chunk bound.
-        self.decode_step_s: float | None = None
-        self.prefill_token_s: float | None = None
+        self.step_cost = StepCost()  # what decode steps and prompt chunks take, for the chunk bound
         # When the loop last came round (monotonic); the systemd watchdog reads it.
         self.last_beat = time.monotonic()
 
@@ -329,11 +328,11 @@ class Engine:
         elapsed = time.perf_counter() - start
         num_prompt = sum(n for _, n in chunks)
         if num_prompt:
-            decode_s = self.decode_step_s if self.runner.rows and self.decode_step_s is not None else 0.0
-            self.prefill_token_s = _average(self.prefill_token_s, max(elapsed - decode_s, 0.0) / num_prompt)
+            # Before the first decode step the whole step counts: an overstatement the next steps correct.
+            self.step_cost.observe_chunks(num_prompt, elapsed - (self.step_cost.decode_step_s or 0.0))
             self.num_prefilled_tokens += num_prompt
         else:
-            self.decode_step_s = _average(self.decode_step_s, elapsed)
+            self.step_cost.observe_decode(elapsed)
         if seqs:
             self._sample(seqs, logits)
         self.runner.drop(self.scheduler.postprocess())
@@ -379,15 +378,13 @@ class Engine:
             if joined:
                 self._sample(joined, logits)
             self.num_prefilled_tokens += sum(n for _, n in chunks)
-            self.prefill_token_s = _average(
-                self.prefill_token_s, (time.perf_counter() - start) / sum(n for _, n in chunks)
-            )
+            self.step_cost.observe_chunks(sum(n for _, n in chunks), time.perf_counter() - start)
             self._reap()
         if self.runner.rows:
             start = time.perf_counter()
             rows = list(self.runner.rows)
             self._sample(rows, runner.decode())
-            self.decode_step_s = _average(self.decode_step_s, time.perf_counter() - start)
+            self.step_cost.observe_decode(time.perf_counter() - start)
             self.runner.drop(self.scheduler.postprocess())
 
     def _out_of_memory(self, seqs: list[Sequence]) -> None:
@@ -403,9 +400,7 @@ class Engine:
 
     def _max_chunk(self) -> int | None:
         """Prompt tokens this step may prefill without stalling the decoding rows for over STALL_STEPS steps."""
-        if not self.runner.rows or self.decode_step_s is None or self.prefill_token_s is None:
-            return None
-        return int(STALL_STEPS * self.decode_step_s / self.prefill_token_s)
+        return self.step_cost.max_chunk(STALL_STEPS) if self.runner.rows else None
 
     def _reap(self) -> None:
         for seq in self.scheduler.reap_aborted():
@@ -437,7 +432,3 @@ def is_device_fault(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     return isinstance(exc, torch.AcceleratorError) or any(m in str(exc) for m in ("CUDA error", "HIP error"))
-
-
-def _average(average: float | None, value: float, weight: float = 0.3) -> float:
-    return value if average is None else (1 - weight) * average + weight * value
