@@ -328,8 +328,8 @@ class Engine:
         elapsed = time.perf_counter() - start
         num_prompt = sum(n for _, n in chunks)
         if num_prompt:
-            # Before the first decode step the whole step counts: an overstatement the next steps correct.
-            self.step_cost.observe_chunks(num_prompt, elapsed - (self.step_cost.decode_step_s or 0.0))
+            decode_s = self.step_cost.decode_step_s if self.runner.rows else None
+            self.step_cost.observe_chunks(num_prompt, elapsed - (decode_s or 0.0))
             self.num_prefilled_tokens += num_prompt
         else:
             self.step_cost.observe_decode(elapsed)
