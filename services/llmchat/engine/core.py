@@ -328,8 +328,8 @@ class Engine:
         elapsed = time.perf_counter() - start
         num_prompt = sum(n for _, n in chunks)
         if num_prompt:
-            decode_s = self.step_cost.decode_step_s if self.runner.rows else None
-            self.step_cost.observe_chunks(num_prompt, elapsed - (decode_s or 0.0))
+            decode_s = (self.step_cost.decode_step_s or 0.0) if self.runner.rows else 0.0
+            self.step_cost.observe_chunks(num_prompt, elapsed - decode_s)
             self.num_prefilled_tokens += num_prompt
         else:
             self.step_cost.observe_decode(elapsed)
@@ -377,8 +377,9 @@ class Engine:
                 joined = []
             if joined:
                 self._sample(joined, logits)
-            self.num_prefilled_tokens += sum(n for _, n in chunks)
-            self.step_cost.observe_chunks(sum(n for _, n in chunks), time.perf_counter() - start)
+            num_prompt = sum(n for _, n in chunks)
+            self.num_prefilled_tokens += num_prompt
+            self.step_cost.observe_chunks(num_prompt, time.perf_counter() - start)
             self._reap()
         if self.runner.rows:
             start = time.perf_counter()
