@@ -43,6 +43,8 @@ class BlockPool:
         self.refs = [0] * num_blocks
         # Hold nothing anybody may want; last freed, first reused, so a CPU's untouched pages stay uncommitted.
         self.free = list(range(num_blocks - 1, -1, -1))
+        # Blocks ever handed out: never-used ones leave `free` in ascending order, so this is one past the highest.
+        self.touched = 0
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recently used first
         self.cached: dict[ChainKey, int] = {}  # chain key -> block
         self.key_of: dict[int, ChainKey] = {}  # block -> its chain key, for cached blocks
@@ -66,6 +68,7 @@ class BlockPool:
             "blocks_used": self.num_used,
             "blocks_cached": len(self.evictable),
             "blocks_free": len(self.free),
+            "blocks_touched": self.touched,
         }
 
     def describe_prefix(self) -> dict:
@@ -127,6 +130,7 @@ class BlockPool:
         for _ in range(n):
             if self.free:
                 block = self.free.pop()
+                self.touched = max(self.touched, block + 1)
             else:
                 block, _ = self.evictable.popitem(last=False)
                 self._forget(block)

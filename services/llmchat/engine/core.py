@@ -18,6 +18,7 @@ import torch
 from llmchat.engine.block_pool import BlockPool, PoolFull
 from llmchat.engine.config import EngineConfig
 from llmchat.engine.constraints import GrammarMasks
+from llmchat.engine.heap import return_free_heap
 from llmchat.engine.kv_cache import (
     default_pool_bytes,
     kv_bytes_per_token,
@@ -45,6 +46,9 @@ BLOCK_SIZE = 16  # tokens of one KV block (the prefix cache's unit)
 # running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine. With 4, 2 and 1.5,
 # a 3k-token prompt arriving beside 4 streams made gaps 6x, 3.5x and 2.6x their median (2-core AMX host).
 STALL_STEPS = 1.5
+
+# The loop's heartbeat while idle, and how long the engine idles before the freed heap goes back (heap.py).
+IDLE_S = 1.0
 
 
 class Engine:
@@ -273,10 +277,15 @@ class Engine:
 
     def _loop(self) -> None:
         with torch.inference_mode():
+            worked = False  # since the heap was last trimmed
             while not self._stopping:
                 self.last_beat = time.monotonic()
-                if not self.scheduler.has_work.wait(timeout=1.0):
+                if not self.scheduler.has_work.wait(timeout=IDLE_S):
+                    if worked:
+                        return_free_heap()
+                        worked = False
                     continue
+                worked = True
                 try:
                     self.step()
                 except Exception as exc:  # a failed step ends the batch it ran, not the engine

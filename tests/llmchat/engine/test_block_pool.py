@@ -19,7 +19,18 @@ def test_allocate_and_release_return_every_block():
         "blocks_used": 0,
         "blocks_cached": 0,
         "blocks_free": 8,
+        "blocks_touched": 8,
     }
+
+
+def test_touched_counts_the_blocks_ever_handed_out():
+    """A freed block is the next one reused, so blocks never written stay untouched (uncommitted pages)."""
+    pool = BlockPool(8, block_size=4)
+    pool.release(pool.allocate(3))
+    pool.release(pool.allocate(2))
+    assert pool.describe()["blocks_touched"] == 3
+    pool.allocate(4)
+    assert pool.describe()["blocks_touched"] == 4
 
 
 def test_committed_blocks_are_matched_by_chain_and_the_last_token_is_computed():
