@@ -122,3 +122,31 @@ def test_bucketed_decode_over_the_pool_matches_the_fused_pass(loaded):
         ours = step(graphed, segments, tokens, lengths)
         theirs = step(fused, segments, tokens, lengths)
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)  # its matmuls run over a padded bucket
+
+
+def test_matmuls_over_rows_padded_to_a_bucket_give_the_same_step(loaded):
+    """A step's padding rows (fused_forward.matmul_rows) change neither its logits nor the keys it writes."""
+    import torch
+
+    from llmchat.engine.paged_kv import PagedBatch, Segment
+
+    engine = Engine(loaded, EngineConfig(pool_bytes=64 * block_bytes(loaded)))
+    fused, kv = engine.runner.forward, engine.runner.kv
+    prompts = [prompt_ids(loaded, q) for q in QUESTIONS[:3]]
+    ids = [t for p in prompts for t in p]
+    positions = [i for p in prompts for i in range(len(p))]
+
+    def step(bucket: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        fused.bucket_rows = bucket
+        tables = [engine.pool.allocate(-(-len(p) // 16)) for p in prompts]
+        batch = PagedBatch(kv, [Segment(t, 0, len(p)) for t, p in zip(tables, prompts, strict=True)], "cpu", False)
+        logits = fused.paged(torch.tensor([ids]), torch.tensor([positions]), batch)
+        slots = [t[i // 16] * 16 + i % 16 for t, p in zip(tables, prompts, strict=True) for i in range(len(p))]
+        keys = kv.keys[-1]
+        return logits, keys.view(keys.shape[0], -1, keys.shape[-1])[:, slots]
+
+    with torch.inference_mode():
+        exact, padded = step(False), step(True)
+    assert fused.matmul_rows(len(ids)) > len(ids)  # len(ids) is not a multiple of ROW_BUCKET
+    torch.testing.assert_close(padded[0], exact[0], atol=0, rtol=0)
+    torch.testing.assert_close(padded[1], exact[1], atol=0, rtol=0)
