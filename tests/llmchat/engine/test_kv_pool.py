@@ -141,9 +141,8 @@ def test_matmuls_over_rows_padded_to_a_bucket_give_the_same_step(loaded):
         tables = [engine.pool.allocate(-(-len(p) // 16)) for p in prompts]
         batch = PagedBatch(kv, [Segment(t, 0, len(p)) for t, p in zip(tables, prompts, strict=True)], "cpu", False)
         logits = fused.paged(torch.tensor([ids]), torch.tensor([positions]), batch)
-        slots = [t[i // 16] * 16 + i % 16 for t, p in zip(tables, prompts, strict=True) for i in range(len(p))]
         keys = kv.keys[-1]
-        return logits, keys.view(keys.shape[0], -1, keys.shape[-1])[:, slots]
+        return logits, keys.view(keys.shape[0], -1, keys.shape[-1])[:, batch.slots]  # the slots the step wrote
 
     with torch.inference_mode():
         exact, padded = step(False), step(True)
