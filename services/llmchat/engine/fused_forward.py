@@ -9,6 +9,7 @@ bitsandbytes' layers run inside the pass (quantized.py). It reads and writes the
 as transformers' forward, so the runner does not care which ran.
 """
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -21,11 +22,21 @@ from llmchat.engine.choices import Choices
 from llmchat.engine.cpu import has_amx_bf16
 from llmchat.engine.kv_cache import GrowingLayer
 from llmchat.engine.paged_kv import PagedBatch
-from llmchat.engine.projections import ROLES, Linear, checkpoint_grids, four_bit_kind, measure_int4_rows
+from llmchat.engine.projections import (
+    ALL_ROWS,
+    ROLES,
+    Linear,
+    checkpoint_grids,
+    four_bit_kind,
+    measure_int4_rows,
+    packed_rows,
+)
 from llmchat.engine.quantized import QUANTIZED, Modules, dequantize_on_cpu, projection_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger("llmchat.engine.fused_forward")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -74,6 +85,25 @@ def uses_packed_bf16(model: "PreTrainedModel") -> bool:
         and torch.backends.mkldnn.is_available()
         and has_amx_bf16()
     )
+
+
+def pick_packing(
+    model: "PreTrainedModel",
+    projections: list[list[torch.nn.Linear]],
+    roles: list[str],
+    quantized: bool,
+    choices: Choices | None,
+) -> tuple[int, str]:
+    """Up to how many rows a step's dense matmuls use weights prepacked once for oneDNN (projections.Linear's
+    packed_rows), and why: every step in bfloat16 on AMX CPUs, up to the row count timed on other CPUs
+    (projections.packed_rows), none on a GPU or beside bitsandbytes' layers."""
+    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return 0, f"not prepacked: oneDNN's matmul is for the CPU (not the {model.device.type}'s)"
+    if uses_packed_bf16(model):
+        return ALL_ROWS, "prepacked: bfloat16 on an AMX CPU"
+    if quantized:
+        return 0, "not prepacked: bitsandbytes' projections run their own matmuls"
+    return packed_rows(projections, roles, model.dtype, choices)
 
 
 def _projections(layer) -> list[list[torch.nn.Linear]]:
@@ -133,32 +163,39 @@ class FusedForward:
         on the CPU for steps of up to `int4_rows` rows (None: the crossover measured here; 0: never). `choices`:
         where the measured kernels and crossovers are kept (default: in this process)."""
         config = model.config
-        packed = uses_packed_bf16(model) if packed is None else packed
         projections: list[list[torch.nn.Linear]] = [
             *(p for layer in model.model.layers for p in _projections(layer)),
             [model.lm_head],
         ]
         kinds = [projection_kind(p[0]) for p in projections]
         quantized = [kind for kind in kinds if kind != "dense"]
+        roles = [*ROLES * len(model.model.layers), "logits"]
+        if packed is None:
+            packed_up_to, why = pick_packing(model, projections, roles, bool(quantized), choices)
+            log.info("dense weights %s", why)
+        else:
+            packed_up_to = ALL_ROWS if packed else 0
         dequantize, why = dequantize_on_cpu(model, projections)
         # A quantized model's own values are its quantized ones, not the grids of the checkpoint it came from.
         four_bit = model.device.type == "cpu" and int4_rows != 0 and not quantized
         grids = checkpoint_grids(model, projections, checkpoint if four_bit else None, gguf)
         linears: list[Linear | Modules] = [
-            Linear(p, packed, grid)
+            Linear(p, packed_up_to, grid)
             if kind == "dense"
-            else Linear(p, packed, dequantize_to=model.dtype)
+            else Linear(p, packed_up_to, dequantize_to=model.dtype)
             if dequantize and kind == QUANTIZED["Linear4bit"]
             else Modules(p)
             for p, kind, grid in zip(projections, kinds, grids, strict=True)
         ]
-        self.kind = "fused, prepacked bfloat16" if packed else "fused"
+        self.kind = "fused"
+        if packed_up_to:
+            self.kind += f", prepacked {str(model.dtype).removeprefix('torch.')}"
+            self.kind += f" up to {packed_up_to} rows" if packed_up_to < ALL_ROWS else ""
         if quantized:
             self.kind += f", {quantized[0]} projections" + (f" {why}" if why else "")
         # LLM.int8 splits out the input columns holding outliers, found by value each step: shapes a CUDA
         # graph cannot fix.
         self.graph_blocker = "bitsandbytes' 8-bit layers" if QUANTIZED["Linear8bitLt"] in quantized else None
-        roles = [*ROLES * len(model.model.layers), "logits"]
         if any(p.int4 is not None for p in linears):
             if int4_rows is None:
                 rows = measure_int4_rows(linears, roles, model.dtype, choices)
@@ -177,7 +214,8 @@ class FusedForward:
         self.num_heads: int = config.num_attention_heads
         self.num_kv_heads: int = config.num_key_value_heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.bucket_rows = model.device.type == "cpu" and model.dtype == torch.bfloat16
+        # oneDNN (bfloat16 or prepacked weights on the CPU) keeps a kernel per number of rows: see matmul_rows.
+        self.bucket_rows = model.device.type == "cpu" and (model.dtype == torch.bfloat16 or packed_up_to > 0)
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache

@@ -2,15 +2,22 @@
 from a 4-bit copy for steps of few rows; and which of the two wins up to how many rows on this machine.
 """
 
+import logging
+import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmchat.engine import dot8, int4
+from llmchat.engine import cpu, dot8, int4
 from llmchat.engine.choices import Choices
 from llmchat.engine.quantized import Modules, dequantized
+
+log = logging.getLogger("llmchat.engine.projections")
+
+
+ALL_ROWS = sys.maxsize  # Linear's packed_rows where every step takes the prepacked weights
 
 
 class Linear:
@@ -19,11 +26,13 @@ class Linear:
     def __init__(
         self,
         linears: list[torch.nn.Linear],
-        packed: bool,
+        packed_rows: int,
         grid: int4.Grid | None = None,
         dequantize_to: torch.dtype | None = None,
     ) -> None:
-        """`grid`: the weights' 4-bit form, used for steps of up to `int4_rows` rows (set once measured).
+        """`packed_rows`: steps of up to this many rows use a copy of the weights prepacked for oneDNN, larger ones
+        the plain weights (0: none; ALL_ROWS: every step, and the plain weights are not kept here).
+        `grid`: the weights' 4-bit form, used for steps of up to `int4_rows` rows (set once measured).
         `dequantize_to`: bitsandbytes 4-bit layers, whose weights are dequantized once into this dtype."""
         self.int4 = grid
         self.int4_rows = 0
@@ -38,13 +47,14 @@ class Linear:
         else:
             self.bias = None
         self.out_features, self.in_features = weight.shape
-        self.packed = packed
-        self.copied = packed or dequantize_to is not None  # held beside the model's own weights
-        if packed:
-            # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        self.packed = packed_rows > 0
+        self.packed_rows = packed_rows
+        self.dequantized = dequantize_to is not None  # a copy beside the model's own 4-bit weights
+        # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.packed else None
+        self.weight = weight if packed_rows < ALL_ROWS else None
+        if self.weight is None:
             return
-        self.weight = weight
         # The model's own projections become views of the fused weight, so it is not held twice.
         offset = 0
         for m in linears if len(linears) > 1 and not dequantize_to else []:
@@ -61,7 +71,8 @@ class Linear:
     @property
     def extra_bytes(self) -> int:
         """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
-        extra = self.weight.nbytes if self.copied else 0
+        extra = self.packed_weight.nbytes if self.packed_weight is not None else 0
+        extra += self.weight.nbytes if self.dequantized and self.weight is not None else 0
         return extra + (self.int4.nbytes if self.int4 is not None else 0)
 
     def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
@@ -71,11 +82,12 @@ class Linear:
         return out.view(*x.shape[:-1], self.out_features)
 
     def dense(self, flat: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
+        if self.packed_weight is None or flat.shape[0] > self.packed_rows:
+            assert self.weight is not None  # kept unless every step takes the packed weight
             return F.linear(flat, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            return packed_linear(flat, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+            return packed_linear(flat, self.packed_weight, self.bias)
+        return prepacked(flat, self.packed_weight, self.bias)
 
     def quantized(self, flat: torch.Tensor) -> torch.Tensor:
         assert self.int4 is not None  # int4_rows is 0 without it
@@ -87,7 +99,7 @@ class Linear:
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """oneDNN's matmul on a prepacked weight, opaque to torch.compile: inductor's own lowering of it fails on
     dynamic shapes (LLMCHAT_COMPILE on AMX CPUs), and the matmul is one call either way."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return prepacked(x, weight, bias)
 
 
 @packed_linear.register_fake
@@ -120,6 +132,86 @@ ROLES = ("q/k/v", "o", "gate/up", "down")
 # Dense weight bytes timed per role: more than a CPU cache holds, as in a decode step, and for a large model
 # only its first layers, so that timing stays within a second or two.
 CROSSOVER_BYTES = 64 * 2**20
+
+
+# Rows the dense matmuls are timed at, prepacked and plain, in order until the plain ones win: prompt chunks beside
+# decoding rows, up to the longest step the CPU takes by default (prefill always takes the dense matmuls).
+PACKING_ROWS = (16, 32, 64, 128, 256, 512)
+
+
+def packed_rows(
+    projections: list[list[torch.nn.Linear]], roles: list[str], dtype: torch.dtype, choices: Choices | None = None
+) -> tuple[int, str]:
+    """Up to how many rows oneDNN's matmul on weights prepacked once beats torch's plain one (MKL's sgemm) on this
+    CPU (0: never; ALL_ROWS: at every count timed), and why. The flags do not say: on a 2-core AMD EPYC (AVX2)
+    Qwen2.5-Coder-0.5B's float32 MLP took 0.66x MKL's time prepacked at 32 rows, 0.90x at 128 and 1.11x at 512.
+    Timed on the MLP's projections (most of a layer's weights), kept in `choices` like the 4-bit crossovers. The
+    copy must fit in half the free memory."""
+    import psutil
+
+    copy = sum(m.weight.nbytes for linears in projections for m in linears)
+    if copy > psutil.virtual_memory().available // 2:
+        return 0, f"not prepacked: a copy ({copy / 2**30:.1f} GiB) would take over half the free memory"
+    try:
+        timed = [_dense_pairs(projections, roles, role) for role in ("gate/up", "down")]
+    except RuntimeError as exc:  # bfloat16 without AVX-512 (or avx_ne_convert): oneDNN cannot prepack it
+        return 0, f"not prepacked: {str(exc).splitlines()[0]}"
+    shapes = ", ".join(f"{len(pairs)} x {width}" for pairs, width in timed)
+    key = f"dense {str(dtype).removeprefix('torch.')} matmuls prepacked for oneDNN up to rows: {shapes}"
+    rows = (_measured if choices is None else choices).get(key, partial(_measure_packing, timed, dtype))
+    if not rows:
+        return 0, f"not prepacked: slower at {PACKING_ROWS[0]} rows"
+    return (ALL_ROWS, "prepacked") if rows == PACKING_ROWS[-1] else (rows, f"prepacked up to {rows} rows")
+
+
+def _dense_pairs(
+    projections: list[list[torch.nn.Linear]], roles: list[str], role: str
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Up to CROSSOVER_BYTES of one role's projections as (plain, prepacked) fused weights, and their input width."""
+    group = [linears for linears, r in zip(projections, roles, strict=True) if r == role]
+    first = torch.cat([m.weight.detach() for m in group[0]])
+    group = group[: max(1, CROSSOVER_BYTES // first.nbytes)]
+    weights = [torch.cat([m.weight.detach() for m in linears]) for linears in group]
+    return [(w, torch.ops.mkldnn._reorder_linear_weight(w, 16)) for w in weights], first.shape[1]
+
+
+def _measure_packing(timed: list[tuple[list, int]], dtype: torch.dtype) -> int:
+    """The most of PACKING_ROWS, in order, at which the prepacked matmuls took less time than the plain ones (both
+    roles together); a loss is timed again before it ends the search, as int4.crossover does."""
+    won = 0
+    for rows in PACKING_ROWS:
+        plain_s, packed_s = _both(timed, rows, dtype)
+        if packed_s >= plain_s:
+            plain_again, packed_again = _both(timed, rows, dtype)
+            plain_s, packed_s = min(plain_s, plain_again), min(packed_s, packed_again)
+        log.info("dense matmuls at %d rows: %.1f ms plain, %.1f ms prepacked", rows, plain_s * 1e3, packed_s * 1e3)
+        if packed_s >= plain_s:
+            break
+        won = rows
+    return won
+
+
+def _both(timed: list[tuple[list, int]], rows: int, dtype: torch.dtype) -> tuple[float, float]:
+    times = [_seconds(weights, torch.randn(rows, width).to(dtype)) for weights, width in timed]
+    return sum(plain for plain, _ in times), sum(packed for _, packed in times)
+
+
+def _seconds(
+    weights: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, repeats: int = 3
+) -> tuple[float, float]:
+    """Best-of seconds for x through every (plain, prepacked) weight, plain and prepacked."""
+    plain = packed = float("inf")
+    with torch.inference_mode():
+        prepacked(x, weights[0][1])  # oneDNN builds its kernel for these rows on first use
+        for _ in range(repeats):  # in turns, so that a burst of other work slows both alike
+            plain = min(plain, cpu.best_of(lambda: [F.linear(x, w) for w, _ in weights], 1))
+            packed = min(packed, cpu.best_of(lambda: [prepacked(x, w) for _, w in weights], 1))
+    return plain, packed
+
+
+def prepacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's matmul on a weight prepacked by torch.ops.mkldnn._reorder_linear_weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def measure_int4_rows(

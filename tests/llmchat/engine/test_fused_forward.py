@@ -1,14 +1,17 @@
 """llmchat's fused forward pass computes what transformers' does, for every family it claims, and only for those."""
 
 import warnings
+from types import SimpleNamespace
 
 import httpx
+import psutil
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from llmchat.engine import Engine, fused_forward
+from llmchat.engine import Engine, fused_forward, projections
 from llmchat.engine.attention import Attention
+from llmchat.engine.choices import Choices
 from llmchat.engine.cuda_graphs import GraphedDecode, buckets_for
 from llmchat.engine.fused_forward import FusedForward, unsupported_reason, uses_packed_bf16
 from llmchat.engine.kv_cache import new_cache
@@ -94,16 +97,21 @@ def compare(model, rows: list[int], steps: int, ours=None, theirs=None) -> tuple
         return run(ours, model, ids, mask, positions, tokens), reference
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "prepacked"])
 @pytest.mark.parametrize("model_type", list(FAMILIES))
-def test_fused_pass_matches_transformers_for_each_family(model_type):
+def test_fused_pass_matches_transformers_for_each_family(model_type, packed):
+    """With plain matmuls and with float32 weights prepacked for oneDNN (chosen where timed faster)."""
     model = tiny_model(model_type)
     assert unsupported_reason(model) is None
-    ours, theirs = compare(model, [9, 4, 13], steps=4)
+    fused = FusedForward(model, packed=packed)
+    assert fused.kind == ("fused, prepacked float32" if packed else "fused")
+    ours, theirs = compare(model, [9, 4, 13], steps=4, ours=fused)
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
-    # The model's own projections now view the fused weights instead of holding a second copy.
+    # Unpacked, the model's own projections view the fused weights instead of holding a second copy.
     attn = model.model.layers[0].self_attn
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    shared = attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    assert shared != packed
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -245,10 +253,11 @@ def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
     """The real weights in bfloat16 (prepacked matmuls where the CPU has AMX): as close to float32 as transformers'."""
     model = bundled_bf16.model
     fused = FusedForward(model)
-    assert fused.kind == ("fused, prepacked bfloat16" if uses_packed_bf16(model) else "fused")
+    packed = fused.kind.startswith("fused, prepacked bfloat16")  # always with AMX, elsewhere where timed faster
+    assert packed or (fused.kind == "fused" and not uses_packed_bf16(model))
     # Prepacked, every matmul is a second copy of its weights; unpacked, the model views the fused weights.
     linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert fused.extra_bytes == (linear_bytes if uses_packed_bf16(model) else 0)
+    assert fused.extra_bytes == (linear_bytes if packed else 0)
     torch.manual_seed(1)
     rows = [30, 12, 21]
     ours, theirs = compare(model, rows, steps=8)
@@ -272,6 +281,36 @@ def test_bfloat16_weights_are_prepacked_only_on_amx_cpus(monkeypatch, amx):
     monkeypatch.setattr(fused_forward, "has_amx_bf16", lambda: amx)
     assert uses_packed_bf16(tiny_model("llama").to(torch.bfloat16)) == (amx and torch.backends.mkldnn.is_available())
     assert not uses_packed_bf16(tiny_model("llama"))  # float32 weights are never prepacked
+
+
+@pytest.mark.parametrize(
+    ("faster_up_to", "kind"),
+    [(512, "fused, prepacked float32"), (64, "fused, prepacked float32 up to 64 rows"), (0, "fused")],
+)
+def test_weights_are_prepacked_up_to_the_rows_timed_faster_and_a_restart_keeps_that(monkeypatch, faster_up_to, kind):
+    """Any CPU, faked timings: steps of up to the most rows at which oneDNN's matmul on prepacked weights was timed
+    faster take them, larger ones the plain weights; the choice is kept with the other measured ones, so a restart
+    makes it again whatever its own timings say."""
+    monkeypatch.setattr(projections, "_seconds", lambda weights, x: (1.0, 0.5 if len(x) <= faster_up_to else 2.0))
+    choices = Choices()
+    fused = FusedForward(tiny_model("llama"), choices=choices)
+    assert fused.kind == kind
+    assert fused.bucket_rows == (faster_up_to > 0)  # oneDNN keeps a kernel per row count (see matmul_rows)
+    mlp = fused.layers[0].gate_up
+    for rows in (64, 65):
+        x = torch.randn(rows, mlp.in_features)
+        if rows <= faster_up_to:
+            assert torch.equal(mlp.dense(x), projections.prepacked(x, mlp.packed_weight, mlp.bias))
+        else:
+            assert torch.equal(mlp.dense(x), torch.nn.functional.linear(x, mlp.weight, mlp.bias))
+    monkeypatch.setattr(projections, "_seconds", lambda weights, x: (1.0, 0.5 if len(x) <= 16 else 2.0))
+    assert FusedForward(tiny_model("llama"), choices=choices).kind == kind
+
+
+def test_weights_are_not_prepacked_when_the_copy_would_not_fit(monkeypatch):
+    monkeypatch.setattr(projections, "_seconds", lambda weights, x: pytest.fail("timed"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    assert FusedForward(tiny_model("llama"), choices=Choices()).kind == "fused"
 
 
 def test_models_it_cannot_run_say_why_and_quantized_ones_it_can(tmp_path):
@@ -327,7 +366,7 @@ def test_bucketed_decode_pieces_compute_the_fused_pass():
 
 def test_cuda_graphs_are_not_used_off_the_gpu():
     model = tiny_model("llama")
-    assert pick_forward(model, fused=True, cuda_graphs=True).kind == "fused"
+    assert type(pick_forward(model, fused=True, cuda_graphs=True)) is FusedForward
     assert pick_forward(model, fused=False, cuda_graphs=True).kind == "transformers (chosen in the settings)"
 
 
