@@ -144,7 +144,8 @@ def packed_rows(
 ) -> tuple[int, str]:
     """Up to how many rows oneDNN's matmul on weights prepacked once beats torch's plain one (MKL's sgemm) on this
     CPU (0: never; ALL_ROWS: at every count timed), and why. The flags do not say: on a 2-core AMD EPYC (AVX2)
-    Qwen2.5-Coder-0.5B's float32 MLP took 0.66x MKL's time prepacked at 32 rows, 0.90x at 128 and 1.11x at 512.
+    Qwen2.5-Coder-0.5B's float32 MLP took 0.56x MKL's time prepacked at 16 rows, 0.78x at 64, the same at 256
+    and 1.07x at 512.
     Timed on the MLP's projections (most of a layer's weights), kept in `choices` like the 4-bit crossovers. The
     copy must fit in half the free memory."""
     import psutil

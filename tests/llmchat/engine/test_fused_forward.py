@@ -275,12 +275,12 @@ def test_bundled_model_in_bfloat16_agrees_with_transformers(bundled_bf16):
 
 
 @pytest.mark.parametrize("amx", [True, False], ids=["AMX", "no AMX"])
-def test_bfloat16_weights_are_prepacked_only_on_amx_cpus(monkeypatch, amx):
+def test_bfloat16_weights_are_prepacked_untimed_only_on_amx_cpus(monkeypatch, amx):
     """The choice on any CPU (faked flags); the prepacked matmuls themselves run in the test above where the CPU
-    has AMX."""
+    has AMX. Elsewhere, and in float32, packing is timed (the test below)."""
     monkeypatch.setattr(fused_forward, "has_amx_bf16", lambda: amx)
     assert uses_packed_bf16(tiny_model("llama").to(torch.bfloat16)) == (amx and torch.backends.mkldnn.is_available())
-    assert not uses_packed_bf16(tiny_model("llama"))  # float32 weights are never prepacked
+    assert not uses_packed_bf16(tiny_model("llama"))
 
 
 @pytest.mark.parametrize(
