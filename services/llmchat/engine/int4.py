@@ -305,18 +305,23 @@ def _torch_int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: 
     return torch.ops.aten._weight_int4pack_mm_for_cpu(inputs, packed, GROUP, scales_and_zeros).to(x.dtype)
 
 
-def crossover(seconds_at: Callable[[int], tuple[float, float]], name: str = "") -> int:
-    """The most rows for which the 4-bit matmuls beat the dense ones, 0 if never: row counts are tried in
-    CANDIDATE_ROWS order until the dense matmuls win. `seconds_at(rows)`: (dense, 4-bit) seconds; `name`
+def crossover(
+    seconds_at: Callable[[int], tuple[float, float]],
+    name: str = "4-bit",
+    candidates: tuple[int, ...] = CANDIDATE_ROWS,
+    baseline: str = "dense",
+) -> int:
+    """The most rows for which the `name` matmuls (the 4-bit ones) beat the `baseline` ones, 0 if never: row counts
+    are tried in `candidates` order until the baseline wins. `seconds_at(rows)`: (baseline, name) seconds; `name`
     says in the log which matmuls they are."""
     rows_won = 0
-    for rows in CANDIDATE_ROWS:
-        dense_s, four_bit_s = seconds_at(rows)
-        if four_bit_s >= dense_s:  # a loss is timed again: one disturbed by other work must not end the search
-            dense_again, four_bit_again = seconds_at(rows)
-            dense_s, four_bit_s = min(dense_s, dense_again), min(four_bit_s, four_bit_again)
-        log.info("4-bit %s at %d rows: %.1f ms, dense %.1f ms", name, rows, four_bit_s * 1e3, dense_s * 1e3)
-        if four_bit_s >= dense_s:
+    for rows in candidates:
+        base_s, own_s = seconds_at(rows)
+        if own_s >= base_s:  # a loss is timed again: one disturbed by other work must not end the search
+            base_again, own_again = seconds_at(rows)
+            base_s, own_s = min(base_s, base_again), min(own_s, own_again)
+        log.info("%s at %d rows: %.1f ms, %s %.1f ms", name, rows, own_s * 1e3, baseline, base_s * 1e3)
+        if own_s >= base_s:
             break
         rows_won = rows
     return rows_won

@@ -47,11 +47,10 @@ class Linear:
         else:
             self.bias = None
         self.out_features, self.in_features = weight.shape
-        self.packed = packed_rows > 0
         self.packed_rows = packed_rows
         self.dequantized = dequantize_to is not None  # a copy beside the model's own 4-bit weights
         # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.packed else None
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed_rows else None
         self.weight = weight if packed_rows < ALL_ROWS else None
         if self.weight is None:
             return
@@ -61,6 +60,10 @@ class Linear:
             rows = m.weight.shape[0]
             m.weight.data = weight[offset : offset + rows]
             offset += rows
+
+    @property
+    def packed(self) -> bool:
+        return self.packed_weight is not None
 
     @property
     def grid(self) -> int4.Grid:
@@ -170,26 +173,14 @@ def _dense_pairs(
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """Up to CROSSOVER_BYTES of one role's projections as (plain, prepacked) fused weights, and their input width."""
     group = [linears for linears, r in zip(projections, roles, strict=True) if r == role]
-    first = torch.cat([m.weight.detach() for m in group[0]])
-    group = group[: max(1, CROSSOVER_BYTES // first.nbytes)]
+    group = group[: max(1, CROSSOVER_BYTES // sum(m.weight.nbytes for m in group[0]))]
     weights = [torch.cat([m.weight.detach() for m in linears]) for linears in group]
-    return [(w, torch.ops.mkldnn._reorder_linear_weight(w, 16)) for w in weights], first.shape[1]
+    return [(w, torch.ops.mkldnn._reorder_linear_weight(w, 16)) for w in weights], group[0][0].in_features
 
 
 def _measure_packing(timed: list[tuple[list, int]], dtype: torch.dtype) -> int:
-    """The most of PACKING_ROWS, in order, at which the prepacked matmuls took less time than the plain ones (both
-    roles together); a loss is timed again before it ends the search, as int4.crossover does."""
-    won = 0
-    for rows in PACKING_ROWS:
-        plain_s, packed_s = _both(timed, rows, dtype)
-        if packed_s >= plain_s:
-            plain_again, packed_again = _both(timed, rows, dtype)
-            plain_s, packed_s = min(plain_s, plain_again), min(packed_s, packed_again)
-        log.info("dense matmuls at %d rows: %.1f ms plain, %.1f ms prepacked", rows, plain_s * 1e3, packed_s * 1e3)
-        if packed_s >= plain_s:
-            break
-        won = rows
-    return won
+    """The most of PACKING_ROWS at which the prepacked matmuls (both roles together) beat the plain ones."""
+    return int4.crossover(partial(_both, timed, dtype=dtype), "prepacked dense matmuls", PACKING_ROWS, "plain")
 
 
 def _both(timed: list[tuple[list, int]], rows: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -255,7 +246,7 @@ def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
     ):
         on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
     timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
-    return {"kernel": first.grid.kernel, "rows": int4.crossover(timer, role)}
+    return {"kernel": first.grid.kernel, "rows": int4.crossover(timer, f"4-bit {role}")}
 
 
 def on_torch_kernel(linears: list[Linear]) -> None:
