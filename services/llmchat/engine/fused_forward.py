@@ -40,7 +40,10 @@ log = logging.getLogger("llmchat.engine.fused_forward")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
-ROW_BUCKET = 16  # see FusedForward.matmul_rows
+# Rows a step's oneDNN matmuls are padded to a multiple of (FusedForward.matmul_rows): 16 in bfloat16 (AMX's tiles
+# are 16 rows), and in float32 8 up to 128 rows, where each padding row costs about as much as a real one.
+ROW_BUCKET = 16
+FLOAT32_BUCKET, FLOAT32_FINE_UP_TO = 8, 128
 
 
 def growing_layers(cache: DynamicCache) -> list[GrowingLayer]:
@@ -214,8 +217,11 @@ class FusedForward:
         self.num_heads: int = config.num_attention_heads
         self.num_kv_heads: int = config.num_key_value_heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        # oneDNN (bfloat16 or prepacked weights on the CPU) keeps a kernel per number of rows: see matmul_rows.
-        self.bucket_rows = model.device.type == "cpu" and (model.dtype == torch.bfloat16 or packed_up_to > 0)
+        # oneDNN keeps a kernel per number of rows (see matmul_rows): in bfloat16 for every step (its matmuls go
+        # through oneDNN, prepacked or not), in float32 for the steps that take the prepacked weights.
+        cpu = model.device.type == "cpu"
+        self.bucket_up_to = ALL_ROWS if cpu and model.dtype == torch.bfloat16 else packed_up_to if cpu else 0
+        self.fine_buckets = model.dtype == torch.float32
 
     def __call__(
         self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
@@ -283,15 +289,20 @@ class FusedForward:
         return self.lm_head(rms_norm(x[0, batch.last], self.final_norm), prefill)
 
     def matmul_rows(self, tokens: int) -> int:
-        """Rows a step of `tokens` tokens runs its matmuls over. oneDNN (bfloat16 on the CPU) builds and keeps a
-        kernel for each number of rows it meets: 3-4 ms and about 0.6 MiB each (per projection's shape), so a
-        server meeting every chunk size grew by hundreds of MiB and paid that time on each new size. Past
-        ROW_BUCKET rows, the rows are padded up to a multiple of it. A whole step so padded measured within
-        -8% and +15% of the unpadded one from 19 to 515 tokens (2-core AMX host): small steps pay for their
-        padding rows, large ones gain a little (AMX's tiles are 16 rows)."""
-        if not self.bucket_rows or tokens <= ROW_BUCKET:
+        """Rows a step of `tokens` tokens runs its matmuls over. oneDNN builds and keeps a kernel for each number of
+        rows it meets: 3-5 ms and about 0.6 MiB each in bfloat16, 1.5 MiB in float32 (per projection's shape), so
+        a server meeting every chunk size grew by hundreds of MiB and paid that time on each new size. Past
+        ROW_BUCKET rows, steps that go through oneDNN are padded up to a bucket; larger float32 steps take MKL's
+        plain matmul, which keeps nothing per size, and are not padded.
+
+        In bfloat16 a whole step padded to a multiple of 16 measured within -8% and +15% of the unpadded one from
+        19 to 515 tokens (2-core AMX host). In float32 each padding row costs about what a real row does: the
+        layers' prepacked matmuls took 220 ms for 36 rows and 290 ms for 48, 164 ms for 20 and 211 ms for 32
+        (Qwen2.5-Coder-0.5B, 2-core AVX2 AMD host), so there the buckets are 8 rows up to 128."""
+        if tokens <= ROW_BUCKET or tokens > self.bucket_up_to:
             return tokens
-        return -(-tokens // ROW_BUCKET) * ROW_BUCKET
+        bucket = FLOAT32_BUCKET if self.fine_buckets and tokens <= FLOAT32_FINE_UP_TO else ROW_BUCKET
+        return min(-(-tokens // bucket) * bucket, self.bucket_up_to)
 
     def uneven(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, real: torch.Tensor

@@ -295,7 +295,9 @@ def test_weights_are_prepacked_up_to_the_rows_timed_faster_and_a_restart_keeps_t
     choices = Choices()
     fused = FusedForward(tiny_model("llama"), choices=choices)
     assert fused.kind == kind
-    assert fused.bucket_rows == (faster_up_to > 0)  # oneDNN keeps a kernel per row count (see matmul_rows)
+    # oneDNN keeps a kernel per row count, so its steps are padded to a bucket (matmul_rows); MKL's are not.
+    assert fused.matmul_rows(36) == (40 if faster_up_to else 36)
+    assert fused.matmul_rows(200) == (208 if faster_up_to > 200 else 200)
     mlp = fused.layers[0].gate_up
     for rows in (64, 65):
         x = torch.randn(rows, mlp.in_features)
@@ -305,6 +307,12 @@ def test_weights_are_prepacked_up_to_the_rows_timed_faster_and_a_restart_keeps_t
             assert torch.equal(mlp.dense(x), torch.nn.functional.linear(x, mlp.weight, mlp.bias))
     monkeypatch.setattr(projections, "_seconds", lambda weights, x: (1.0, 0.5 if len(x) <= 16 else 2.0))
     assert FusedForward(tiny_model("llama"), choices=choices).kind == kind
+
+
+def test_bfloat16_steps_are_padded_to_16_rows_on_the_cpu():
+    """oneDNN runs every bfloat16 matmul, prepacked or not (AMX's tiles are 16 rows)."""
+    fused = FusedForward(tiny_model("llama").to(torch.bfloat16), packed=False, int4_rows=0)
+    assert [fused.matmul_rows(n) for n in (5, 16, 17, 36, 600)] == [5, 16, 32, 48, 608]
 
 
 def test_weights_are_not_prepacked_when_the_copy_would_not_fit(monkeypatch):

@@ -5,6 +5,7 @@ import asyncio
 
 from llmchat.engine import Engine, EngineConfig, SchedulerConfig
 from llmchat.engine.kv_cache import kv_bytes_per_token
+from llmchat.engine.projections import ALL_ROWS
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import prompt_ids, run_engine, settled
 
@@ -137,7 +138,7 @@ def test_matmuls_over_rows_padded_to_a_bucket_give_the_same_step(loaded):
     positions = [i for p in prompts for i in range(len(p))]
 
     def step(bucket: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        fused.bucket_rows = bucket
+        fused.bucket_up_to = ALL_ROWS if bucket else 0
         tables = [engine.pool.allocate(-(-len(p) // 16)) for p in prompts]
         batch = PagedBatch(kv, [Segment(t, 0, len(p)) for t, p in zip(tables, prompts, strict=True)], "cpu", False)
         logits = fused.paged(torch.tensor([ids]), torch.tensor([positions]), batch)
@@ -146,6 +147,6 @@ def test_matmuls_over_rows_padded_to_a_bucket_give_the_same_step(loaded):
 
     with torch.inference_mode():
         exact, padded = step(False), step(True)
-    assert fused.matmul_rows(len(ids)) > len(ids)  # len(ids) is not a multiple of ROW_BUCKET
+    assert fused.matmul_rows(len(ids)) > len(ids)  # len(ids) is not a multiple of the bucket
     torch.testing.assert_close(padded[0], exact[0], atol=0, rtol=0)
     torch.testing.assert_close(padded[1], exact[1], atol=0, rtol=0)
