@@ -3,7 +3,9 @@
 // Each input row is rounded per group of 32 to 8-bit levels of its own scale, and what they leave to 8-bit
 // levels of a 254th of it, so a group's dot product with a weight group is two sums of byte products
 // (vpmaddubsw, vpmaddwd), combined exactly in integers and then times the two scales. That is much less
-// work than widening every weight to float, as torch's int4 kernel does.
+// work than widening every weight to float, as torch's int4 kernel does. Signed 8-bit weights, which
+// vpmaddubsw cannot take as they are, are widened to 16 bits instead, once for every input row, and meet the
+// two levels as one 16-bit value (254 * level + remainder) in two vpmaddwd.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,9 +29,9 @@ inline float sum_lanes(__m256 v) {
 // Rows of x to int8 levels per group: levels of a scale that puts the group's largest magnitude at 127,
 // then the remainders' levels at a 254th of that scale, so x = scale * (levels + remainders / 254) to
 // about 16 bits, finer than bfloat16's 8. With each group's scale / 254 and exact sum (Q4_1's offsets
-// multiply it).
+// multiply it), and for signed weights both levels as one 16-bit value, 254 * levels + remainders.
 struct Levels {
-  at::Tensor levels, remainders, scales, sums;
+  at::Tensor levels, remainders, values, scales, sums;
 };
 
 constexpr float kFine = 254.0f;
@@ -42,14 +44,22 @@ inline void store_in_order(int8_t* out, const __m256i q[4]) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(bytes, order));
 }
 
-Levels to_levels(const at::Tensor& x) {
+// 16 int32 values in int16's range stored as int16 in order, as above.
+inline void store_in_order(int16_t* out, __m256i low, __m256i high) {
+  const __m256i packed = _mm256_packs_epi32(low, high);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+Levels to_levels(const at::Tensor& x, bool as_values) {
   const int64_t count = x.numel() / kGroup;
   Levels out{
       at::empty({x.numel()}, at::kChar),
       at::empty({x.numel()}, at::kChar),
+      at::empty({as_values ? x.numel() : 0}, at::kShort),
       at::empty({count}, at::kFloat),
       at::empty({count}, at::kFloat),
   };
+  int16_t* values = out.values.data_ptr<int16_t>();
   const float* in = x.data_ptr<float>();
   int8_t* levels = out.levels.data_ptr<int8_t>();
   int8_t* remainders = out.remainders.data_ptr<int8_t>();
@@ -75,11 +85,17 @@ Levels to_levels(const at::Tensor& x) {
     for (int i = 0; i < 4; ++i) {
       q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(part[i], inverse));  // nearest, ties to even
       const __m256 rest = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(q[i]), _mm256_set1_ps(scale), part[i]);
-      // At most 127.5 in magnitude, -128 only by a rounding error: the sign trick cannot negate -128.
+      // At most 127.5 in magnitude, -128 only by a rounding error: kept to the levels' -127..127.
       r[i] = _mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(rest, fine_inverse)), _mm256_set1_epi32(-127));
     }
     store_in_order(levels + g * kGroup, q);
     store_in_order(remainders + g * kGroup, r);
+    if (as_values) {
+      __m256i value[4];
+      for (int i = 0; i < 4; ++i) value[i] = _mm256_add_epi32(_mm256_mullo_epi32(q[i], _mm256_set1_epi32(254)), r[i]);
+      store_in_order(values + g * kGroup, value[0], value[1]);
+      store_in_order(values + g * kGroup + 16, value[2], value[3]);
+    }
     scales[g] = scale / kFine;  // what the sums of 254 * levels + remainders are multiplied by
     sums[g] = sum_lanes(total);
   }
@@ -91,22 +107,12 @@ Levels to_levels(const at::Tensor& x) {
 // Q5_K); signed bytes with a scale per group of 32 (Q8_0) or per 16 (Q6_K).
 enum Kind { kQ4, kQ5, kQ8, kQ8Halves };
 
-// One weight group's 32 levels times one input group's, as 16 int16 pair sums (at most 2 * 127 * 127, no
-// saturation). `weights` are unsigned (0..31) or, with `is_signed`, signed bytes.
-template <bool is_signed>
-inline __m256i pair_sums(__m256i weights, __m256i inputs) {
-  if (is_signed) {  // vpmaddubsw multiplies unsigned by signed: move each weight's sign onto its input
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(weights, weights), _mm256_sign_epi8(inputs, weights));
-  }
-  return _mm256_maddubs_epi16(weights, inputs);
-}
-
-// The weight group times the input group's levels and remainders, as 8 int32 partial sums of 254 * levels
-// + remainders (lane i sums elements 4i..4i+3): exact, and below 2^24, so exact again as float.
-template <bool is_signed>
+// An unsigned weight group's 32 levels (0..31) times an input group's levels and remainders, as 8 int32 partial
+// sums of 254 * levels + remainders (lane i sums elements 4i..4i+3), from byte products (vpmaddubsw, 16 int16
+// pair sums of at most 2 * 31 * 128, no saturation): exact, and below 2^24, so exact again as float.
 inline __m256 group_dot(__m256i weights, __m256i levels, __m256i remainders) {
-  const __m256i coarse = _mm256_madd_epi16(pair_sums<is_signed>(weights, levels), _mm256_set1_epi16(static_cast<int16_t>(kFine)));
-  const __m256i fine = _mm256_madd_epi16(pair_sums<is_signed>(weights, remainders), _mm256_set1_epi16(1));
+  const __m256i coarse = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, levels), _mm256_set1_epi16(static_cast<int16_t>(kFine)));
+  const __m256i fine = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, remainders), _mm256_set1_epi16(1));
   return _mm256_cvtepi32_ps(_mm256_add_epi32(coarse, fine));
 }
 
@@ -131,19 +137,61 @@ struct Operands {
   int64_t row_bytes, groups, out;
   const int8_t* levels;
   const int8_t* remainders;
+  const int16_t* values;  // for signed weights
   const float* scales;
   const float* sums;
   float* result;
 };
 
+// A signed weight group's 32 levels, widened to 16 bits (elements 0..15, then 16..31), times an input group's 32
+// values, as two sets of 8 int32 sums: lane i of the first sums elements 2i and 2i + 1, of the second 16 + 2i and
+// 17 + 2i. Exact: a level is at most 128 and a value 32385 in magnitude, so even both sets' lanes added stay
+// below 2^24, exact again as float.
+inline void wide_dot(const __m256i weights[2], const int16_t* values, __m256i sums[2]) {
+  sums[0] = _mm256_madd_epi16(weights[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values)));
+  sums[1] = _mm256_madd_epi16(weights[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 16)));
+}
+
+// Signed weights (kQ8, kQ8Halves), with a scale per group or per half group. vpmaddubsw takes only unsigned
+// weights: moving each weight's sign onto the inputs first (vpsignb) made these 1.8x slower at 8 rows.
+template <Kind kind, int R>
+void rows_times_signed_weights(const Operands& op, int64_t first, int64_t begin, int64_t end) {
+  constexpr int64_t scales_per_group = kind == kQ8Halves ? 2 : 1;
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* weights = reinterpret_cast<const int8_t*>(op.weights + n * op.row_bytes);
+    const float* weight_scales = op.weight_scales + n * op.groups * scales_per_group;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < op.groups; ++g) {
+      const __m256i wide[2] = {
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + g * kGroup))),
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + g * kGroup + 16))),
+      };
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (first + r) * op.groups + g;
+        __m256i sums[2];
+        wide_dot(wide, op.values + at * kGroup, sums);
+        if (kind == kQ8Halves) {  // the first set holds the group's first 16 elements, the second the next 16
+          const float* s = weight_scales + 2 * g;
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[0]), _mm256_set1_ps(s[0] * op.scales[at]), acc[r]);
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[1]), _mm256_set1_ps(s[1] * op.scales[at]), acc[r]);
+        } else {
+          const __m256 products = _mm256_cvtepi32_ps(_mm256_add_epi32(sums[0], sums[1]));
+          acc[r] = _mm256_fmadd_ps(products, _mm256_set1_ps(weight_scales[g] * op.scales[at]), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) op.result[(first + r) * op.out + n] = sum_lanes(acc[r]);
+  }
+}
+
+// Unsigned weights (kQ4, kQ5), with a scale and an offset per group.
 template <Kind kind, int R>
 void rows_times_weights(const Operands& op, int64_t first, int64_t begin, int64_t end) {
-  constexpr bool is_signed = kind == kQ8 || kind == kQ8Halves;
-  constexpr int64_t scales_per_group = kind == kQ8Halves ? 2 : 1;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* weights = op.weights + n * op.row_bytes;
-    const float* weight_scales = op.weight_scales + n * op.groups * scales_per_group;
+    const float* weight_scales = op.weight_scales + n * op.groups;
     __m256 acc[R];
     float offset_sum[R];
     for (int r = 0; r < R; ++r) {
@@ -151,31 +199,28 @@ void rows_times_weights(const Operands& op, int64_t first, int64_t begin, int64_
       offset_sum[r] = 0.0f;
     }
     for (int64_t g = 0; g < op.groups; ++g) {
-      __m256i wq;
-      if (is_signed) {
-        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weights + g * kGroup));
-      } else {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + g * kGroup / 2));
-        wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble);
-        if (kind == kQ5) wq = _mm256_or_si256(wq, fifth_bits(op.fifth + (n * op.groups + g) * 4));
-      }
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weights + g * kGroup / 2));
+      __m256i wq = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble);
+      if (kind == kQ5) wq = _mm256_or_si256(wq, fifth_bits(op.fifth + (n * op.groups + g) * 4));
       for (int r = 0; r < R; ++r) {
         const int64_t at = (first + r) * op.groups + g;
         const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(op.levels + at * kGroup));
         const __m256i xr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(op.remainders + at * kGroup));
-        const __m256 products = group_dot<is_signed>(wq, xq, xr);
-        __m256 scale;
-        if (kind == kQ8Halves) {  // lanes 0..3 hold the group's first 16 elements, 4..7 the next 16
-          const float* s = weight_scales + 2 * g;
-          scale = _mm256_set_m128(_mm_set1_ps(s[1] * op.scales[at]), _mm_set1_ps(s[0] * op.scales[at]));
-        } else {
-          scale = _mm256_set1_ps(weight_scales[g] * op.scales[at]);
-        }
-        acc[r] = _mm256_fmadd_ps(products, scale, acc[r]);
-        if (!is_signed) offset_sum[r] += op.weight_offsets[n * op.groups + g] * op.sums[at];
+        const __m256 products = group_dot(wq, xq, xr);
+        acc[r] = _mm256_fmadd_ps(products, _mm256_set1_ps(weight_scales[g] * op.scales[at]), acc[r]);
+        offset_sum[r] += op.weight_offsets[n * op.groups + g] * op.sums[at];
       }
     }
     for (int r = 0; r < R; ++r) op.result[(first + r) * op.out + n] = sum_lanes(acc[r]) + offset_sum[r];
+  }
+}
+
+template <Kind kind, int R>
+void rows_times(const Operands& op, int64_t first, int64_t begin, int64_t end) {
+  if constexpr (kind == kQ8 || kind == kQ8Halves) {
+    rows_times_signed_weights<kind, R>(op, first, begin, end);
+  } else {
+    rows_times_weights<kind, R>(op, first, begin, end);
   }
 }
 
@@ -183,11 +228,11 @@ template <Kind kind>
 void all_rows(const Operands& op, int64_t rows) {
   at::parallel_for(0, op.out, 16, [&](int64_t begin, int64_t end) {
     int64_t first = 0;
-    for (; first + 4 <= rows; first += 4) rows_times_weights<kind, 4>(op, first, begin, end);
+    for (; first + 4 <= rows; first += 4) rows_times<kind, 4>(op, first, begin, end);
     switch (rows - first) {
-      case 3: rows_times_weights<kind, 3>(op, first, begin, end); break;
-      case 2: rows_times_weights<kind, 2>(op, first, begin, end); break;
-      case 1: rows_times_weights<kind, 1>(op, first, begin, end); break;
+      case 3: rows_times<kind, 3>(op, first, begin, end); break;
+      case 2: rows_times<kind, 2>(op, first, begin, end); break;
+      case 1: rows_times<kind, 1>(op, first, begin, end); break;
       default: break;
     }
   });
@@ -210,7 +255,7 @@ at::Tensor grouped_mm(Kind kind, const at::Tensor& x_in, const at::Tensor& weigh
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous() && (!offsets || offsets->is_contiguous()) &&
                   (!fifth || fifth->is_contiguous()),
               "dot8: the weight's tensors must be contiguous");
-  const Levels in = to_levels(x);
+  const Levels in = to_levels(x, is_signed);
   at::Tensor y = at::empty({rows, out}, at::kFloat);
   const Operands op{
       reinterpret_cast<const uint8_t*>(weight.data_ptr()),
@@ -222,6 +267,7 @@ at::Tensor grouped_mm(Kind kind, const at::Tensor& x_in, const at::Tensor& weigh
       out,
       in.levels.data_ptr<int8_t>(),
       in.remainders.data_ptr<int8_t>(),
+      in.values.data_ptr<int16_t>(),
       in.scales.data_ptr<float>(),
       in.sums.data_ptr<float>(),
       y.data_ptr<float>(),
