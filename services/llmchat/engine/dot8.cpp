@@ -92,7 +92,8 @@ Levels to_levels(const at::Tensor& x, bool as_values) {
     store_in_order(remainders + g * kGroup, r);
     if (as_values) {
       __m256i value[4];
-      for (int i = 0; i < 4; ++i) value[i] = _mm256_add_epi32(_mm256_mullo_epi32(q[i], _mm256_set1_epi32(254)), r[i]);
+      const __m256i steps = _mm256_set1_epi32(static_cast<int>(kFine));
+      for (int i = 0; i < 4; ++i) value[i] = _mm256_add_epi32(_mm256_mullo_epi32(q[i], steps), r[i]);
       store_in_order(values + g * kGroup, value[0], value[1]);
       store_in_order(values + g * kGroup + 16, value[2], value[3]);
     }
@@ -109,9 +110,10 @@ enum Kind { kQ4, kQ5, kQ8, kQ8Halves };
 
 // An unsigned weight group's 32 levels (0..31) times an input group's levels and remainders, as 8 int32 partial
 // sums of 254 * levels + remainders (lane i sums elements 4i..4i+3), from byte products (vpmaddubsw, 16 int16
-// pair sums of at most 2 * 31 * 128, no saturation): exact, and below 2^24, so exact again as float.
+// pair sums of at most 2 * 31 * 127, no saturation): exact, and below 2^24, so exact again as float.
 inline __m256 group_dot(__m256i weights, __m256i levels, __m256i remainders) {
-  const __m256i coarse = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, levels), _mm256_set1_epi16(static_cast<int16_t>(kFine)));
+  const __m256i steps = _mm256_set1_epi16(static_cast<int16_t>(kFine));
+  const __m256i coarse = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, levels), steps);
   const __m256i fine = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, remainders), _mm256_set1_epi16(1));
   return _mm256_cvtepi32_ps(_mm256_add_epi32(coarse, fine));
 }
@@ -145,8 +147,8 @@ struct Operands {
 
 // A signed weight group's 32 levels, widened to 16 bits (elements 0..15, then 16..31), times an input group's 32
 // values, as two sets of 8 int32 sums: lane i of the first sums elements 2i and 2i + 1, of the second 16 + 2i and
-// 17 + 2i. Exact: a level is at most 128 and a value 32385 in magnitude, so even both sets' lanes added stay
-// below 2^24, exact again as float.
+// 17 + 2i. Exact: a level is at most 128 and a value 127 * 254 + 127 = 32385 in magnitude, so even both sets'
+// lanes added stay below 2^24, exact again as float.
 inline void wide_dot(const __m256i weights[2], const int16_t* values, __m256i sums[2]) {
   sums[0] = _mm256_madd_epi16(weights[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values)));
   sums[1] = _mm256_madd_epi16(weights[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 16)));
