@@ -29,7 +29,7 @@ inline float sum_lanes(__m256 v) {
 // Rows of x to int8 levels per group: levels of a scale that puts the group's largest magnitude at 127,
 // then the remainders' levels at a 254th of that scale, so x = scale * (levels + remainders / 254) to
 // about 16 bits, finer than bfloat16's 8. With each group's scale / 254 and exact sum (Q4_1's offsets
-// multiply it), and for signed weights both levels as one 16-bit value, 254 * levels + remainders.
+// multiply it). For signed weights both levels are kept as one 16-bit value instead, 254 * levels + remainders.
 struct Levels {
   at::Tensor levels, remainders, values, scales, sums;
 };
@@ -52,10 +52,11 @@ inline void store_in_order(int16_t* out, __m256i low, __m256i high) {
 
 Levels to_levels(const at::Tensor& x, bool as_values) {
   const int64_t count = x.numel() / kGroup;
+  const int64_t bytes = as_values ? 0 : x.numel();
   Levels out{
-      at::empty({x.numel()}, at::kChar),
-      at::empty({x.numel()}, at::kChar),
-      at::empty({as_values ? x.numel() : 0}, at::kShort),
+      at::empty({bytes}, at::kChar),
+      at::empty({bytes}, at::kChar),
+      at::empty({x.numel() - bytes}, at::kShort),
       at::empty({count}, at::kFloat),
       at::empty({count}, at::kFloat),
   };
@@ -88,14 +89,15 @@ Levels to_levels(const at::Tensor& x, bool as_values) {
       // At most 127.5 in magnitude, -128 only by a rounding error: kept to the levels' -127..127.
       r[i] = _mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(rest, fine_inverse)), _mm256_set1_epi32(-127));
     }
-    store_in_order(levels + g * kGroup, q);
-    store_in_order(remainders + g * kGroup, r);
     if (as_values) {
       __m256i value[4];
       const __m256i steps = _mm256_set1_epi32(static_cast<int>(kFine));
       for (int i = 0; i < 4; ++i) value[i] = _mm256_add_epi32(_mm256_mullo_epi32(q[i], steps), r[i]);
       store_in_order(values + g * kGroup, value[0], value[1]);
       store_in_order(values + g * kGroup + 16, value[2], value[3]);
+    } else {
+      store_in_order(levels + g * kGroup, q);
+      store_in_order(remainders + g * kGroup, r);
     }
     scales[g] = scale / kFine;  // what the sums of 254 * levels + remainders are multiplied by
     sums[g] = sum_lanes(total);
@@ -137,7 +139,7 @@ struct Operands {
   const float* weight_scales;
   const float* weight_offsets;
   int64_t row_bytes, groups, out;
-  const int8_t* levels;
+  const int8_t* levels;  // for unsigned weights
   const int8_t* remainders;
   const int16_t* values;  // for signed weights
   const float* scales;
