@@ -2,12 +2,14 @@
 
 torch's int4 kernel widens every weight to float before multiplying, so on a 2-core AVX2 host a one-row
 decode step spent 13 of its 17.5 ms there, bound by arithmetic rather than by reading the weights.
-Rounding each input row to 8-bit levels per group of 32, as llama.cpp does, turns the work into byte
+Rounding each input row to 8-bit levels per group of 32, as llama.cpp does, turns the work into integer
 dot products. llmchat rounds twice, the levels and then what they leave at a 254th of the step, and
 sums both products exactly in integers: the inputs keep about 16 bits, against bfloat16's 8 that
-torch's kernel takes, for about a fifth more work. Measured there, one row through the 30 layers'
-matmuls took 6.5 ms instead of 9.5 and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers`
-compares whole decode steps with either kernel).
+torch's kernel takes. Measured there, one row through the 30 layers' matmuls took 6.5 ms instead of 9.5
+and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers` compares whole decode steps with either
+kernel). The kernel takes every weight as one signed byte a level: int4.py unpacks 4- and 5-bit levels once
+at load, which holds those weights in about 1.3 bytes a parameter instead of 0.7, and made their matmuls 1.6
+to 1.8x faster than multiplying the packed levels (2-core AVX2 host).
 
 It is compiled at first use with the system's C++ compiler against this torch, in one library with the paged
 decode attention kernel (paged_attention.cpp, used by paged_kv.py), about 30 s, and kept in
@@ -61,8 +63,7 @@ def unavailable() -> str | None:
         log.warning("the 8-bit dot-product kernel could not be built; 4-bit weights use torch's kernel: %s", exc)
         return f"kernel build failed: {reason}"
     # Output shapes, for torch.compile to trace the compiled decode step through.
-    for name in ("q4_mm", "q5_mm", "q8_mm"):
-        torch.library.register_fake(f"llmchat_dot8::{name}", _fake)
+    torch.library.register_fake("llmchat_dot8::levels_mm", _fake)
     return None
 
 
@@ -95,25 +96,14 @@ def _built(compiler: str) -> Path:
     return target
 
 
-def q4_mm(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] times a Q4_1 weight: `levels` uint8 [out, in / 2] (a group's first 16 in the low nibbles),
-    `scales` and `offsets` float32 [out, in / 32]; in x's dtype."""
-    return torch.ops.llmchat_dot8.q4_mm(x, levels, scales, offsets)
-
-
-def q5_mm(
-    x: torch.Tensor, levels: torch.Tensor, fifth: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+def levels_mm(
+    x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [rows, in] times a 5-bit weight (Q5_0, Q5_1, Q5_K): `levels`' low four bits as q4_mm's, their fifth bits
-    `fifth` uint8 [out, in / 8] (a group's 32 as one little-endian word), `scales` and `offsets` as q4_mm's."""
-    return torch.ops.llmchat_dot8.q5_mm(x, levels, fifth, scales, offsets)
+    """x [rows, in] times a weight of int8 `levels` [out, in] with float32 `scales` [out, in / 32] or, Q6_K's,
+    [out, in / 16], and where the levels sit above an offset (0..15 or 0..31) float32 `offsets` [out, in / 32]: a
+    weight is level * scale + offset. In x's dtype."""
+    return torch.ops.llmchat_dot8.levels_mm(x, levels, scales, offsets)
 
 
-def q8_mm(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] times a signed 8-bit weight: `levels` int8 [out, in], `scales` float32 [out, in / 32] (Q8_0)
-    or [out, in / 16] (Q6_K)."""
-    return torch.ops.llmchat_dot8.q8_mm(x, levels, scales)
-
-
-def _fake(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, *offsets: torch.Tensor) -> torch.Tensor:
+def _fake(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((x.shape[0], levels.shape[0]))

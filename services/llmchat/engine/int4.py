@@ -149,7 +149,7 @@ def fused_levels(parts: list[Unpacked | None]) -> Levels | None:
         return None
     if len({(p[2] is None, p[1].shape[1]) for p in known}) > 1:
         signed = [_signed(p) for p in known]
-        known = [p for p in signed if p is not None]
+        known = [p[0] for p in signed if p is not None]
         if len(known) < len(signed):
             return None
         finest = max(p[1].shape[1] for p in known)
@@ -160,15 +160,19 @@ def fused_levels(parts: list[Unpacked | None]) -> Levels | None:
     return pack(levels, scales, offsets)
 
 
-def _signed(part: Unpacked) -> tuple[torch.Tensor, torch.Tensor, None] | None:
-    """Unsigned levels whose offset is a whole number of steps below zero (Q4_0's -8, Q5_0's -16) as signed ones."""
+def _signed(part: Unpacked) -> tuple[Unpacked, torch.Tensor | None] | None:
+    """Unsigned levels whose offset is a whole number of steps below zero (Q4_0's -8, Q5_0's -16) as signed ones
+    that fit a byte, with each group's shift (int8; None for levels signed already), or None where they cannot be."""
     levels, scales, offsets = part
     if offsets is None:
-        return levels, scales, None
+        return part, None
     shift = torch.round(-offsets / torch.where(scales == 0, 1, scales))
     if not torch.equal(shift * scales, -offsets):
         return None
-    return levels - shift.repeat_interleave(GROUP, 1).to(levels.dtype), scales, None
+    signed = levels.to(torch.int16) - shift.repeat_interleave(GROUP, 1).to(torch.int16)
+    if int(signed.min()) < -128 or int(signed.max()) > 127:
+        return None
+    return (signed, scales, None), shift.to(torch.int8)
 
 
 def pack(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> Levels:
@@ -186,9 +190,9 @@ def pack(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | Non
 
 
 class Grid:
-    """A weight's `Levels` as a kernel takes them: llmchat's (dot8.py) takes them as they are; torch's int4
-    kernel, used where llmchat's cannot run or `dot8_kernel` is False, takes a copy in its layout, and then
-    `levels` is None (not held twice)."""
+    """A weight's `Levels` as a kernel takes them. llmchat's (dot8.py) takes one signed byte a level: 4- and 5-bit
+    levels are unpacked for it (`widened`). torch's int4 kernel, used where llmchat's cannot run or `dot8_kernel` is
+    False, takes a copy in its layout. Either copy alone is kept."""
 
     def __init__(
         self,
@@ -198,39 +202,60 @@ class Grid:
         fifth: torch.Tensor | None = None,
         dot8_kernel: bool = True,
     ) -> None:
-        self.levels: Levels | None = (levels, scales, offsets, fifth)
-        self.tensors: tuple[torch.Tensor, ...]
+        self.tensors: tuple[torch.Tensor | None, ...]
         self._matmul: Callable[..., torch.Tensor]  # x and then `tensors`
+        # Where unsigned levels were made signed for llmchat's kernel: each group's shift, to pack them again.
+        self._shift: torch.Tensor | None = None
         if dot8_kernel and dot8.unavailable() is None:
             self.kernel = DOT8_KERNEL
-            if fifth is not None:
-                assert offsets is not None  # fifth bits are on an unsigned grid
-                self.tensors, self._matmul = (levels, fifth, scales, offsets), dot8.q5_mm
-            elif offsets is None:
-                self.tensors, self._matmul = (levels, scales), dot8.q8_mm
-            else:
-                self.tensors, self._matmul = (levels, scales, offsets), dot8.q4_mm
+            wide, self._shift = widened((levels, scales, offsets, fifth))
+            self.tensors, self._matmul = wide, dot8.levels_mm
         else:
-            if not torch_takes(self.levels):
+            if not torch_takes((levels, scales, offsets, fifth)):
                 raise ValueError("torch's int4 kernel takes 4- and 8-bit levels with a scale per 32 only")
             self.kernel = TORCH_KERNEL
-            self.levels = None
             self.tensors = _torch_int4(levels, scales, offsets)
             self._matmul = _torch_int4_matmul
 
     @property
     def dot8_levels(self) -> Levels:
-        """`levels`, of a grid llmchat's kernel multiplies (one in torch's layout holds none)."""
-        assert self.levels is not None, "a grid in torch's layout holds no levels"
-        return self.levels
+        """The `Levels` of a grid llmchat's kernel multiplies, packed again (one in torch's layout holds none)."""
+        assert self.kernel == DOT8_KERNEL, "a grid in torch's layout holds no levels"
+        levels, scales, offsets = self.tensors
+        assert levels is not None and scales is not None
+        if self._shift is not None:
+            shift = self._shift.float()
+            levels = levels.to(torch.int16) + shift.repeat_interleave(GROUP, 1).to(torch.int16)
+            offsets = -(shift * scales)
+        return pack(levels, scales, offsets) if offsets is not None else (levels, scales, None, None)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors if t is not None)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] times the weight, in x's dtype."""
         return self._matmul(x, *self.tensors)
+
+
+def widened(levels: Levels) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]:
+    """A grid's levels one int8 each [out, in], with its scales and offsets, as llmchat's kernel takes them, and each
+    group's shift where unsigned levels whose offset is a whole number of steps (Q4_0's, Q5_0's) became signed ones
+    without it (else None)."""
+    values, scales, offsets, fifth = levels
+    if offsets is None:
+        return (values, scales, None), None
+    groups = values.view(values.shape[0], -1, GROUP // 2)
+    unpacked = torch.cat([groups & 15, groups >> 4], dim=-1).to(torch.int16)
+    if fifth is not None:
+        bits = (fifth.view(values.shape[0], -1, GROUP // 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        unpacked += 16 * bits.flatten(2).to(torch.int16)
+    unpacked = unpacked.flatten(1)
+    signed = _signed((unpacked, scales, offsets))
+    if signed is None:
+        return (unpacked.to(torch.int8).contiguous(), scales, offsets), None
+    (shifted, _, _), shift = signed
+    return (shifted.to(torch.int8).contiguous(), scales, None), shift
 
 
 def grid_levels(weight: torch.Tensor) -> Levels | None:

@@ -91,9 +91,16 @@ def dense(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | No
 @pytest.mark.parametrize("rows", [1, 3, 6])
 def test_the_kernel_multiplies_each_type_as_its_dense_weight(kind, rows):
     levels, scales, offsets, values = block_levels(kind, random_blocks(kind, 48, 512, seed=rows))
-    grid = int4.Grid(*int4.pack(levels, scales, offsets))
+    packed = int4.pack(levels, scales, offsets)
+    grid = int4.Grid(*packed)
     assert grid.kernel == int4.DOT8_KERNEL
-    assert (grid.levels[3] is not None) == (RANGES[kind] == (0, 31))  # 5-bit levels keep their fifth bits apart
+    # One signed byte a level; an offset of whole steps (Q5_0's) is taken into the levels.
+    wide, _, wide_offsets = grid.tensors
+    assert wide.dtype == torch.int8 and wide.shape == levels.shape
+    assert (wide_offsets is None) == (kind in (Q.Q5_0, Q.Q6_K, Q.Q8_0))
+    # Packed again exactly, for torch's kernel to be timed against (5-bit levels keep their fifth bits apart).
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(grid.dot8_levels, packed, strict=True))
+    assert (packed[3] is not None) == (RANGES[kind] == (0, 31))
     x = torch.randn(rows, 512)
     expected = x @ values.t()
     # The kernel keeps about 16 bits of each input.

@@ -35,7 +35,7 @@ def test_weights_on_a_grid_keep_their_values_in_four_bits():
     # torch's kernel rounds its scales and offsets to bfloat16, as bfloat16 weights would be.
     expected = x.float() @ weight.t()
     grid = int4.Grid(*levels, dot8_kernel=False)
-    assert grid.kernel == int4.TORCH_KERNEL and grid.levels is None  # its copy alone is kept
+    assert grid.kernel == int4.TORCH_KERNEL and grid.tensors[1].dtype == torch.bfloat16  # its copy alone is kept
     got = grid.matmul(x).float()
     assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
 
@@ -83,7 +83,7 @@ def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs_to_16_bits():
     for weight in (q4_1, q8_0):
         grid = int4.Grid(*int4.grid_levels(weight))
         assert grid.kernel == int4.DOT8_KERNEL
-        offsets = grid.levels[2]
+        offsets = grid.dot8_levels[2]
         offsets = torch.zeros_like(weight) if offsets is None else offsets.repeat_interleave(int4.GROUP, 1)
         for rows in (1, 3, 4, 9):  # the kernel takes rows four at a time, then the rest
             x = torch.randn(rows, 128)
@@ -301,3 +301,14 @@ def test_the_kernel_shares_torchs_openmp_threads():
     measured several times slower beside one. The kernel links libgomp.so.1, the name torch's wheels load."""
     mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
     assert len(mapped) == 1, mapped
+
+
+def test_llmchats_kernel_takes_a_byte_a_level_signed_where_the_offset_is_whole_steps():
+    levels, scales = torch.randint(0, 32, (16, 64)), torch.rand(16, 2) + 0.1
+    # Q5_0: 16 steps below zero, so the levels become signed and the offsets go.
+    (wide, _, offsets), shift = int4.widened(int4.pack(levels, scales, -16 * scales))
+    assert offsets is None and torch.equal(wide, (levels - 16).to(torch.int8))
+    assert torch.equal(shift, torch.full((16, 2), 16, dtype=torch.int8))
+    # 200 steps below zero: signed, the levels would not fit a byte, so they keep their offsets.
+    (wide, _, offsets), shift = int4.widened(int4.pack(levels, scales, -200 * scales))
+    assert shift is None and torch.equal(wide, levels.to(torch.int8)) and torch.equal(offsets, -200 * scales)
