@@ -5,8 +5,9 @@
 // are one signed byte each (dot8.py unpacks the 4- and 5-bit ones at load), widened to 16 bits once for every
 // block of input rows, so a group's dot product is two vpmaddwd, exact in integers, then times the two scales.
 // That is much less work than widening every weight to float, as torch's int4 kernel does. Multiplying packed
-// 4- and 5-bit levels as bytes (vpmaddubsw against the levels, then the remainders) took 1.6 to 1.8x as long at 1
-// to 16 rows on a 2-core AVX2 host: unpacking them again for every block of rows cost more than their bytes saved.
+// 4- and 5-bit levels as bytes (vpmaddubsw against the levels, then the remainders) took 1.3x (Q4_K) to 1.8x
+// (Q5_0) as long at 1 to 16 rows on a 2-core AVX2 host: unpacking them for every block of rows cost more than
+// their fewer bytes saved.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -8,8 +8,8 @@ sums both products exactly in integers: the inputs keep about 16 bits, against b
 torch's kernel takes. Measured there, one row through the 30 layers' matmuls took 6.5 ms instead of 9.5
 and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers` compares whole decode steps with either
 kernel). The kernel takes every weight as one signed byte a level: int4.py unpacks 4- and 5-bit levels once
-at load, which holds those weights in about 1.3 bytes a parameter instead of 0.7, and made their matmuls 1.6
-to 1.8x faster than multiplying the packed levels (2-core AVX2 host).
+at load, which holds those weights in 9 or 10 bits each instead of 6 or 7 (with their scales), and made their
+matmuls 1.3 to 1.8x faster than multiplying the packed levels (2-core AVX2 host).
 
 It is compiled at first use with the system's C++ compiler against this torch, in one library with the paged
 decode attention kernel (paged_attention.cpp, used by paged_kv.py), about 30 s, and kept in
