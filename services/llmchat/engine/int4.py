@@ -361,9 +361,10 @@ def torch_kernel_is_faster(grids: list[Grid], width: int, dtype: torch.dtype) ->
     """Whether torch's int4 kernel multiplies one row by these grids (llmchat's kernel's) faster than llmchat's:
     where torch has AVX-512 code and llmchat's kernel only AVX2, the flags alone do not say. False where torch's
     cannot take one of them."""
-    if not all(torch_takes(g.dot8_levels) for g in grids):
+    packed = [g.dot8_levels for g in grids]  # packed again from the kernel's bytes: once
+    if not all(torch_takes(levels) for levels in packed):
         return False
-    theirs = [Grid(*g.dot8_levels, dot8_kernel=False) for g in grids]
+    theirs = [Grid(*levels, dot8_kernel=False) for levels in packed]
     ours_s, theirs_s = timer([(a.matmul, b.matmul) for a, b in zip(grids, theirs, strict=True)], width, dtype)(1)
     log.info("one row, %d grids: llmchat's kernel %.2f ms, torch's %.2f ms", len(grids), ours_s * 1e3, theirs_s * 1e3)
     return theirs_s < MARGIN * ours_s

@@ -252,8 +252,11 @@ def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
 def on_torch_kernel(linears: list[Linear]) -> None:
     """Their grids multiplied by torch's int4 kernel from now on (those it can take)."""
     for p in linears:
-        if p.grid.kernel != int4.TORCH_KERNEL and int4.torch_takes(p.grid.dot8_levels):
-            p.int4 = int4.Grid(*p.grid.dot8_levels, dot8_kernel=False)
+        if p.grid.kernel == int4.TORCH_KERNEL:
+            continue
+        levels = p.grid.dot8_levels  # packed again from the kernel's bytes: once
+        if int4.torch_takes(levels):
+            p.int4 = int4.Grid(*levels, dot8_kernel=False)
 
 
 def four_bit_kind(linears: list[Linear | Modules], roles: list[str]) -> str:
