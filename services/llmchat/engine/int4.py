@@ -243,6 +243,12 @@ class Grid:
         return self._matmul(x, *self.tensors)
 
 
+def four_bit_levels(nibbles: torch.Tensor) -> torch.Tensor:
+    """Packed levels' low four bits, uint8 [out, groups, GROUP] (the inverse of `pack`'s nibbles)."""
+    groups = nibbles.view(nibbles.shape[0], -1, GROUP // 2)
+    return torch.cat([groups & 15, groups >> 4], dim=-1)
+
+
 def widened(levels: Levels) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None]:
     """A grid's levels one int8 each [out, in], with its scales and offsets, as llmchat's kernel takes them, and each
     group's shift where unsigned levels whose offset is a whole number of steps (Q4_0's, Q5_0's) became signed ones
@@ -250,8 +256,7 @@ def widened(levels: Levels) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Ten
     values, scales, offsets, fifth = levels
     if offsets is None:
         return (values, scales, None), None
-    groups = values.view(values.shape[0], -1, GROUP // 2)
-    unpacked = torch.cat([groups & 15, groups >> 4], dim=-1).to(torch.int16)
+    unpacked = four_bit_levels(values).to(torch.int16)
     if fifth is not None:
         bits = (fifth.view(values.shape[0], -1, GROUP // 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
         unpacked += 16 * bits.flatten(2).to(torch.int16)
@@ -306,10 +311,8 @@ def _torch_int4(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tenso
     """
     scale = scales.unsqueeze(-1)
     if offsets is not None:
-        nibbles = levels.view(levels.shape[0], -1, GROUP // 2)
-        four_bit = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)
         # torch's kernel computes (level - 8) * scale + zero.
-        return _pack(four_bit, scale, offsets.unsqueeze(-1) + 8 * scale)
+        return _pack(four_bit_levels(levels), scale, offsets.unsqueeze(-1) + 8 * scale)
     shifted = levels.view(levels.shape[0], -1, GROUP).to(torch.int32) + 128
     high, low = shifted.div(16, rounding_mode="floor"), shifted.remainder(16)
     # high: (high - 8) * 16 * scale with zero 0; low: (low - 8) * scale + 8 * scale = low * scale.
