@@ -30,9 +30,12 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 log = logging.getLogger("llmchat.engine.dot8")
+
+GROUP = 32  # inputs a scale (and an input row's rounding) covers
 
 SOURCE = Path(__file__).with_name("dot8.cpp")
 # Built into the same library: decode attention read in place from the paged KV pool (paged_kv.py).
@@ -96,14 +99,49 @@ def _built(compiler: str) -> Path:
     return target
 
 
+TILE = 8  # outputs side by side in the kernel's layout (`tiled`)
+
+
+def tiled(
+    levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A weight's int8 `levels` [out, in], float32 `scales` [out, in / 32] (Q6_K's: [out, in / 16]) and `offsets`
+    [out, in / 32] (or None) in the kernel's tiles of 8 outputs (dot8.cpp's Tiles); outputs past a multiple of 8 are
+    padded with zero levels and scales, and `levels_mm` returns their columns too."""
+    out, width = levels.shape
+    pad = -out % TILE
+    if pad:
+        levels, scales = F.pad(levels, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
+        offsets = None if offsets is None else F.pad(offsets, (0, 0, 0, pad))
+    tiles, groups = (out + pad) // TILE, width // GROUP
+    levels = levels.view(tiles, TILE, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
+    halves = scales.shape[1] // groups
+    scales = scales.view(tiles, TILE, groups, halves).permute(0, 2, 3, 1)
+    scales = scales[:, :, 0] if halves == 1 else scales
+    if offsets is not None:
+        offsets = offsets.view(tiles, TILE, groups).transpose(1, 2).contiguous()
+    return levels.contiguous(), scales.contiguous(), offsets
+
+
+def untiled(
+    levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, out: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`tiled`'s inverse, for a weight of `out` outputs."""
+    tiles, groups = levels.shape[:2]
+    levels = levels.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * GROUP)[:out]
+    per_group = scales if scales.dim() == 4 else scales[:, :, None]
+    scales = per_group.permute(0, 3, 1, 2).reshape(tiles * TILE, -1)[:out]
+    if offsets is not None:
+        offsets = offsets.transpose(1, 2).reshape(tiles * TILE, groups)[:out]
+    return levels.contiguous(), scales.contiguous(), None if offsets is None else offsets.contiguous()
+
+
 def levels_mm(
     x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [rows, in] times a weight of int8 `levels` [out, in] with float32 `scales` [out, in / 32] or, Q6_K's,
-    [out, in / 16], and where the levels sit above an offset (0..15 or 0..31) float32 `offsets` [out, in / 32]: a
-    weight is level * scale + offset. In x's dtype."""
+    """x [rows, in] times a weight in the kernel's tiles (`tiled`): [rows, out rounded up to 8], in x's dtype."""
     return torch.ops.llmchat_dot8.levels_mm(x, levels, scales, offsets)
 
 
 def _fake(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((x.shape[0], levels.shape[0]))
+    return x.new_empty((x.shape[0], levels.shape[0] * TILE))

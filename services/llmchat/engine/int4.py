@@ -195,9 +195,9 @@ def pack(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | Non
 
 
 class Grid:
-    """A weight's `Levels` as a kernel takes them. llmchat's (dot8.py) takes one signed byte a level: 4- and 5-bit
-    levels are unpacked for it (`widened`). torch's int4 kernel, used where llmchat's cannot run or `dot8_kernel` is
-    False, takes a copy in its layout. Either copy alone is kept."""
+    """A weight's `Levels` as a kernel takes them. llmchat's (dot8.py) takes one signed byte a level in tiles of 8
+    outputs: 4- and 5-bit levels are unpacked for it (`widened`), then tiled. torch's int4 kernel, used where
+    llmchat's cannot run or `dot8_kernel` is False, takes a copy in its layout. Either copy alone is kept."""
 
     def __init__(
         self,
@@ -211,10 +211,11 @@ class Grid:
         self._matmul: Callable[..., torch.Tensor]  # x and then `tensors`
         # Where unsigned levels were made signed for llmchat's kernel: each group's shift, to pack them again.
         self._shift: torch.Tensor | None = None
+        self.out_features = levels.shape[0]
         if dot8_kernel and dot8.unavailable() is None:
             self.kernel = DOT8_KERNEL
             wide, self._shift = widened((levels, scales, offsets, fifth))
-            self.tensors, self._matmul = wide, dot8.levels_mm
+            self.tensors, self._matmul = dot8.tiled(*wide), dot8.levels_mm
         else:
             if not torch_takes((levels, scales, offsets, fifth)):
                 raise ValueError("torch's int4 kernel takes 4- and 8-bit levels with a scale per 32 only")
@@ -226,8 +227,9 @@ class Grid:
     def dot8_levels(self) -> Levels:
         """The `Levels` of a grid llmchat's kernel multiplies, packed again (one in torch's layout holds none)."""
         assert self.kernel == DOT8_KERNEL, "a grid in torch's layout holds no levels"
-        levels, scales, offsets = self.tensors
-        assert levels is not None and scales is not None
+        tiles, tile_scales, tile_offsets = self.tensors
+        assert tiles is not None and tile_scales is not None
+        levels, scales, offsets = dot8.untiled(tiles, tile_scales, tile_offsets, self.out_features)
         if self._shift is not None:
             shift = self._shift.float()
             levels = levels.to(torch.int16) + shift.repeat_interleave(GROUP, 1).to(torch.int16)
@@ -240,7 +242,9 @@ class Grid:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] times the weight, in x's dtype."""
-        return self._matmul(x, *self.tensors)
+        out = self._matmul(x, *self.tensors)
+        # llmchat's kernel also returns the outputs its tiles were padded with (none where out is a multiple of 8).
+        return out if out.shape[1] == self.out_features else out[:, : self.out_features].contiguous()
 
 
 def four_bit_levels(nibbles: torch.Tensor) -> torch.Tensor:

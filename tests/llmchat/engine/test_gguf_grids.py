@@ -94,9 +94,9 @@ def test_the_kernel_multiplies_each_type_as_its_dense_weight(kind, rows):
     packed = int4.pack(levels, scales, offsets)
     grid = int4.Grid(*packed)
     assert grid.kernel == int4.DOT8_KERNEL
-    # One signed byte a level; an offset of whole steps (Q5_0's) is taken into the levels.
-    wide, _, wide_offsets = grid.tensors
-    assert wide.dtype == torch.int8 and wide.shape == levels.shape
+    # One signed byte a level, in tiles of 8 outputs; an offset of whole steps (Q5_0's) is taken into the levels.
+    tiles, _, wide_offsets = grid.tensors
+    assert tiles.dtype == torch.int8 and tiles.shape == (48 // 8, 512 // 32, 16, 8, 2)
     assert (wide_offsets is None) == (kind in (Q.Q5_0, Q.Q6_K, Q.Q8_0))
     # Packed again exactly, for torch's kernel to be timed against (5-bit levels keep their fifth bits apart).
     assert all(a is b is None or torch.equal(a, b) for a, b in zip(grid.dot8_levels, packed, strict=True))

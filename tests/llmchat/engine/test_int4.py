@@ -77,10 +77,11 @@ def eight_bit_inputs(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
 def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs_to_16_bits():
-    q4_1, q8_0 = q4_1_like(96, 128), q8_0_like(80, 128)
+    # 20 outputs: the kernel's tiles of 8 are padded, and the padding's outputs not returned.
+    q4_1, q8_0, odd = q4_1_like(96, 128), q8_0_like(80, 128), q8_0_like(20, 128)
     q4_1[5, :32] = 0.25  # a flat group: scale 0
     q8_0[2, 32:64] = 0.0  # an all-zero group: scale 0
-    for weight in (q4_1, q8_0):
+    for weight in (q4_1, q8_0, odd):
         grid = int4.Grid(*int4.grid_levels(weight))
         assert grid.kernel == int4.DOT8_KERNEL
         offsets = grid.dot8_levels[2]
@@ -91,8 +92,11 @@ def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs_to_16_bits():
             # The offsets multiply the exact inputs: a group's sum is taken before rounding.
             expected = eight_bit_inputs(x) @ (weight - offsets).t() + x @ offsets.t()
             got = grid.matmul(x)
+            assert got.shape == (rows, weight.shape[0])
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
             assert grid.matmul(x.bfloat16()).dtype == torch.bfloat16
+            # A row's result is the same beside any rows: a prompt's keys do not depend on how it was chunked.
+            assert all(torch.equal(grid.matmul(x[i : i + 1]), got[i : i + 1]) for i in range(rows))
 
 
 def test_the_kernel_in_use_is_named():
