@@ -68,7 +68,8 @@ class Settings(ServiceSettings):
         ge=0,
         description="On the CPU, decode steps of up to this many rows use 4-bit copies of the weights a 4-bit "
         "GGUF stores on a Q4_1 or Q8_0 grid (kept beside the converted model); unset: the crossover with the "
-        "dense matmuls, timed at load on this machine; 0: never.",
+        "dense matmuls, timed at load on this machine per kind of projection (a kind whose 4-bit matmul wins at "
+        "every row count timed, up to 512, takes it in every step, prompts included); 0: never.",
     )
     remeasure: bool = Field(
         False,

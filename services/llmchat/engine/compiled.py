@@ -76,7 +76,7 @@ class CompiledDecode:
             values.narrow(2, length, 1).copy_(v)
             out = attend(q, keys[:, :, : length + 1], values[:, :, : length + 1], layer.scaling)
             x = fused.post_attention(layer, x, out.transpose(1, 2).flatten(2))
-        return fused.head(x)
+        return fused.head(x[:, -1])
 
     def ragged(self, *args) -> torch.Tensor:
         return self.fused.ragged(*args)

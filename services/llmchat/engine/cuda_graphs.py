@@ -68,7 +68,7 @@ class Bucket:
         return run
 
     def _head(self) -> None:
-        self.logits.copy_(self.fused.head(self.x))
+        self.logits.copy_(self.fused.head(self.x[:, -1]))
 
     def capture(self, pool) -> None:
         """Replaces each piece by the replay of its CUDA graph (warmed up on a side stream first, as capture needs)."""

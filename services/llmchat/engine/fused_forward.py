@@ -4,7 +4,8 @@ Measured on a 2-core CPU, a quarter to a third of transformers' decode step was 
 small-op overhead around the matmuls. This pass fuses the q/k/v and gate/up projections into one
 matmul each, applies rotary embeddings to queries and keys together, and on CPUs with AMX runs
 bfloat16 matmuls on weights prepacked once for oneDNN instead of repacking them every call. On any
-CPU, weights converted from a 4-bit GGUF keep a 4-bit copy for decode steps of few rows (projections.py, int4.py);
+CPU, weights converted from a 4-bit GGUF keep a 4-bit copy for steps of up to a measured number of rows, or for
+every step, prompts included, where that copy wins at every row count timed (projections.py, int4.py);
 bitsandbytes' layers run inside the pass (quantized.py). It reads and writes the same KV cache layers
 as transformers' forward, so the runner does not care which ran.
 """
@@ -24,6 +25,7 @@ from llmchat.engine.kv_cache import GrowingLayer
 from llmchat.engine.paged_kv import PagedBatch
 from llmchat.engine.projections import (
     ALL_ROWS,
+    LOGITS,
     ROLES,
     Linear,
     checkpoint_grids,
@@ -172,7 +174,7 @@ class FusedForward:
         ]
         kinds = [projection_kind(p[0]) for p in projections]
         quantized = [kind for kind in kinds if kind != "dense"]
-        roles = [*ROLES * len(model.model.layers), "logits"]
+        roles = [*ROLES * len(model.model.layers), LOGITS]
         if packed is None:
             packed_up_to, why = pick_packing(model, projections, roles, bool(quantized), choices)
             log.info("dense weights %s", why)
@@ -190,10 +192,7 @@ class FusedForward:
             else Modules(p)
             for p, kind, grid in zip(projections, kinds, grids, strict=True)
         ]
-        self.kind = "fused"
-        if packed_up_to:
-            self.kind += f", prepacked {str(model.dtype).removeprefix('torch.')}"
-            self.kind += f" up to {packed_up_to} rows" if packed_up_to < ALL_ROWS else ""
+        self.kind = ""
         if quantized:
             self.kind += f", {quantized[0]} projections" + (f" {why}" if why else "")
         # LLM.int8 splits out the input columns holding outliers, found by value each step: shapes a CUDA
@@ -207,7 +206,13 @@ class FusedForward:
             for p, role in zip(linears, roles, strict=True):
                 p.int4_rows = rows.get(role, 0) if p.int4 is not None else 0
                 p.int4 = p.int4 if p.int4_rows else None  # never faster: not kept
+                if isinstance(p, Linear) and p.int4_rows == ALL_ROWS and p.weight is not None:
+                    p.packed_weight = None  # the dense matmul no longer runs: its prepacked copy is not kept
             self.kind += four_bit_kind(linears, roles)
+        if any(isinstance(p, Linear) and p.packed for p in linears):
+            prepacked = f", prepacked {str(model.dtype).removeprefix('torch.')}"
+            self.kind = prepacked + (f" up to {packed_up_to} rows" if packed_up_to < ALL_ROWS else "") + self.kind
+        self.kind = "fused" + self.kind
         self.layers = [Layer(layer, linears[4 * i : 4 * i + 4]) for i, layer in enumerate(model.model.layers)]
         self.lm_head = linears[-1]
         self.embed: torch.Tensor = model.model.embed_tokens.weight
@@ -221,6 +226,8 @@ class FusedForward:
         # through oneDNN, prepacked or not), in float32 for the steps that take the prepacked weights.
         cpu = model.device.type == "cpu"
         self.bucket_up_to = ALL_ROWS if cpu and model.dtype == torch.bfloat16 else packed_up_to if cpu else 0
+        if all(p.int4_rows == ALL_ROWS for p in linears[:-1]):  # no layer's matmul goes through oneDNN
+            self.bucket_up_to = 0
         self.fine_buckets = model.dtype == torch.float32
 
     def __call__(
@@ -236,7 +243,7 @@ class FusedForward:
             keys, values = cache_layer.update(k, v)
             out = attend(q, keys, values, layer.scaling)
             x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2), prefill)
-        return self.head(x, prefill)
+        return self.head(x[:, -1])
 
     def attention(self, mask: torch.Tensor | None, num_queries: int, past: int, x: torch.Tensor) -> Attention:
         """How this step calls SDPA (attention.py): expanded key/value heads on a GPU where a mask is needed."""
@@ -265,7 +272,7 @@ class FusedForward:
                 outs.append(attend(q[:, :, start:end], keys, values, layer.scaling))
             x = self.post_attention(layer, x, torch.cat(outs, dim=2).transpose(1, 2).flatten(2), prefill=True)
         last = torch.tensor([start + n - 1 for start, n in zip(starts, sizes, strict=True)], device=ids.device)
-        return self.lm_head(rms_norm(x[0, last], self.final_norm), prefill=True)
+        return self.head(x[0, last])
 
     def paged(self, ids: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """One step over the paged pool: decode rows and prompt chunks side by side in one row of tokens [1, tokens]
@@ -286,7 +293,7 @@ class FusedForward:
             if extra:
                 attended = F.pad(attended, (0, 0, 0, extra))
             x = self.post_attention(layer, x, attended, prefill)
-        return self.lm_head(rms_norm(x[0, batch.last], self.final_norm), prefill)
+        return self.head(x[0, batch.last])
 
     def matmul_rows(self, tokens: int) -> int:
         """Rows a step of `tokens` tokens runs its matmuls over. oneDNN builds and keeps a kernel for each number of
@@ -298,7 +305,8 @@ class FusedForward:
         In bfloat16 a whole step padded to a multiple of 16 measured within -8% and +15% of the unpadded one from
         19 to 515 tokens (2-core AMX host). In float32 each padding row costs about what a real row does: the
         layers' prepacked matmuls took 220 ms for 36 rows and 290 ms for 48, 164 ms for 20 and 211 ms for 32
-        (Qwen2.5-Coder-0.5B, 2-core AVX2 AMD host), so there the buckets are 8 rows up to 128."""
+        (Qwen2.5-Coder-0.5B, 2-core AVX2 AMD host), so there the buckets are 8 rows up to 128. Where every layer's
+        matmuls take the 4-bit weights in every step, nothing goes through oneDNN and nothing is padded."""
         if tokens <= ROW_BUCKET or tokens > self.bucket_up_to:
             return tokens
         bucket = FLOAT32_BUCKET if self.fine_buckets and tokens <= FLOAT32_FINE_UP_TO else ROW_BUCKET
@@ -328,7 +336,7 @@ class FusedForward:
             out = attend(spread(q), keys, values, layer.scaling)
             x = self.post_attention(layer, x, out.transpose(1, 2).flatten(2).flatten(0, 1)[index][None])
         last = real.sum(dim=1).cumsum(0) - 1
-        return self.lm_head(rms_norm(x[0, last], self.final_norm))
+        return self.head(x[0, last])
 
     def rotary_for(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and `rotate`'s signed sin, [rows, queries, 1, dim] to broadcast over heads."""
@@ -363,6 +371,7 @@ class FusedForward:
         gate, up = layer.gate_up(rms_norm(x, layer.norm2), prefill).chunk(2, dim=-1)
         return x + layer.down(F.silu(gate) * up, prefill)
 
-    def head(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
-        """Logits of each row's last position."""
-        return self.lm_head(rms_norm(x[:, -1], self.final_norm), prefill)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of `x`'s rows [rows, hidden]. Its kernel goes by their number alone, as in a decode step: logits
+        feed no cache, so a prompt's may come from either kernel however it was chunked."""
+        return self.lm_head(rms_norm(x, self.final_norm))

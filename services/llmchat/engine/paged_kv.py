@@ -130,7 +130,8 @@ class PagedBatch:
             width = max(len(t) for t in tables)
             padded = [t + [0] * (width - len(t)) for t in tables]
             self.decode = tuple(torch.tensor(x, dtype=torch.int32) for x in (queries, padded, lengths))  # type: ignore[assignment]
-        # A step with a prompt chunk runs dense matmuls, so a prompt's keys and values never depend on its chunking.
+        # A step with a prompt chunk takes the prompt's kernels (projections.Linear), so a prompt's keys and values
+        # never depend on its chunking.
         self.has_prompt = any(seg.is_prompt for seg in segments)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The fused pass's matmuls: one projection or several fused into one, dense (plain or prepacked for oneDNN) or
-from a 4-bit copy for steps of few rows; and which of the two wins up to how many rows on this machine.
+from a 4-bit copy for steps of few rows (or every step); and which of the two wins up to how many rows on this
+machine.
 """
 
 import logging
@@ -79,9 +80,11 @@ class Linear:
         return extra + (self.int4.nbytes if self.int4 is not None else 0)
 
     def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
-        """Prefill always takes the dense matmul, so a prompt's keys and values do not depend on its chunking."""
+        """A prompt's rows take one kernel whatever their number, so its keys and values do not depend on its
+        chunking: the 4-bit one where it serves every row count, else the dense one."""
         flat = x.reshape(-1, x.shape[-1])
-        out = self.dense(flat) if prefill or flat.shape[0] > self.int4_rows else self.quantized(flat)
+        four_bit = flat.shape[0] <= self.int4_rows and (not prefill or self.int4_rows == ALL_ROWS)
+        out = self.quantized(flat) if four_bit else self.dense(flat)
         return out.view(*x.shape[:-1], self.out_features)
 
     def dense(self, flat: torch.Tensor) -> torch.Tensor:
@@ -131,6 +134,11 @@ _measured = Choices()
 # logits matmul comes last): their shapes differ, and a Q8_0 weight's two grids take the input twice. Measured on
 # AVX2, the 4-bit weights won up to 12 rows for the logits, 16 for down, 32 for gate/up.
 ROLES = ("q/k/v", "o", "gate/up", "down")
+LOGITS = "logits"
+
+# Rows a prompt chunk is timed at where the 4-bit weights won at every candidate row count (the CPU's default
+# max_batched_tokens): winning there too, they serve every step, prompts included (Linear's int4_rows ALL_ROWS).
+PROMPT_ROWS = 512
 
 # Dense weight bytes timed per role: more than a CPU cache holds, as in a decode step, and for a large model
 # only its first layers, so that timing stays within a second or two.
@@ -229,7 +237,7 @@ def measure_int4_rows(
         # compiler), torch's must not inherit its crossover.
         key = (
             f"4-bit {role}: {len(group)} x {first.out_features}x{first.in_features}, {layout} {dtype}, "
-            f"from {first.grid.kernel}"
+            f"from {first.grid.kernel}, timed up to {PROMPT_ROWS} rows"
         )
         chosen = choices.get(key, partial(_measure_role, group, role, dtype))
         if chosen["kernel"] == int4.TORCH_KERNEL:
@@ -246,7 +254,11 @@ def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
     ):
         on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
     timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
-    return {"kernel": first.grid.kernel, "rows": int4.crossover(timer, f"4-bit {role}")}
+    rows = int4.crossover(timer, f"4-bit {role}")
+    # The logits matmul takes each sequence's last row alone, never a prompt's: its row count stays a crossover.
+    if role != LOGITS and rows == int4.CANDIDATE_ROWS[-1] and int4.crossover(timer, f"4-bit {role}", (PROMPT_ROWS,)):
+        rows = ALL_ROWS
+    return {"kernel": first.grid.kernel, "rows": rows}
 
 
 def on_torch_kernel(linears: list[Linear]) -> None:
@@ -260,18 +272,22 @@ def on_torch_kernel(linears: list[Linear]) -> None:
 
 
 def four_bit_kind(linears: list[Linear | Modules], roles: list[str]) -> str:
-    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ,
-    and the kernel that multiplies them ("" when none are kept)."""
+    """How /health names the 4-bit weights in use: "up to 24 rows", or each role's row count where they differ (the
+    roles that take them in every step first), and the kernel that multiplies them ("" when none are kept)."""
     used = {role: p.int4_rows for p, role in zip(linears, roles, strict=True) if p.int4 is not None}
     num_int4 = sum(p.int4 is not None for p in linears)
     if not used:
         return ""
-    if len(set(used.values())) == 1:
-        limit = f"{next(iter(used.values()))} rows"
-    else:
-        limit = ", ".join(f"{role} {n}" for role, n in used.items()) + " rows"
+    every = [role for role, n in used.items() if n == ALL_ROWS]
+    up_to = {role: n for role, n in used.items() if n != ALL_ROWS}
+    parts = [f"in every step for {', '.join(every)}"] if every and up_to else ["in every step"] if every else []
+    if len(set(up_to.values())) == 1:
+        parts.append(f"up to {next(iter(up_to.values()))} rows" + (f" for {', '.join(up_to)}" if every else ""))
+    elif up_to:
+        parts.append(f"up to {', '.join(f'{role} {n}' for role, n in up_to.items())} rows")
+    limit = ", ".join(parts)
     kernels = dict.fromkeys(p.int4.kernel for p in linears if p.int4 is not None)
     kernel = ", ".join(kernels)
     if int4.DOT8_KERNEL not in kernels and (why := dot8.unavailable()):
         kernel += f": {why}"
-    return f", 4-bit weights up to {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"
+    return f", 4-bit weights {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmchat.engine import dot8, int4, projections
+from llmchat.engine import dot8, fused_forward, int4, projections
 from llmchat.engine.choices import Choices
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
@@ -208,9 +208,10 @@ def test_the_measured_crossovers_are_used_and_named():
     for name in ("qkv", "o", "gate_up", "down"):  # one crossover per kind of projection, the same in every layer
         assert len({getattr(layer, name).int4_rows for layer in measured.layers}) == 1
     rows = [p.int4_rows for p in (*vars(measured.layers[0]).values(), measured.lm_head) if hasattr(p, "int4_rows")]
-    assert set(rows) <= {0, *int4.CANDIDATE_ROWS}
+    assert set(rows) <= {0, *int4.CANDIDATE_ROWS, projections.ALL_ROWS}
+    assert measured.lm_head.int4_rows != projections.ALL_ROWS  # never timed at a prompt's rows
     if any(rows):
-        assert "4-bit weights up to " in measured.kind
+        assert "4-bit weights up to " in measured.kind or "4-bit weights in every step" in measured.kind
     else:  # slower at every row count on this machine: the copies are not kept
         assert all(p.int4 is None for p in (*vars(measured.layers[0]).values(), measured.lm_head) if hasattr(p, "int4"))
 
@@ -242,6 +243,45 @@ def test_each_kind_of_projection_gets_its_own_crossover(monkeypatch):
         )
         assert layer.o.int4 is None  # never faster: its copy is not kept
     assert ", 4-bit weights up to q/k/v 16, gate/up 16, down 16, logits 4 rows (91 of 121 matmuls, " in measured.kind
+
+
+def test_a_kind_of_projection_that_wins_at_a_prompts_rows_takes_four_bits_in_every_step(monkeypatch):
+    """With timings where the 4-bit matmuls win at every row count for gate/up and the logits, and for the output
+    projection at every count but a prompt chunk's 512 rows."""
+    loaded = load("float32")
+    config = loaded.model.config
+
+    def timer(pairs, width, dtype):
+        out_features = pairs[0][0].__self__.out_features
+        loses_at = 512 if out_features == config.hidden_size and width == config.hidden_size else None
+        return lambda rows: (1.0, 2.0 if rows == loses_at else 0.5)
+
+    monkeypatch.setattr(int4, "timer", timer)
+    monkeypatch.setattr(int4, "torch_kernel_is_faster", lambda grids, width, dtype: False)
+    monkeypatch.setattr(projections, "_measured", Choices())
+    monkeypatch.setattr(fused_forward, "pick_packing", lambda *args: (128, "prepacked up to 128 rows"))
+    measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint)
+    layer, every = measured.layers[0], projections.ALL_ROWS
+    assert (layer.qkv.int4_rows, layer.o.int4_rows, layer.gate_up.int4_rows, layer.down.int4_rows) == (
+        every,
+        64,
+        every,
+        every,
+    )
+    assert measured.lm_head.int4_rows == 64  # the logits are never a prompt's rows: not timed at 512
+    assert layer.gate_up.packed_weight is None and layer.o.packed  # a dense matmul that no longer runs: no copy
+    assert ", 4-bit weights in every step for q/k/v, gate/up, down, up to 64 rows for o, logits (" in measured.kind
+    # A prompt's rows take one kernel whatever their number: the 4-bit one in every step, else the dense one.
+    calls = []
+    for linear in (layer.gate_up, layer.o):
+        quantized = linear.quantized
+        linear.quantized = lambda flat, quantized=quantized, name=linear.out_features: (
+            calls.append((name, flat.shape[0])) or quantized(flat)
+        )
+    layer.gate_up(torch.randn(1, 3, config.hidden_size), prefill=True)
+    layer.o(torch.randn(1, 3, config.hidden_size), prefill=True)
+    layer.o(torch.randn(1, 3, config.hidden_size))  # three decode rows
+    assert calls == [(2 * config.intermediate_size, 3), (config.hidden_size, 3)]
 
 
 @pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
