@@ -25,9 +25,11 @@ if TYPE_CHECKING:  # for the annotations only: the engine thread makes these, th
 _ids = itertools.count()
 # The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances. Below about
 # 32 rows a step's matmuls take the time of reading the weights: beside 3 streams at 2.7k tokens of context, a
-# step with 16 or 32 prompt tokens took 94 ms either way (2-core AMX host). With AVX2 only, any chunk makes a step
-# read the dense weights beside the 4-bit ones, and the bound allows fewer than 16 tokens; there 32 made those
-# steps 29% longer and two 3k-token prompts' prefill beside 4 streams 36% shorter (85 s to 55 s).
+# step with 16 or 32 prompt tokens took 94 ms either way (2-core AMX host). With AVX2 only (2-core AMD EPYC, prompts
+# on the 4-bit weights too) a chunk costs about 7.5 ms a token at 3k tokens of context, and the bound allows about
+# 12: there a floor of 16 instead of 32 cut the longest gap of 4 streams beside two 3k-token prompts from 424 to
+# 231 ms, but made the prompts' TTFT 29 and 57 s instead of 24 and 46, and agent turns of 30-45 new tokens two or
+# three steps (TTFT p50 0.46 s instead of 0.41).
 MIN_CHUNK = 32
 
 
