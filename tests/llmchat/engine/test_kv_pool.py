@@ -3,10 +3,14 @@ to what the pool holds, and every block back when the engine is idle."""
 
 import asyncio
 
-from llmchat.engine import Engine, EngineConfig, SchedulerConfig
+import pytest
+
+from llmchat.engine import Engine, EngineConfig, SchedulerConfig, dot8
 from llmchat.engine.kv_cache import kv_bytes_per_token
+from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.engine.projections import ALL_ROWS
 from llmchat.engine.sampling import SamplingParams
+from llmchat.settings import Settings
 from tests.conftest import prompt_ids, run_engine, settled
 
 QUESTIONS = [f"Tell me about the number {i} in a few sentences." for i in range(16)]
@@ -28,22 +32,32 @@ def idle_pool(health: dict) -> bool:
     return pool["blocks_used"] == 0 and pool["blocks_free"] + pool["blocks_cached"] == pool["blocks_total"]
 
 
-def test_a_full_pool_preempts_and_every_request_completes_with_the_same_tokens(loaded):
+# One kernel for every row count (the two runs decode different numbers of rows at a time): the dense matmuls, or the
+# 4-bit weights in every step, as where they win at a prompt's rows (where the crossover lies is measured per CPU).
+ONE_KERNEL = {"dense": 0, "4-bit": ALL_ROWS}
+
+
+@pytest.mark.parametrize("int4_rows", ONE_KERNEL.values(), ids=ONE_KERNEL.keys())
+def test_a_full_pool_preempts_and_every_request_completes_with_the_same_tokens(loaded, int4_rows):
     """16 clients on a pool for about four of them: the newest are preempted and recomputed, none fails, and the
     greedy tokens are those of a pool with room for all."""
+    if int4_rows:
+        if dot8.unavailable():
+            pytest.skip(f"llmchat's 4-bit kernel cannot run here: {dot8.unavailable()}")
+        # The fixture's model leaves its checkpoint out, and with it the 4-bit weights (conftest.py).
+        loaded = load_model(ModelConfig("bundled", device="cpu", dtype="float32", cache_dir=Settings().cache_dir))
     prompts = [prompt_ids(loaded, q) for q in QUESTIONS]
 
     async def body(engine: Engine):
         results = await asyncio.gather(*(generate(engine, p) for p in prompts))
         return [seq for seq, _ in results], await settled(engine)
 
-    # Dense matmuls at any row count (int4_rows=0): where the 4-bit weights take over is measured per CPU (2 rows
-    # here, 12 to 32 on AVX2), and the two runs decode different numbers of rows at a time.
-    dense = {"prefix_cache_bytes": 0, "int4_rows": 0}
-    roomy, _ = run_engine(loaded, SchedulerConfig(), body, **dense)
+    options = {"prefix_cache_bytes": 0, "int4_rows": int4_rows}
+    roomy, _ = run_engine(loaded, SchedulerConfig(), body, **options)
     per_request = -(-(len(prompts[0]) + 24) // 16)
     pool_bytes = 4 * per_request * block_bytes(loaded)
-    tight, health = run_engine(loaded, SchedulerConfig(), body, pool_bytes=pool_bytes, **dense)
+    tight, health = run_engine(loaded, SchedulerConfig(), body, pool_bytes=pool_bytes, **options)
+    assert ("4-bit weights in every step" in health["forward"]) == bool(int4_rows)
     assert [s.finish_reason for s in tight] == ["length"] * 16
     assert [s.completion_ids for s in tight] == [s.completion_ids for s in roomy]
     assert health["kv_pool"]["preemptions"] > 0 and sum(s.num_preempted for s in tight) > 0
