@@ -1,15 +1,18 @@
-"""llmchat's own CPU kernel for few-row matmuls over a GGUF's 4-, 5-, 6- and 8-bit weights (dot8.cpp), on AVX2 CPUs.
+"""llmchat's own CPU kernel for matmuls over a GGUF's 4-, 5-, 6- and 8-bit weights (dot8.cpp), on AVX2 CPUs.
 
 torch's int4 kernel widens every weight to float before multiplying, so on a 2-core AVX2 host a one-row
 decode step spent 13 of its 17.5 ms there, bound by arithmetic rather than by reading the weights.
 Rounding each input row to 8-bit levels per group of 32, as llama.cpp does, turns the work into integer
 dot products. llmchat rounds twice, the levels and then what they leave at a 254th of the step, and
-sums both products exactly in integers: the inputs keep about 16 bits, against bfloat16's 8 that
+sums both products in integers: the inputs keep about 16 bits, against bfloat16's 8 that
 torch's kernel takes. Measured there, one row through the 30 layers' matmuls took 6.5 ms instead of 9.5
 and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers` compares whole decode steps with either
 kernel). The kernel takes every weight as one signed byte a level: int4.py unpacks 4- and 5-bit levels once
 at load, which holds those weights in 9 or 10 bits each instead of 6 or 7 (with their scales), and made their
-matmuls 1.3 to 1.8x faster than multiplying the packed levels (2-core AVX2 host).
+matmuls 1.3 to 1.8x faster than multiplying the packed levels (2-core AVX2 host). The levels lie in tiles of 8
+outputs (`tiled`), so that one instruction multiplies a pair of inputs into 8 outputs: there the kernel beat
+oneDNN's float32 matmul at every row count timed, up to 512, and prompts take it too where it wins at load
+(projections.py).
 
 It is compiled at first use with the system's C++ compiler against this torch, in one library with the paged
 decode attention kernel (paged_attention.cpp, used by paged_kv.py), about 30 s, and kept in

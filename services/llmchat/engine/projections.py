@@ -255,8 +255,10 @@ def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
         on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
     timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)
     rows = int4.crossover(timer, f"4-bit {role}")
-    # The logits matmul takes each sequence's last row alone, never a prompt's: its row count stays a crossover.
-    if role != LOGITS and rows == int4.CANDIDATE_ROWS[-1] and int4.crossover(timer, f"4-bit {role}", (PROMPT_ROWS,)):
+    # The logits matmul takes each sequence's last row alone, never a prompt's: its row count stays a crossover. Only
+    # llmchat's kernel is known to give a row the same result beside any rows, as a prompt's kernel must (tested).
+    every = role != LOGITS and first.grid.kernel == int4.DOT8_KERNEL and rows == int4.CANDIDATE_ROWS[-1]
+    if every and int4.crossover(timer, f"4-bit {role}", (PROMPT_ROWS,)):
         rows = ALL_ROWS
     return {"kernel": first.grid.kernel, "rows": rows}
 
