@@ -7,9 +7,9 @@
 // lanes, and its scales are applied to 8 outputs in one multiply. Against the same levels laid out by output (two
 // vpmaddwd per output and group, summed across lanes at the end, a scale broadcast per output), that took 0.5x
 // (Q6_K) to 0.75x (Q5_0, Q8_0) the time at 8 to 512 rows, and beat oneDNN's float32 matmul at every row count timed
-// (0.73x to 0.82x its time at 512 rows; 2-core AVX2 host). Multiplying packed 4- and 5-bit levels as bytes (vpmaddubsw against the levels,
-// then the remainders) took 1.3x (Q4_K) to 1.8x (Q5_0) as long: unpacking them for every block of rows cost more
-// than their fewer bytes saved.
+// (0.73x to 0.82x its time at 512 rows; 2-core AVX2 host). Multiplying packed 4- and 5-bit levels as bytes
+// (vpmaddubsw against the levels, then the remainders) took 1.3x (Q4_K) to 1.8x (Q5_0) as long: unpacking them for
+// every block of rows cost more than their fewer bytes saved.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
