@@ -3,16 +3,17 @@
 torch's int4 kernel widens every weight to float before multiplying, so on a 2-core AVX2 host a one-row
 decode step spent 13 of its 17.5 ms there, bound by arithmetic rather than by reading the weights.
 Rounding each input row to 8-bit levels per group of 32, as llama.cpp does, turns the work into integer
-dot products. llmchat rounds twice, the levels and then what they leave at a 254th of the step, and
-sums both products in integers: the inputs keep about 16 bits, against bfloat16's 8 that
-torch's kernel takes. Measured there, one row through the 30 layers' matmuls took 6.5 ms instead of 9.5
-and the logits matmul 1.9 ms instead of 4.5 (`bin/just levers` compares whole decode steps with either
-kernel). The kernel takes every weight as one signed byte a level: int4.py unpacks 4- and 5-bit levels once
-at load, which holds those weights in 9 or 10 bits each instead of 6 or 7 (with their scales), and made their
-matmuls 1.3 to 1.8x faster than multiplying the packed levels (2-core AVX2 host). The levels lie in tiles of 8
-outputs (`tiled`), so that one instruction multiplies a pair of inputs into 8 outputs: there the kernel beat
-oneDNN's float32 matmul at every row count timed, up to 512, and prompts take it too where it wins at load
-(projections.py).
+dot products. Measured there, one row through the 30 layers' matmuls took 6.5 ms instead of 9.5 and the
+logits matmul 1.9 ms instead of 4.5 (`bin/just levers` compares whole decode steps with either kernel).
+The kernel takes every weight as one byte a level: int4.py unpacks 4- and 5-bit levels once at load, which
+holds those weights in 9 or 10 bits each instead of 6 or 7 (with their scales), and made their matmuls 1.3
+to 1.8x faster than multiplying the packed levels (2-core AVX2 host). The levels lie in tiles of 8 outputs
+(`tiled`), so that one instruction multiplies a few inputs into 8 outputs: there the kernel beat oneDNN's
+float32 matmul at every row count timed, up to 512, and prompts take it too where it wins at load
+(projections.py). Levels in -32..31 (every GGUF type but Q8_0) can take inputs of 8 bits (vpmaddubsw, 1.3 to
+1.5x faster) where the model's logits allow it (input_rounding.py); otherwise llmchat rounds twice, the levels
+and then what they leave at a 254th of the step, and sums both products in integers: the inputs keep about 16
+bits, against bfloat16's 8 that torch's kernel takes.
 
 It is compiled at first use with the system's C++ compiler against this torch, in one library with the paged
 decode attention kernel (paged_attention.cpp, used by paged_kv.py), about 30 s, and kept in
@@ -105,19 +106,28 @@ def _built(compiler: str) -> Path:
 TILE = 8  # outputs side by side in the kernel's layout (`tiled`)
 
 
+SHIFT = 32  # added to levels in -32..31 to make them unsigned bytes (dot8.cpp's Quads)
+
+
 def tiled(
-    levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
+    levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, quads: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A weight's int8 `levels` [out, in], float32 `scales` [out, in / 32] (Q6_K's: [out, in / 16]) and `offsets`
-    [out, in / 32] (or None) in the kernel's tiles of 8 outputs (dot8.cpp's Tiles); outputs past a multiple of 8 are
-    padded with zero levels and scales, and `levels_mm` returns their columns too."""
+    [out, in / 32] (or None) in the kernel's tiles of 8 outputs; outputs past a multiple of 8 are padded with zero
+    levels and scales, and `levels_mm` returns their columns too. Levels in -32..31 (every type but Q8_0) go in
+    quads of inputs, shifted to unsigned bytes (dot8.cpp's Quads: uint8 [out / 8, in / 32, 8, 8, 4]), the others in
+    pairs (Tiles: int8 [out / 8, in / 32, 16, 8, 2])."""
     out, width = levels.shape
     pad = -out % TILE
     if pad:
         levels, scales = F.pad(levels, (0, 0, 0, pad)), F.pad(scales, (0, 0, 0, pad))
         offsets = None if offsets is None else F.pad(offsets, (0, 0, 0, pad))
     tiles, groups = (out + pad) // TILE, width // GROUP
-    levels = levels.view(tiles, TILE, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
+    if quads and int(levels.min()) >= -SHIFT and int(levels.max()) < SHIFT:
+        shifted = (levels.to(torch.int16) + SHIFT).to(torch.uint8)
+        levels = shifted.view(tiles, TILE, groups, GROUP // 4, 4).permute(0, 2, 3, 1, 4)
+    else:
+        levels = levels.view(tiles, TILE, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     halves = scales.shape[1] // groups
     scales = scales.view(tiles, TILE, groups, halves).permute(0, 2, 3, 1)
     scales = scales[:, :, 0] if halves == 1 else scales
@@ -132,6 +142,8 @@ def untiled(
     """`tiled`'s inverse, for a weight of `out` outputs."""
     tiles, groups = levels.shape[:2]
     levels = levels.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, groups * GROUP)[:out]
+    if levels.dtype == torch.uint8:
+        levels = (levels.to(torch.int16) - SHIFT).to(torch.int8)
     per_group = scales if scales.dim() == 4 else scales[:, :, None]
     scales = per_group.permute(0, 3, 1, 2).reshape(tiles * TILE, -1)[:out]
     if offsets is not None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from llmchat.engine import input_rounding
 from llmchat.engine.attention import Attention
 from llmchat.engine.choices import Choices
 from llmchat.engine.cpu import has_amx_bf16
@@ -30,6 +31,7 @@ from llmchat.engine.projections import (
     Linear,
     checkpoint_grids,
     four_bit_kind,
+    kept,
     measure_int4_rows,
     packed_rows,
 )
@@ -184,6 +186,7 @@ class FusedForward:
         # A quantized model's own values are its quantized ones, not the grids of the checkpoint it came from.
         four_bit = model.device.type == "cpu" and int4_rows != 0 and not quantized
         grids = checkpoint_grids(model, projections, checkpoint if four_bit else None, gguf)
+        input_rounding.choose(model, projections, grids, kept(choices))
         linears: list[Linear | Modules] = [
             Linear(p, packed_up_to, grid)
             if kind == "dense"

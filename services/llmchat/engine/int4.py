@@ -9,12 +9,12 @@ faster once many rows share each weight read. The levels are read from the GGUF'
 at hand (gguf_grids.py: Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0); otherwise a float32 weight is
 checked for the grids its values alone reveal, Q4_1 groups spanning all 16 levels and Q8_0 ones.
 
-On AVX2 CPUs (AVX-512 ones included) llmchat's kernel (dot8.py) multiplies them, keeping about 16 bits
-of each input. Elsewhere, where it cannot be built, or where it is slower (`torch_kernel_is_faster`),
-torch's int4 kernel does the 4- and 8-bit grids with a scale per 32, on a copy in its layout with scales
-rounded to bfloat16, made at each start; it takes bfloat16 inputs, so a float32 model's rows are rounded
-to bfloat16 on the way in. The 5-bit grids and Q6_K's scales per 16 it cannot take: those weights then
-stay dense.
+On AVX2 CPUs (AVX-512 ones included) llmchat's kernel (dot8.py) multiplies them, keeping 8 bits of each
+input or about 16 (input_rounding.py decides per model). Elsewhere, where it cannot be built, or where it is
+slower (`torch_kernel_is_faster`), torch's int4 kernel does the 4- and 8-bit grids with a scale per 32, on a
+copy in its layout with scales rounded to bfloat16, made at each start; it takes bfloat16 inputs, so a float32
+model's rows are rounded to bfloat16 on the way in. The 5-bit grids and Q6_K's scales per 16 it cannot take:
+those weights then stay dense.
 """
 
 import json
@@ -235,6 +235,17 @@ class Grid:
             levels = levels.to(torch.int16) + shift.repeat_interleave(GROUP, 1).to(torch.int16)
             offsets = -(shift * scales)
         return pack(levels, scales, offsets) if offsets is not None else (levels, scales, None, None)
+
+    @property
+    def byte_inputs(self) -> bool:
+        """Whether llmchat's kernel rounds this grid's inputs to 8 bits (its levels in quads, dot8.py's `tiled`)."""
+        return self.kernel == DOT8_KERNEL and self.tensors[0] is not None and self.tensors[0].dtype == torch.uint8
+
+    def round_inputs_to_bytes(self, on: bool) -> None:
+        """Lays a grid of llmchat's kernel out again for 8-bit inputs (where its levels allow) or 16-bit ones."""
+        tiles, tile_scales, tile_offsets = self.tensors
+        assert self.kernel == DOT8_KERNEL and tiles is not None and tile_scales is not None
+        self.tensors = dot8.tiled(*dot8.untiled(tiles, tile_scales, tile_offsets, self.out_features), quads=on)
 
     @property
     def nbytes(self) -> int:

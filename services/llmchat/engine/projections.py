@@ -130,6 +130,11 @@ def checkpoint_grids(
 _measured = Choices()
 
 
+def kept(choices: Choices | None) -> Choices:
+    """Where a choice goes: `choices`, or by default this process's."""
+    return _measured if choices is None else choices
+
+
 # Projections whose crossovers are timed apart, in the order fused_forward._projections lists a layer's (the
 # logits matmul comes last): their shapes differ, and a Q8_0 weight's two grids take the input twice. Measured on
 # AVX2, the 4-bit weights won up to 12 rows for the logits, 16 for down, 32 for gate/up.
@@ -170,7 +175,7 @@ def packed_rows(
         return 0, f"not prepacked: {str(exc).splitlines()[0]}"
     shapes = ", ".join(f"{len(pairs)} x {width}" for pairs, width in timed)
     key = f"dense {str(dtype).removeprefix('torch.')} matmuls prepacked for oneDNN up to rows: {shapes}"
-    rows = (_measured if choices is None else choices).get(key, partial(_measure_packing, timed, dtype))
+    rows = kept(choices).get(key, partial(_measure_packing, timed, dtype))
     if not rows:
         return 0, f"not prepacked: slower at {PACKING_ROWS[0]} rows"
     return (ALL_ROWS, "prepacked") if rows == PACKING_ROWS[-1] else (rows, f"prepacked up to {rows} rows")
@@ -221,7 +226,7 @@ def measure_int4_rows(
     after moving a role's grids to torch's int4 kernel where that is faster at one row than llmchat's.
     `choices` keeps both per role and shape, so a restart (or a second engine) makes the same ones (default: kept
     in this process)."""
-    choices = _measured if choices is None else choices
+    choices = kept(choices)
     crossovers = {}
     for role in dict.fromkeys(roles):
         # Only a Linear keeps a 4-bit form (a Modules' int4 is None).
@@ -290,6 +295,9 @@ def four_bit_kind(linears: list[Linear | Modules], roles: list[str]) -> str:
     limit = ", ".join(parts)
     kernels = dict.fromkeys(p.int4.kernel for p in linears if p.int4 is not None)
     kernel = ", ".join(kernels)
+    if int4.DOT8_KERNEL in kernels:  # see input_rounding.py
+        byte_inputs = any(p.int4.byte_inputs for p in linears if p.int4 is not None)
+        kernel = kernel.replace(int4.DOT8_KERNEL, f"{int4.DOT8_KERNEL} of {8 if byte_inputs else 16}-bit inputs")
     if int4.DOT8_KERNEL not in kernels and (why := dot8.unavailable()):
         kernel += f": {why}"
     return f", 4-bit weights {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmchat.engine import dot8, fused_forward, int4, projections
+from llmchat.engine import dot8, fused_forward, input_rounding, int4, projections
 from llmchat.engine.choices import Choices
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
@@ -64,33 +64,38 @@ def test_eight_bit_weights_keep_their_values():
     assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
 
 
-def eight_bit_inputs(x: torch.Tensor) -> torch.Tensor:
+def rounded_inputs(x: torch.Tensor, byte_inputs: bool) -> torch.Tensor:
     """x as the kernel rounds it: each group of 32 as levels -127..127 of a scale that puts its largest magnitude
-    at 127, plus the remainders' levels at a 254th of that scale."""
+    at 127, plus (16-bit inputs) the remainders' levels at a 254th of that scale."""
     groups = x.view(x.shape[0], -1, int4.GROUP)
     scale = groups.abs().amax(-1, keepdim=True) / 127
     step = torch.where(scale > 0, scale, 1.0)
     coarse = (groups / step).round()
-    fine = ((groups - coarse * scale) / (step / 254)).round()
+    fine = torch.zeros_like(coarse) if byte_inputs else ((groups - coarse * scale) / (step / 254)).round()
     return ((coarse + fine / 254) * scale).view_as(x)
 
 
 @pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
-def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs_to_16_bits():
+@pytest.mark.parametrize("byte_inputs", [True, False], ids=["8-bit inputs", "16-bit inputs"])
+def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs(byte_inputs):
     # 20 outputs: the kernel's tiles of 8 are padded, and the padding's outputs not returned.
-    q4_1, q8_0, odd = q4_1_like(96, 128), q8_0_like(80, 128), q8_0_like(20, 128)
+    q4_1, q8_0, odd = q4_1_like(96, 128), q8_0_like(80, 128), q4_1_like(20, 128)
     q4_1[5, :32] = 0.25  # a flat group: scale 0
     q8_0[2, 32:64] = 0.0  # an all-zero group: scale 0
     for weight in (q4_1, q8_0, odd):
         grid = int4.Grid(*int4.grid_levels(weight))
         assert grid.kernel == int4.DOT8_KERNEL
+        # Levels in -32..31 take 8-bit inputs unless laid out again; Q8_0's always take 16-bit ones.
+        assert grid.byte_inputs == (weight is not q8_0)
+        grid.round_inputs_to_bytes(byte_inputs)
+        assert grid.byte_inputs == (byte_inputs and weight is not q8_0)
         offsets = grid.dot8_levels[2]
         offsets = torch.zeros_like(weight) if offsets is None else offsets.repeat_interleave(int4.GROUP, 1)
         for rows in (1, 3, 4, 9):  # the kernel takes rows four at a time, then the rest
             x = torch.randn(rows, 128)
             x[0, 64:96] = 0.0  # an all-zero input group
             # The offsets multiply the exact inputs: a group's sum is taken before rounding.
-            expected = eight_bit_inputs(x) @ (weight - offsets).t() + x @ offsets.t()
+            expected = rounded_inputs(x, grid.byte_inputs) @ (weight - offsets).t() + x @ offsets.t()
             got = grid.matmul(x)
             assert got.shape == (rows, weight.shape[0])
             assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -299,7 +304,7 @@ def test_a_kind_of_projection_moves_to_torchs_kernel_where_that_is_faster(monkey
     assert len(widths) == 5  # timed once per kind of projection
     kernels = {(name, getattr(layer, name).int4.kernel) for layer in measured.layers for name in ("qkv", "down")}
     assert kernels == {("qkv", int4.DOT8_KERNEL), ("down", int4.TORCH_KERNEL)}
-    assert f"{int4.DOT8_KERNEL}, {int4.TORCH_KERNEL})" in measured.kind
+    assert f"{int4.DOT8_KERNEL} of 16-bit inputs, {int4.TORCH_KERNEL})" in measured.kind
 
 
 def test_a_kernel_that_cannot_be_built_says_why(tmp_path, monkeypatch):
@@ -356,3 +361,28 @@ def test_llmchats_kernel_takes_a_byte_a_level_signed_where_the_offset_is_whole_s
     # 200 steps below zero: signed, the levels would not fit a byte, so they keep their offsets.
     (wide, _, offsets), shift = int4.widened(int4.pack(levels, scales, -200 * scales))
     assert shift is None and torch.equal(wide, levels.to(torch.int8)) and torch.equal(offsets, -200 * scales)
+
+
+@pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
+def test_the_models_own_logits_decide_whether_inputs_are_rounded_to_8_bits(monkeypatch):
+    loaded = load("float32")
+    divergence = input_rounding.divergence_of_byte_inputs
+    built = fused_forward._projections
+    projs = [*(p for layer in loaded.model.model.layers for p in built(layer)), [loaded.model.lm_head]]
+    grids = projections.checkpoint_grids(loaded.model, projs, loaded.checkpoint, loaded.gguf)
+    # The bundled SmolLM2's huge activations: its layers' Q4_1 weights would take 8-bit inputs, its logits would move.
+    assert sum(g.byte_inputs for g in grids) == 120 and not grids[-1].byte_inputs  # the Q8_0 logits matmul
+    assert input_rounding.divergence_of_byte_inputs(loaded.model, projs, grids) > input_rounding.MAX_KL
+    monkeypatch.setattr(projections, "_measured", Choices())
+    kept = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=4, gguf=loaded.gguf)
+    assert "8-bit dot products of 16-bit inputs)" in kept.kind
+    assert not any(p.int4.byte_inputs for layer in kept.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    # Where rounding the inputs costs the logits nothing measurable, the grids keep 8-bit inputs.
+    monkeypatch.setattr(projections, "_measured", Choices())
+    monkeypatch.setattr(input_rounding, "divergence_of_byte_inputs", lambda *args: 1e-5)
+    rounded = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=4, gguf=loaded.gguf)
+    assert "8-bit dot products of 8-bit inputs)" in rounded.kind
+    assert all(p.int4.byte_inputs for layer in rounded.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    # The divergence compares the two roundings and nothing else: with the layout left alone it is none at all.
+    monkeypatch.setattr(int4.Grid, "round_inputs_to_bytes", lambda grid, on: None)
+    assert divergence(loaded.model, projs, grids) == 0.0
