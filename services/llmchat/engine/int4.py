@@ -17,6 +17,7 @@ model's rows are rounded to bfloat16 on the way in. The 5-bit grids and Q6_K's s
 those weights then stay dense.
 """
 
+import copy
 import json
 import logging
 import os
@@ -235,6 +236,18 @@ class Grid:
             levels = levels.to(torch.int16) + shift.repeat_interleave(GROUP, 1).to(torch.int16)
             offsets = -(shift * scales)
         return pack(levels, scales, offsets) if offsets is not None else (levels, scales, None, None)
+
+    def head(self, out_features: int) -> "Grid":
+        """The grid of this weight's first `out_features` outputs (a multiple of 8) in llmchat's kernel, sharing its
+        tensors: for timing a large weight's kernels on part of it, without copies of all of it."""
+        assert self.kernel == DOT8_KERNEL and out_features % dot8.TILE == 0
+        if out_features >= self.out_features:
+            return self
+        part = copy.copy(self)
+        part.tensors = tuple(None if t is None else t[: out_features // dot8.TILE] for t in self.tensors)
+        part.out_features = out_features
+        part._shift = None if self._shift is None else self._shift[:out_features]
+        return part
 
     @property
     def byte_inputs(self) -> bool:

@@ -254,8 +254,11 @@ def measure_int4_rows(
 def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
     """The kernel for one kind of projection (timed on `group`, a few of them) and its crossover."""
     first = group[0]
+    # The kernels compared on at most CROSSOVER_BYTES of the weights: torch's takes a copy in its own layout, and of a
+    # whole logits matmul (151,936 x 896) making it took 2.8 GB more memory at its peak (the load's largest).
+    outputs = max(dot8.TILE, CROSSOVER_BYTES // (first.in_features * dtype.itemsize) // dot8.TILE * dot8.TILE)
     if first.grid.kernel == int4.DOT8_KERNEL and int4.torch_kernel_is_faster(
-        [p.grid for p in group], first.in_features, dtype
+        [p.grid.head(outputs) for p in group], first.in_features, dtype
     ):
         on_torch_kernel(group)  # before the crossover is timed, which then times torch's kernel
     timer = int4.timer([(p.dense, p.quantized) for p in group], first.in_features, dtype)

@@ -102,6 +102,13 @@ def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs(byte_inputs):
             assert grid.matmul(x.bfloat16()).dtype == torch.bfloat16
             # A row's result is the same beside any rows: a prompt's keys do not depend on how it was chunked.
             assert all(torch.equal(grid.matmul(x[i : i + 1]), got[i : i + 1]) for i in range(rows))
+            # The first 16 outputs alone, for timing part of a large weight, sharing its tensors.
+            head = grid.head(16)
+            assert torch.equal(head.matmul(x), got[:, :16]) and head.tensors[0].data_ptr() == grid.tensors[0].data_ptr()
+        assert all(
+            a is b is None or torch.equal(a, b[:16])
+            for a, b in zip(grid.head(16).dot8_levels, grid.dot8_levels, strict=True)
+        )
 
 
 def test_the_kernel_in_use_is_named():
