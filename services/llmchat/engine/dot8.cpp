@@ -84,7 +84,6 @@ Levels to_levels(const at::Tensor& x) {
   const float* in = x.data_ptr<float>();
   float* scales = out.scales.data_ptr<float>();
   float* sums = out.sums.data_ptr<float>();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i steps = _mm256_set1_epi32(static_cast<int>(kFine));
   for (int64_t g = 0; g < count; ++g) {
     const Group group = load_group(in + g * kGroup);
@@ -126,7 +125,6 @@ Bytes to_bytes(const at::Tensor& x) {
   float* scales = out.scales.data_ptr<float>();
   int32_t* shifts = out.shifts.data_ptr<int32_t>();
   float* sums = out.sums.data_ptr<float>();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t g = 0; g < count; ++g) {
     const Group group = load_group(in + g * kGroup);
     const __m256* part = group.part;
@@ -231,7 +229,7 @@ struct Quads {
   float* result;
 };
 
-// Quads' tile_rows. A quad of levels meets each row's 4 inputs broadcast to every output (vpmaddubsw: unsigned
+// tile_rows for Quads. A quad of levels meets each row's 4 inputs broadcast to every output (vpmaddubsw: unsigned
 // levels times signed inputs, summed in pairs to 16 bits), two quads are added in 16 bits and then widened in pairs
 // to 32 (vpmaddwd by ones): each lane again holds one output's sum. 16 bits hold it: a level is at most 63 and an
 // input 127 in magnitude, so two quads' pair sums stay within 4 * 63 * 127 = 32004. Half the instructions of

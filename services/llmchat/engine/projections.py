@@ -298,9 +298,11 @@ def four_bit_kind(linears: list[Linear | Modules], roles: list[str]) -> str:
     limit = ", ".join(parts)
     kernels = dict.fromkeys(p.int4.kernel for p in linears if p.int4 is not None)
     kernel = ", ".join(kernels)
-    if int4.DOT8_KERNEL in kernels:  # see input_rounding.py
-        byte_inputs = any(p.int4.byte_inputs for p in linears if p.int4 is not None)
-        kernel = kernel.replace(int4.DOT8_KERNEL, f"{int4.DOT8_KERNEL} of {8 if byte_inputs else 16}-bit inputs")
+    if int4.DOT8_KERNEL in kernels:  # 8-bit inputs where the model allows them, Q8_0's 16-bit (input_rounding.py)
+        bits = sorted(
+            {8 if p.int4.byte_inputs else 16 for p in linears if p.int4 and p.int4.kernel == int4.DOT8_KERNEL}
+        )
+        kernel = kernel.replace(int4.DOT8_KERNEL, f"{int4.DOT8_KERNEL} of {'- and '.join(map(str, bits))}-bit inputs")
     if int4.DOT8_KERNEL not in kernels and (why := dot8.unavailable()):
         kernel += f": {why}"
     return f", 4-bit weights {limit} ({num_int4} of {len(linears)} matmuls, {kernel})"
