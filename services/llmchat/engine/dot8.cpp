@@ -149,17 +149,20 @@ Bytes to_bytes(const at::Tensor& x) {
 // A weight in tiles of 8 outputs (dot8.py's `tiled`): for each 8 outputs and each group of 32 inputs, 256 levels as
 // 16 pairs of inputs, each pair's 8 outputs side by side (int8 [out / 8, groups, 16, 8, 2]); the scales of those 8
 // outputs for the group side by side ([out / 8, groups, 8], or Q6_K's per 16: [out / 8, groups, 2, 8]), and their
-// offsets likewise ([out / 8, groups, 8], or none).
-struct Tiles {
-  const int8_t* levels;
+// offsets likewise ([out / 8, groups, 8], or none). With the input rows' values, scales, sums (and Quads' shifts).
+template <typename Level, typename Value>
+struct Weight {
+  const Level* levels;
   const float* scales;
   const float* offsets;  // or null
   int64_t groups, out;
-  const int16_t* values;  // the input rows' (to_levels)
+  const Value* values;
   const float* value_scales;
+  const int32_t* shifts;  // Quads' only
   const float* sums;
   float* result;
 };
+using Tiles = Weight<int8_t, int16_t>;  // inputs from to_levels
 
 constexpr int64_t kTile = 8;                  // outputs a tile holds
 constexpr int64_t kTileBytes = kTile * kGroup;  // levels of one tile and group
@@ -217,17 +220,7 @@ void tile_rows(const Tiles& t, int64_t tile, int64_t first) {
 // A weight whose levels lie in -32..31 (every type but Q8_0), in tiles of 8 outputs as Tiles but 4 inputs to a lane:
 // for each 8 outputs and group of 32 inputs, 8 quads of inputs, each quad's 8 outputs side by side, one unsigned
 // byte a level shifted by kShift (uint8 [out / 8, groups, 8, 8, 4]). Inputs rounded to one byte (to_bytes).
-struct Quads {
-  const uint8_t* levels;
-  const float* scales;
-  const float* offsets;  // or null
-  int64_t groups, out;
-  const int8_t* values;  // the input rows' (to_bytes)
-  const float* value_scales;
-  const int32_t* shifts;
-  const float* sums;
-  float* result;
-};
+using Quads = Weight<uint8_t, int8_t>;
 
 // tile_rows for Quads. A quad of levels meets each row's 4 inputs broadcast to every output (vpmaddubsw: unsigned
 // levels times signed inputs, summed in pairs to 16 bits), two quads are added in 16 bits and then widened in pairs
@@ -297,7 +290,7 @@ void pairs_mm(const at::Tensor& x, const at::Tensor& levels, const float* scales
               at::Tensor& y) {
   const Levels in = to_levels(x);
   const Tiles t{levels.data_ptr<int8_t>(), scales,    offsets, levels.size(1), y.size(1), in.values.data_ptr<int16_t>(),
-                in.scales.data_ptr<float>(), in.sums.data_ptr<float>(), y.data_ptr<float>()};
+                in.scales.data_ptr<float>(), nullptr, in.sums.data_ptr<float>(), y.data_ptr<float>()};
   if (per_16) {
     all_rows<Tiles, tile_rows<true, kRows>, tile_rows<true, 1>>(t, x.size(0));
   } else {
