@@ -210,3 +210,16 @@ def teacher_forced(forward, model, tokenizer, masked: bool = True):
             step_mask = mask if masked else None
             steps.append(forward(torch.tensor([[token]]), step_mask, torch.tensor([[ids.shape[1] + i]]), cache).float())
     return torch.cat(steps)
+
+
+def rounded_inputs(x, byte_inputs: bool):
+    """x as the kernel rounds it: each group of 32 as levels -127..127 of a scale that puts its largest magnitude
+    at 127, plus (16-bit inputs) the remainders' levels at a 254th of that scale."""
+    import torch
+
+    groups = x.view(x.shape[0], -1, 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    step = torch.where(scale > 0, scale, 1.0)
+    coarse = (groups / step).round()
+    fine = torch.zeros_like(coarse) if byte_inputs else ((groups - coarse * scale) / (step / 254)).round()
+    return ((coarse + fine / 254) * scale).view_as(x)

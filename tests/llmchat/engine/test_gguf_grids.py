@@ -10,6 +10,7 @@ from gguf.quants import dequantize, quantize
 
 from llmchat.engine import dot8, int4
 from llmchat.engine.gguf_grids import RANGES, GGUFWeights, Q, block_levels
+from tests.conftest import rounded_inputs
 
 needs_kernel = pytest.mark.skipif(dot8.unavailable() is not None, reason="llmchat's kernel cannot run here")
 
@@ -105,12 +106,18 @@ def test_the_kernel_multiplies_each_type_as_its_dense_weight(kind, rows):
     # Packed again exactly, for torch's kernel to be timed against (5-bit levels keep their fifth bits apart).
     assert all(a is b is None or torch.equal(a, b) for a, b in zip(grid.dot8_levels, packed, strict=True))
     assert (packed[3] is not None) == (RANGES[kind] == (0, 31))
-    x = torch.randn(rows, 512)
-    expected = x @ values.t()
-    # The kernel keeps about 8 bits of each input, or 16.
-    assert (grid.matmul(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
-    grid.round_inputs_to_bytes(False)
-    assert not grid.byte_inputs and (grid.matmul(x) - expected).abs().max() <= 1e-3 * expected.abs().max()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    for byte_inputs in (kind != Q.Q8_0, False):
+        grid.round_inputs_to_bytes(byte_inputs)
+        assert grid.byte_inputs == byte_inputs
+        # The weight as the kernel holds it is the GGUF's, and it multiplies the inputs as rounded to 8 or about 16
+        # bits (offsets: the exact inputs).
+        held, held_scales, held_offsets = dot8.untiled(*grid.tensors, 48)
+        assert torch.allclose(dense(held, held_scales, held_offsets), values, rtol=0, atol=1e-6)
+        expected = rounded_inputs(x, byte_inputs) @ dense(held, held_scales, None).t()
+        if held_offsets is not None:
+            expected += x @ held_offsets.repeat_interleave(32, 1).t()
+        assert (grid.matmul(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_fused_projections_of_different_types_meet_as_signed_levels():

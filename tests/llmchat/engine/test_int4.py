@@ -12,7 +12,7 @@ from llmchat.engine.choices import Choices
 from llmchat.engine.fused_forward import FusedForward
 from llmchat.engine.loader import ModelConfig, load_model
 from llmchat.settings import Settings
-from tests.conftest import teacher_forced
+from tests.conftest import rounded_inputs, teacher_forced
 
 
 def q4_1_like(out_features: int, in_features: int) -> torch.Tensor:
@@ -62,17 +62,6 @@ def test_eight_bit_weights_keep_their_values():
     got = int4.Grid(levels, scales, offsets, dot8_kernel=False).matmul(x)  # two 4-bit grids over the input twice
     assert got.dtype == torch.float32  # in the input's dtype, computed in bfloat16
     assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
-
-
-def rounded_inputs(x: torch.Tensor, byte_inputs: bool) -> torch.Tensor:
-    """x as the kernel rounds it: each group of 32 as levels -127..127 of a scale that puts its largest magnitude
-    at 127, plus (16-bit inputs) the remainders' levels at a 254th of that scale."""
-    groups = x.view(x.shape[0], -1, int4.GROUP)
-    scale = groups.abs().amax(-1, keepdim=True) / 127
-    step = torch.where(scale > 0, scale, 1.0)
-    coarse = (groups / step).round()
-    fine = torch.zeros_like(coarse) if byte_inputs else ((groups - coarse * scale) / (step / 254)).round()
-    return ((coarse + fine / 254) * scale).view_as(x)
 
 
 @pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
