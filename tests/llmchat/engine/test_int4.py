@@ -379,6 +379,12 @@ def test_the_models_own_logits_decide_whether_inputs_are_rounded_to_8_bits(monke
     rounded = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=4, gguf=loaded.gguf)
     assert "8-bit dot products of 8- and 16-bit inputs)" in rounded.kind  # the Q8_0 logits matmul's 16
     assert all(p.int4.byte_inputs for layer in rounded.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    # A model the check cannot run through still loads, on 16-bit inputs, and nothing is kept of it.
+    monkeypatch.setattr(projections, "_measured", Choices())
+    monkeypatch.setattr(input_rounding, "divergence_of_byte_inputs", lambda *args: 1 / 0)
+    failed = FusedForward(loaded.model, checkpoint=loaded.checkpoint, int4_rows=4, gguf=loaded.gguf)
+    assert "8-bit dot products of 16-bit inputs)" in failed.kind
+    assert not [key for key in projections._measured.values if key.startswith("8-bit inputs")]
     # The divergence compares the two roundings and nothing else: with the layout left alone it is none at all.
     monkeypatch.setattr(int4.Grid, "round_inputs_to_bytes", lambda grid, on: None)
     assert divergence(loaded.model, projs, grids) == 0.0
