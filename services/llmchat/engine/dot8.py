@@ -10,8 +10,8 @@ holds those weights in 9 or 10 bits each instead of 6 or 7 (with their scales), 
 to 1.8x faster than multiplying the packed levels (2-core AVX2 host). The levels lie in tiles of 8 outputs
 (`tiled`), so that one instruction multiplies a few inputs into 8 outputs: there the kernel beat oneDNN's
 float32 matmul at every row count timed, up to 512, and prompts take it too where it wins at load
-(projections.py). Levels in -32..31 (every GGUF type but Q8_0) can take inputs of 8 bits (vpmaddubsw, 1.3 to
-1.5x faster) where the model's logits allow it (input_rounding.py); otherwise llmchat rounds twice, the levels
+(projections.py). Levels in -32..31 (every GGUF type but Q8_0) can take inputs of 8 bits (vpmaddubsw, 0.65 to
+0.8x the time) where the model's logits allow it (input_rounding.py); otherwise llmchat rounds twice, the levels
 and then what they leave at a 254th of the step, and sums both products in integers: the inputs keep about 16
 bits, against bfloat16's 8 that torch's kernel takes.
 
