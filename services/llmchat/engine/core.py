@@ -46,6 +46,10 @@ BLOCK_SIZE = 16  # tokens of one KV block (the prefix cache's unit)
 # running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine. With 4, 2 and 1.5,
 # a 3k-token prompt arriving beside 4 streams made gaps 6x, 3.5x and 2.6x their median (2-core AMX host).
 STALL_STEPS = 1.5
+# A prompt whose uncached part takes at most this many decode steps' time (an agent's next turn, 20-35 tokens
+# beyond its cached conversation) is computed in one step, not in chunks of the bound: split, it stalls the
+# streams as long in all and waits a step more for each piece (Scheduler.plan_prefill).
+WHOLE_STEPS = 10
 
 # The loop's heartbeat while idle, and how long the engine idles before the freed heap goes back (heap.py).
 IDLE_S = 1.0
@@ -325,7 +329,7 @@ class Engine:
                 self._fail_group(seq, "the KV pool cannot hold this request's prompt and choices")
         for seq in self.preemption.make_room():
             self._fail_group(seq, "the KV pool is full")
-        chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), self._max_chunk())
+        chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), *self._chunk_bounds())
         if not chunks and not self.runner.rows:
             return
         start = time.perf_counter()
@@ -376,7 +380,7 @@ class Engine:
                 self._admit(seq)
             except torch.OutOfMemoryError:
                 self._out_of_memory([seq])
-        chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), self._max_chunk())
+        chunks = self.scheduler.plan_prefill(sum(len(s.pending) for s in self.runner.rows), *self._chunk_bounds())
         if chunks:
             start = time.perf_counter()
             try:
@@ -408,9 +412,12 @@ class Engine:
         if self.runner.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _max_chunk(self) -> int | None:
-        """Prompt tokens this step may prefill without stalling the decoding rows for over STALL_STEPS steps."""
-        return self.step_cost.max_chunk(STALL_STEPS) if self.runner.rows else None
+    def _chunk_bounds(self) -> tuple[int | None, int]:
+        """Prompt tokens this step may prefill without stalling the decoding rows for over STALL_STEPS steps, and
+        the size of a prompt that goes whole (WHOLE_STEPS); (None, 0) with nothing decoding."""
+        if not self.runner.rows:
+            return None, 0
+        return self.step_cost.max_chunk(STALL_STEPS), self.step_cost.max_chunk(WHOLE_STEPS) or 0
 
     def _reap(self) -> None:
         for seq in self.scheduler.reap_aborted():

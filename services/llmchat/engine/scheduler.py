@@ -23,14 +23,15 @@ if TYPE_CHECKING:  # for the annotations only: the engine thread makes these, th
     from transformers.cache_utils import DynamicCache
 
 _ids = itertools.count()
-# The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances. Below about
-# 32 rows a step's matmuls take the time of reading the weights: beside 3 streams at 2.7k tokens of context, a
-# step with 16 or 32 prompt tokens took 94 ms either way (2-core AMX host). With AVX2 only (2-core AMD EPYC, prompts
-# on the 4-bit weights too) a chunk costs about 7.5 ms a token at 3k tokens of context, and the bound allows about
-# 12: there a floor of 16 instead of 32 cut the longest gap of 4 streams beside two 3k-token prompts from 424 to
-# 231 ms, but made the prompts' TTFT 29 and 57 s instead of 24 and 46, and agent turns of 30-45 new tokens two or
-# three steps (TTFT p50 0.46 s instead of 0.41).
-MIN_CHUNK = 32
+# The smallest prefill chunk a step runs, however many rows decode: a long prompt always advances. Where a
+# prompt token costs little beside a decode step the stall bound lies above it (2-core AMX host: below about 32
+# rows a step's matmuls take the time of reading the weights). With AVX2 only (2-core AMD EPYC) a chunk token cost
+# about 6 ms at 2.8k tokens of context beside a 65 ms decode step of 4 rows, bound by arithmetic in its matmuls
+# and its attention alike (SDPA there runs at 70% of MKL's sgemm), and the bound allows about 16. There a floor of
+# 32 made the longest gap of 4 streams beside two 3k-token prompts 330 ms, 4.3x a decode step; 16 made it 239 ms,
+# the streams ran twice as fast while the prompts prefilled, and the prompts' TTFT grew from 25.0 and 47.7 s to
+# 25.3 and 51.8. Short prompts, agents' turns, are not chunked at all (plan_prefill's whole_up_to).
+MIN_CHUNK = 16
 
 
 class QueueFull(Exception):
@@ -237,13 +238,18 @@ class Scheduler:
                     return True
         return False
 
-    def plan_prefill(self, num_decoding: int, max_chunk: int | None = None) -> list[tuple[Sequence, int]]:
+    def plan_prefill(
+        self, num_decoding: int, max_chunk: int | None = None, whole_up_to: int = 0
+    ) -> list[tuple[Sequence, int]]:
         """How many prompt tokens each prefilling sequence computes this step, within the step's token budget.
 
         The budget is what the decoding rows leave of max_batched_tokens, and at most `max_chunk`
         tokens (the engine's bound on how long running streams may wait). Shortest remaining prompt
         first, so a short newcomer is not stuck behind a long one; the longest-waiting sequence always
-        gets at least an equal share, so a long prompt still advances every step.
+        gets at least an equal share, so a long prompt still advances every step. A prompt of at most
+        `whole_up_to` tokens beyond its cached prefix (an agent's next turn) is computed whole, in a step
+        of up to that many prompt tokens: split, it would stall the running streams as long in all and
+        wait a decode step more for each piece.
         """
         pending = [
             s for s in self.running if s.is_prefilling and s.parent is None and not s.is_finished and not s.is_aborted
@@ -251,9 +257,18 @@ class Scheduler:
         if not pending:
             return []
         budget = self._max_batched_tokens - num_decoding
-        budget = max(budget if max_chunk is None else min(budget, max_chunk), MIN_CHUNK)
-        plan = {id(pending[0]): min(_remaining(pending[0]), max(budget // len(pending), 1))}
-        left = budget - plan[id(pending[0])]
+        bound = max(budget if max_chunk is None else min(budget, max_chunk), MIN_CHUNK)
+        plan = {id(pending[0]): min(_remaining(pending[0]), max(bound // len(pending), 1))}
+        taken, room = plan[id(pending[0])], max(bound, min(whole_up_to, budget))
+        for seq in sorted(pending, key=_remaining):
+            if len(seq.prefill_ids) - seq.num_cached_tokens > whole_up_to:
+                continue
+            need = _remaining(seq) - plan.get(id(seq), 0)
+            if taken + need > room:
+                break
+            plan[id(seq)] = plan.get(id(seq), 0) + need
+            taken += need
+        left = bound - taken
         for seq in sorted(pending, key=_remaining):
             if left <= 0:
                 break

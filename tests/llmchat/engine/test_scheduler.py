@@ -7,7 +7,7 @@ import pytest
 
 from llmchat.engine.block_pool import BlockPool
 from llmchat.engine.sampling import SamplingParams
-from llmchat.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
+from llmchat.engine.scheduler import MIN_CHUNK, QueueFull, Scheduler, SchedulerConfig, Sequence, Status
 
 PARAMS = SamplingParams(max_tokens=8)
 
@@ -152,3 +152,29 @@ def test_a_preempted_sequence_goes_back_to_the_head_of_the_queue(loop):
     assert list(scheduler.waiting) == [running, waiting] and scheduler.running == []
     assert running.status is Status.WAITING
     assert scheduler.schedule() == [running]  # first again, past the queue's bound
+
+
+def test_beside_decoding_rows_a_short_prompt_goes_whole_and_a_long_one_within_the_bound(loop):
+    """An agent's next turn (40 tokens beyond its cached conversation) is computed in one step; a long prompt
+    arriving with it takes its share of the stall bound, however much it has left."""
+    scheduler = Scheduler(SchedulerConfig(max_running=4, max_batched_tokens=512))
+    long, turn = seq(loop, 3000), seq(loop, 2740)
+    turn.num_cached_tokens = turn.num_computed = 2700
+    scheduler.add(long)
+    scheduler.add(turn)
+    scheduler.schedule()
+    plan = dict((id(s), n) for s, n in scheduler.plan_prefill(num_decoding=4, max_chunk=20, whole_up_to=60))
+    assert plan == {id(long): 10, id(turn): 40}  # the longest waiting keeps an equal share of the bound
+    # Over whole_up_to, the turn is a prompt like any other: chunks of the bound, at least MIN_CHUNK.
+    plan = dict((id(s), n) for s, n in scheduler.plan_prefill(num_decoding=4, max_chunk=4, whole_up_to=30))
+    assert sum(plan.values()) == MIN_CHUNK and plan[id(long)] == MIN_CHUNK // 2
+
+
+def test_short_prompts_go_whole_only_as_far_as_one_step_of_whole_up_to_tokens(loop):
+    scheduler = Scheduler(SchedulerConfig(max_running=4, max_batched_tokens=512))
+    turns = [seq(loop, 50) for _ in range(3)]
+    for turn in turns:
+        scheduler.add(turn)
+    scheduler.schedule()
+    plan = [n for _, n in scheduler.plan_prefill(num_decoding=4, max_chunk=20, whole_up_to=110)]
+    assert plan == [50, 50]  # two whole; the third would take the step past 110, and goes whole in the next
