@@ -21,14 +21,13 @@ from llmchat.engine.constraints import GrammarMasks
 from llmchat.engine.heap import return_free_heap
 from llmchat.engine.kv_cache import (
     default_pool_bytes,
-    kv_bytes_per_token,
     kv_shape,
     kv_token_budget,
     make_prefix_cache,
 )
 from llmchat.engine.loader import LoadedModel
 from llmchat.engine.outputs import OutputProcessor
-from llmchat.engine.paged_kv import PagedKV
+from llmchat.engine.paged_kv import PagedKV, pool_bytes_per_token, pool_dtype
 from llmchat.engine.paged_runner import PagedRunner, in_kv
 from llmchat.engine.preemption import Preemption
 from llmchat.engine.prefix_cache import PrefixCache
@@ -93,11 +92,12 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None
         self.prefix_cache_off: str | None = "turned off in the settings" if config.prefix_cache_bytes == 0 else None
         if hasattr(forward, "paged"):  # llmchat's fused pass: the paged KV pool
+            dtype = pool_dtype(model.dtype, model.device)
             pool_bytes = config.pool_bytes
             if pool_bytes is None:
-                pool_bytes = default_pool_bytes(model, self.max_context)
-            num_blocks = max(pool_bytes // (kv_bytes_per_token(model) * BLOCK_SIZE), 2)
-            kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, model.dtype, model.device)
+                pool_bytes = default_pool_bytes(model, self.max_context, dtype)
+            num_blocks = max(pool_bytes // (pool_bytes_per_token(model) * BLOCK_SIZE), 2)
+            kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, dtype, model.device)
             pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=config.prefix_cache_bytes != 0)
             self.paged = PagedRunner(forward, kv, pool, model.device, model.config.num_attention_heads)
             self.runner: PagedRunner | BatchRunner = self.paged
@@ -195,6 +195,7 @@ class Engine:
         else:
             attention = f"{gathered} (reading blocks in place: {paged.why_gathered})"
         return paged.pool.describe() | {
+            "dtype": str(paged.kv.keys[0].dtype).removeprefix("torch."),
             "bytes_per_token": paged.kv.bytes_per_token,
             "bytes_total": paged.kv.nbytes,
             "bytes_used": paged.kv_cache_bytes(),

@@ -46,7 +46,7 @@ SOURCE = Path(__file__).with_name("dot8.cpp")
 SOURCES = (SOURCE, SOURCE.with_name("paged_attention.cpp"))
 # -fopenmp: ATen's parallel_for is inline OpenMP code. The library then needs libgomp.so.1, which resolves to
 # the copy torch's wheels load, so the kernel shares torch's threads (tested).
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 
 
 def build_dir() -> Path:

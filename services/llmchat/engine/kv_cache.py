@@ -105,9 +105,10 @@ def kv_shape(model: "PreTrainedModel") -> tuple[int, int, int]:
     return config.num_hidden_layers, config.num_key_value_heads, head_dim
 
 
-def kv_bytes_per_token(model: "PreTrainedModel") -> int:
+def kv_bytes_per_token(model: "PreTrainedModel", dtype: torch.dtype | None = None) -> int:
+    """Bytes of one token's keys and values in every layer, in `dtype` (default: the model's)."""
     layers, heads, dim = kv_shape(model)
-    return 2 * layers * heads * dim * model.dtype.itemsize
+    return 2 * layers * heads * dim * (dtype or model.dtype).itemsize
 
 
 def kv_token_budget(model: "PreTrainedModel", reserved_bytes: int) -> int | None:
@@ -120,13 +121,13 @@ def kv_token_budget(model: "PreTrainedModel", reserved_bytes: int) -> int | None
     return max(int(0.8 * free) - reserved_bytes, 0) // kv_bytes_per_token(model)
 
 
-def default_pool_bytes(model: "PreTrainedModel", max_context: int) -> int:
+def default_pool_bytes(model: "PreTrainedModel", max_context: int, dtype: torch.dtype) -> int:
     """The paged KV pool's size when the settings give none: on a GPU 80% of the memory free after loading (the
     rest for activations, CUDA graphs and the allocator's slack); on the CPU a quarter of the free RAM, at most 64
     full contexts (pages of blocks never written are never committed)."""
     if model.device.type == "cuda":
         return int(0.8 * torch.cuda.mem_get_info(model.device)[0])
-    contexts = 64 * kv_bytes_per_token(model) * max_context
+    contexts = 64 * kv_bytes_per_token(model, dtype) * max_context
     return int(min(psutil.virtual_memory().available // 4, contexts))
 
 

@@ -4,7 +4,7 @@
 // group of heads that share a key/value head (grouped-query attention: the keys and values are read once
 // for the whole group) over one slice of the context; slices are merged by their softmax maxima and sums,
 // so a single long row still uses every thread. Scores, softmax and the weighted sum are in float32 with
-// the keys and values widened from the pool's dtype as they are read.
+// the keys and values widened from the pool's dtype as they are read (a float32 model's pool is float16).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,6 +27,10 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {  // bfloat16 is float32's upper half
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256 load8(const at::Half* p) {  // F16C, which every AVX2 CPU has
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Asks for a block's lines before they are read: a sequence's blocks lie anywhere in the pool, so the hardware's
@@ -157,8 +161,8 @@ void dispatch(int64_t count, Args&&... args) {
 // One task: query `i`, key/value head `kv`, blocks [first, last) of its table. Leaves in `slot`, per head of the
 // group, a row of dim + 2: the unnormalized weighted sum of values, the scores' maximum and the sum of their
 // exponentials (a maximum of -inf: an empty slice).
-template <typename T>
-void attend_slice(const Problem& p, const T* q, const T* keys, const T* values, int64_t i, int64_t kv, int64_t first,
+template <typename Q, typename T>
+void attend_slice(const Problem& p, const Q* q, const T* keys, const T* values, int64_t i, int64_t kv, int64_t first,
                   int64_t last, float* slot, std::vector<float>& scores, std::vector<float>& query) {
   const int64_t bs = p.block_size, dim = p.dim, row = dim + 2;
   const int64_t begin = first * bs, end = std::min(last * bs, static_cast<int64_t>(p.lengths[i]));
@@ -174,7 +178,7 @@ void attend_slice(const Problem& p, const T* q, const T* keys, const T* values, 
   }
   scores.resize(p.group * padded);
   query.resize(p.group * dim);
-  const T* q_row = q + p.tokens[i] * p.q_token_stride;
+  const Q* q_row = q + p.tokens[i] * p.q_token_stride;
   for (int64_t g = 0; g < p.group; ++g) {
     for (int64_t d = 0; d < dim; ++d) {
       query[g * dim + d] = static_cast<float>(q_row[(kv * p.group + g) * p.q_head_stride + d]) * p.scale;
@@ -209,12 +213,12 @@ void attend_slice(const Problem& p, const T* q, const T* keys, const T* values, 
   }
 }
 
-template <typename T>
+template <typename Q, typename T>
 void run(const Problem& p, const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, at::Tensor& out,
          int64_t queries) {
   const int64_t tasks = queries * p.kv_heads * p.splits;
   at::Tensor work = at::empty({tasks, p.group, p.dim + 2}, at::kFloat);  // per head: weighted sum, maximum, sum
-  const T* q_data = q.data_ptr<T>();
+  const Q* q_data = q.data_ptr<Q>();
   const T* k_data = keys.data_ptr<T>();
   const T* v_data = values.data_ptr<T>();
   float* w = work.data_ptr<float>();
@@ -224,10 +228,10 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& keys, const at
     for (int64_t task = from; task < to; ++task) {
       const int64_t i = task / (p.kv_heads * p.splits), kv = task / p.splits % p.kv_heads, split = task % p.splits;
       const int64_t first = split * p.blocks_per_split, last = first + p.blocks_per_split;
-      attend_slice<T>(p, q_data, k_data, v_data, i, kv, first, last, w + task * stride, scores, query);
+      attend_slice<Q, T>(p, q_data, k_data, v_data, i, kv, first, last, w + task * stride, scores, query);
     }
   });
-  T* o = out.data_ptr<T>();
+  Q* o = out.data_ptr<Q>();
   const int64_t o_token = out.stride(0), o_head = out.stride(1);
   at::parallel_for(0, queries * p.kv_heads, 1, [&](int64_t from, int64_t to) {
     std::vector<float> total(p.dim);
@@ -245,8 +249,8 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& keys, const at
           denominator += weight * row[p.dim + 1];
           for (int64_t d = 0; d < p.dim; ++d) total[d] += weight * row[d];
         }
-        T* target = o + p.tokens[i] * o_token + (kv * p.group + g) * o_head;
-        for (int64_t d = 0; d < p.dim; ++d) target[d] = static_cast<T>(total[d] / denominator);
+        Q* target = o + p.tokens[i] * o_token + (kv * p.group + g) * o_head;
+        for (int64_t d = 0; d < p.dim; ++d) target[d] = static_cast<Q>(total[d] / denominator);
       }
     }
   });
@@ -260,9 +264,8 @@ void paged_decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
               "paged_decode: q and out must be [tokens, heads, dim] with contiguous dims");
   TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(),
               "paged_decode: the pool must be contiguous [kv_heads, blocks, block_size, dim]");
-  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && values.scalar_type() == keys.scalar_type() &&
-                  out.scalar_type() == keys.scalar_type(),
-              "paged_decode: q, the pool and out must share one dtype");
+  TORCH_CHECK(values.scalar_type() == keys.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "paged_decode: the pool's keys and values must share one dtype, and q and out one");
   TORCH_CHECK(tokens.scalar_type() == at::kInt && tables.scalar_type() == at::kInt && lengths.scalar_type() == at::kInt &&
                   tokens.is_contiguous() && tables.is_contiguous() && lengths.is_contiguous() && tables.dim() == 2,
               "paged_decode: tokens, tables and lengths must be contiguous int32");
@@ -299,11 +302,15 @@ void paged_decode(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int64_t wanted = (2 * at::get_num_threads() + queries * p.kv_heads - 1) / (queries * p.kv_heads);
   p.splits = std::max<int64_t>(1, std::min<int64_t>(wanted, blocks / 8));
   p.blocks_per_split = (blocks + p.splits - 1) / p.splits;
-  if (q.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(p, q, keys, values, out, queries);
+  const auto q_type = q.scalar_type(), pool_type = keys.scalar_type();
+  if (q_type == at::kBFloat16 && pool_type == at::kBFloat16) {
+    run<at::BFloat16, at::BFloat16>(p, q, keys, values, out, queries);
+  } else if (q_type == at::kFloat && pool_type == at::kHalf) {  // half the bytes read, widened as they are
+    run<float, at::Half>(p, q, keys, values, out, queries);
   } else {
-    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: float32 or bfloat16 only");
-    run<float>(p, q, keys, values, out, queries);
+    TORCH_CHECK(q_type == at::kFloat && pool_type == at::kFloat,
+                "paged_decode: q and the pool in float32, bfloat16, or float32 over a float16 pool");
+    run<float, float>(p, q, keys, values, out, queries);
   }
 }
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmchat.engine import Engine, SchedulerConfig
-from llmchat.engine.kv_cache import kv_bytes_per_token
+from llmchat.engine.paged_kv import pool_bytes_per_token
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import prompt_ids, run_engine
 
@@ -92,7 +92,7 @@ def test_admission_waits_while_the_pool_is_full(loaded):
         return engine, [first, second]
 
     blocks = -(-(len(first_ids) + 16) // 16) + 1
-    pool_bytes = blocks * 16 * kv_bytes_per_token(loaded.model)
+    pool_bytes = blocks * 16 * pool_bytes_per_token(loaded.model)
     engine, seqs = run_engine(loaded, SchedulerConfig(), body, pool_bytes=pool_bytes)
     assert all(s.finish_reason in ("length", "stop") for s in seqs)
     assert engine.scheduler.num_admitted_while_running == 0

@@ -6,8 +6,8 @@ import asyncio
 import pytest
 
 from llmchat.engine import Engine, EngineConfig, SchedulerConfig, dot8
-from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.loader import ModelConfig, load_model
+from llmchat.engine.paged_kv import pool_bytes_per_token
 from llmchat.engine.projections import ALL_ROWS
 from llmchat.engine.sampling import SamplingParams
 from llmchat.settings import Settings
@@ -18,7 +18,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def block_bytes(loaded) -> int:
-    return 16 * kv_bytes_per_token(loaded.model)
+    return 16 * pool_bytes_per_token(loaded.model)
 
 
 async def generate(engine: Engine, ids: list[int], params: SamplingParams = GREEDY):
@@ -58,6 +58,8 @@ def test_a_full_pool_preempts_and_every_request_completes_with_the_same_tokens(l
     pool_bytes = 4 * per_request * block_bytes(loaded)
     tight, health = run_engine(loaded, SchedulerConfig(), body, pool_bytes=pool_bytes, **options)
     assert ("4-bit weights in every step" in health["forward"]) == bool(int4_rows)
+    # A float32 model's keys and values in float16 where llmchat's decode kernel reads them (paged_kv.pool_dtype).
+    assert health["kv_pool"]["dtype"] == ("float32" if dot8.unavailable() else "float16")
     assert [s.finish_reason for s in tight] == ["length"] * 16
     assert [s.completion_ids for s in tight] == [s.completion_ids for s in roomy]
     assert health["kv_pool"]["preemptions"] > 0 and sum(s.num_preempted for s in tight) > 0

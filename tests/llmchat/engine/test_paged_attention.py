@@ -29,10 +29,18 @@ def reference(q, keys, values, table: list[int], length: int, scale: float) -> t
     return F.scaled_dot_product_attention(q[None, :, None].float(), k, v, scale=scale, enable_gqa=True)[0, :, 0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# (queries and output, pool): a float32 model's pool is float16 (paged_kv.pool_dtype).
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float32 over float16": (torch.float32, torch.float16),
+}
+
+
+@pytest.mark.parametrize(("dtype", "pool_dtype"), DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(14, 2, 64), (32, 8, 128), (24, 2, 64), (4, 4, 64)])
-def test_each_query_matches_sdpa_over_its_gathered_blocks(dtype, heads, kv_heads, dim):
-    keys, values = pool(kv_heads, dim, dtype)
+def test_each_query_matches_sdpa_over_its_gathered_blocks(dtype, pool_dtype, heads, kv_heads, dim):
+    keys, values = pool(kv_heads, dim, pool_dtype)
     order = list(range(keys.shape[1]))
     random.Random(1).shuffle(order)
     lengths = [1, 7, 16, 17, 100, 1000, 2500]  # partial and whole last blocks, and long enough to split

@@ -11,9 +11,8 @@ import torch
 
 from llmchat.engine import Engine, SchedulerConfig, dot8, paged_flex
 from llmchat.engine.block_pool import BlockPool
-from llmchat.engine.kv_cache import kv_bytes_per_token
 from llmchat.engine.paged_flex import FlexRows
-from llmchat.engine.paged_kv import FLEX, KERNEL, PagedKV, Segment, in_place_kernel
+from llmchat.engine.paged_kv import FLEX, KERNEL, PagedKV, Segment, in_place_kernel, pool_bytes_per_token
 from llmchat.engine.paged_runner import PagedRunner
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import drain, prompt_ids, run_engine
@@ -151,7 +150,7 @@ def test_greedy_tokens_are_the_same_with_decoding_rows_through_flex_attention(lo
 
         return run
 
-    options = {"int4_rows": 0, "pool_bytes": 48 * 16 * kv_bytes_per_token(loaded.model)}
+    options = {"int4_rows": 0, "pool_bytes": 48 * 16 * pool_bytes_per_token(loaded.model)}
     gathered, _ = run_engine(loaded, SchedulerConfig(), body(None), **options)
     flex, pool = run_engine(loaded, SchedulerConfig(), body(FLEX), **options)
     assert flex == gathered

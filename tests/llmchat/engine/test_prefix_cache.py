@@ -9,7 +9,7 @@ import openai
 import torch
 
 from llmchat.engine import Engine, SchedulerConfig
-from llmchat.engine.kv_cache import kv_bytes_per_token
+from llmchat.engine.paged_kv import pool_bytes_per_token
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.sampling import SamplingParams
 from tests.conftest import run_engine, settled
@@ -127,7 +127,7 @@ def test_eviction_and_a_small_pool_keep_outputs_and_free_every_block(loaded):
     terse = "You are terse and exact. " * 30
     prompts = [chat_ids(loaded, q, system=s) for q in QUESTIONS[:2] for s in (SYSTEM, terse)]
     expected = reference(loaded, prompts)
-    bytes_per_block = 16 * kv_bytes_per_token(loaded.model)
+    bytes_per_block = 16 * pool_bytes_per_token(loaded.model)
 
     async def body(engine):
         seqs = [await generate(engine, p) for p in prompts]
