@@ -1,6 +1,9 @@
 """Long prompt arrival: a few streams are generating when long prompts arrive, one second apart, sharing no
 prefix with anything sent before. A server that prefills a whole long prompt in one step stalls every running
-stream meanwhile; chunked prefill keeps the running streams' inter-chunk gaps close to their median."""
+stream meanwhile; chunked prefill keeps the running streams' inter-chunk gaps close to their median. While the
+prompts prefill, most of the streams' steps carry a chunk, so the median of their gaps from then on is itself a
+chunk step's: the longest gap is also given over the median gap before the first prompt was sent, when the
+streams decoded alone ("max/before")."""
 
 import argparse
 import asyncio
@@ -47,6 +50,8 @@ class ArrivalResult:
     gap_p99_ms: float | None
     gap_max_ms: float | None
     max_over_p50: float | None
+    gap_before_p50_ms: float | None  # the streams' median gap before the first long prompt was sent: decode steps
+    max_over_before: float | None
     long_ttft_s: list[float | None]  # in the order sent; None for a failed one
     still_running: int  # running streams that streamed on after the last long prompt finished
     errors: int
@@ -137,6 +142,8 @@ def run(server: servers.Server, count, args: argparse.Namespace, console: Consol
     # A gap counts when it ends after the first long prompt was sent, the one straddling that moment included.
     gaps = [b - a for stream in times for a, b in pairwise(stream) if b >= sent]
     p50 = statistics.median(gaps) if gaps else None
+    before = [b - a for stream in times for a, b in pairwise(stream) if b < sent]
+    before_p50 = statistics.median(before) if before else None
     result = ArrivalResult(
         server=server.name,
         running_streams=streams,
@@ -147,6 +154,8 @@ def run(server: servers.Server, count, args: argparse.Namespace, console: Consol
         gap_p99_ms=round(1000 * percentile(gaps, 0.99), 1) if gaps else None,
         gap_max_ms=round(1000 * max(gaps), 1) if gaps else None,
         max_over_p50=round(max(gaps) / p50, 2) if p50 else None,
+        gap_before_p50_ms=round(1000 * before_p50, 1) if before_p50 else None,
+        max_over_before=round(max(gaps) / before_p50, 2) if gaps and before_p50 else None,
         long_ttft_s=long_ttft,
         still_running=sum(1 for stream in times if stream and stream[-1] > long_end),
         errors=errors,
@@ -169,7 +178,7 @@ def report(rows: list[ArrivalResult], args: argparse.Namespace, console: Console
         f"Long prompt arrival: {args.arrival_streams} streams generating (max_tokens {args.arrival_max_tokens}), "
         f"{args.arrival_long_prompts} prompts of ~{args.arrival_long_tokens} tokens arrive {SPACING_S:.0f}s apart"
     )
-    columns = ("server", "gaps", "gap p50 ms", "gap p99 ms", "gap max ms", "max/p50", "long TTFT s")
+    columns = ("server", "gaps", "gap p50 ms", "gap p99 ms", "gap max ms", "max/p50", "max/before", "long TTFT s")
     results = table(title, (*columns, "still running", "errors", "llmchat x gap max", "llmchat x TTFT max"))
     ours = next((r for r in rows if r.server == "llmchat"), None)
     for r in rows:
@@ -181,6 +190,7 @@ def report(rows: list[ArrivalResult], args: argparse.Namespace, console: Console
             _ms(r.gap_p99_ms),
             _ms(r.gap_max_ms),
             "n/a" if r.max_over_p50 is None else f"{r.max_over_p50:.1f}",
+            "n/a" if r.max_over_before is None else f"{r.max_over_before:.1f} ({_ms(r.gap_before_p50_ms)} ms)",
             ", ".join("n/a" if t is None else f"{t:.2f}" for t in r.long_ttft_s) or "n/a",
             f"{r.still_running}/{r.running_streams}",
             str(r.errors),
