@@ -18,17 +18,12 @@ import torch
 from llmchat.engine.block_pool import BlockPool, PoolFull
 from llmchat.engine.config import EngineConfig
 from llmchat.engine.constraints import GrammarMasks
+from llmchat.engine.gpu import is_device_fault
 from llmchat.engine.heap import return_free_heap
-from llmchat.engine.kv_cache import (
-    default_pool_bytes,
-    kv_shape,
-    kv_token_budget,
-    make_prefix_cache,
-)
+from llmchat.engine.kv_cache import kv_token_budget, make_prefix_cache
 from llmchat.engine.loader import LoadedModel
 from llmchat.engine.outputs import OutputProcessor
-from llmchat.engine.paged_kv import PagedKV, pool_bytes_per_token, pool_dtype
-from llmchat.engine.paged_runner import PagedRunner, in_kv
+from llmchat.engine.paged_runner import PagedRunner, in_kv, paged_runner
 from llmchat.engine.preemption import Preemption
 from llmchat.engine.prefix_cache import PrefixCache
 from llmchat.engine.runner import BatchRunner, pick_forward
@@ -38,8 +33,6 @@ from llmchat.engine.scheduler import Output, Scheduler, Sequence
 from llmchat.engine.step_cost import StepCost
 
 log = logging.getLogger("llmchat.engine")
-
-BLOCK_SIZE = 16  # tokens of one KV block (the prefix cache's unit)
 
 # While sequences decode, a step's prefill chunks may take at most this many decode steps' time, so a
 # running stream's longest gap stays within about 1 + STALL_STEPS of its usual one on any machine. With 4, 2 and 1.5,
@@ -92,19 +85,15 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None
         self.prefix_cache_off: str | None = "turned off in the settings" if config.prefix_cache_bytes == 0 else None
         if hasattr(forward, "paged"):  # llmchat's fused pass: the paged KV pool
-            dtype = pool_dtype(model.dtype, model.device)
-            pool_bytes = config.pool_bytes
-            if pool_bytes is None:
-                pool_bytes = default_pool_bytes(model, self.max_context, dtype)
-            num_blocks = max(pool_bytes // (pool_bytes_per_token(model) * BLOCK_SIZE), 2)
-            kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, dtype, model.device)
-            pool = BlockPool(kv.num_blocks, BLOCK_SIZE, caching=config.prefix_cache_bytes != 0)
-            self.paged = PagedRunner(forward, kv, pool, model.device, model.config.num_attention_heads)
+            self.paged = paged_runner(
+                forward, model, self.max_context, config.pool_bytes, config.prefix_cache_bytes != 0
+            )
             self.runner: PagedRunner | BatchRunner = self.paged
             self.preemption = Preemption(self.scheduler, self.paged)
             # Every request must fit the pool alone: a longer context is refused before any work (a 400).
-            self.max_context = min(self.max_context, kv.num_blocks * BLOCK_SIZE - BLOCK_SIZE)
-            scheduling.max_kv_tokens = kv.num_blocks * BLOCK_SIZE
+            pool_tokens = self.paged.kv.num_blocks * self.paged.kv.block_size
+            self.max_context = min(self.max_context, pool_tokens - self.paged.kv.block_size)
+            scheduling.max_kv_tokens = pool_tokens
         else:  # transformers' forward, or the compiled one-row decode: one padded batch cache
             self.prefix_cache, self.prefix_cache_off = make_prefix_cache(model, config.prefix_cache_bytes)
             if scheduling.max_kv_tokens is None:
@@ -185,22 +174,10 @@ class Engine:
         }
 
     def _describe_pool(self) -> dict:
-        paged = self.paged
-        if paged is None:
+        if self.paged is None:
             return {"off": f"the forward pass is {self.runner.forward.kind}: one padded batch cache"}
-        tokens = sum(in_kv(s) for s in self.scheduler.running if s.blocks)
-        gathered = "SDPA per sequence over its gathered blocks, grouped heads kept"
-        if paged.in_place is not None:
-            attention = f"decoding rows: {paged.in_place}, blocks read in place; prompt chunks: {gathered}"
-        else:
-            attention = f"{gathered} (reading blocks in place: {paged.why_gathered})"
-        return paged.pool.describe() | {
-            "dtype": str(paged.kv.keys[0].dtype).removeprefix("torch."),
-            "bytes_per_token": paged.kv.bytes_per_token,
-            "bytes_total": paged.kv.nbytes,
-            "bytes_used": paged.kv_cache_bytes(),
-            "tokens_held": tokens,  # the running sequences' real tokens; their blocks hold at most 15 more each
-            "attention": attention,
+        return self.paged.describe() | {
+            "tokens_held": sum(in_kv(s) for s in self.scheduler.running if s.blocks),  # at most 15 more in blocks
             "preemptions": self.preemption.count,
         }
 
@@ -442,11 +419,3 @@ class Engine:
             self.outputs.take(seq, token, error, entry)
         constraints = [seq.params.constraint for seq in seqs]
         self.masks.start([c for seq, c in zip(seqs, constraints, strict=True) if c and not seq.is_finished])
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A CUDA or HIP error that leaves the device context unusable (a device-side assert, an illegal memory
-    access); out of memory is not one."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
-    return isinstance(exc, torch.AcceleratorError) or any(m in str(exc) for m in ("CUDA error", "HIP error"))

@@ -78,3 +78,11 @@ def gpu_state(device: torch.device) -> dict:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA or HIP error that leaves the device context unusable (a device-side assert, an illegal memory
+    access); out of memory is not one."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or any(m in str(exc) for m in ("CUDA error", "HIP error"))

@@ -44,6 +44,7 @@ class PagedKV:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        query_dtype: torch.dtype | None = None,
     ) -> None:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
         # torch.empty: on the CPU pages are only committed when a block is first written.
@@ -51,6 +52,7 @@ class PagedKV:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.query_dtype = query_dtype or dtype  # the model's, where the pool's differs (pool_dtype)
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
 
     @property
@@ -119,7 +121,7 @@ class PagedBatch:
                 # Blocks that follow one another in the pool are read in place, without a gather.
                 consecutive = table == list(range(table[0], table[0] + len(table)))
                 first_or_table = table[0] if consecutive else on_device(table, device)
-                self.gathers.append((start, end, first_or_table, length, _causal_bias(seg, kv.keys[0].dtype, device)))
+                self.gathers.append((start, end, first_or_table, length, _causal_bias(seg, kv.query_dtype, device)))
             start = end
         self.num_tokens = start
         self.slots = on_device(slots, device)
@@ -167,8 +169,6 @@ class PagedBatch:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        if mask is not None:
-            mask = mask.to(q.dtype)  # built in the pool's dtype
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
 
 

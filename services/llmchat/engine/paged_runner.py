@@ -13,8 +13,11 @@ import torch
 from llmchat.engine import paged_flex
 from llmchat.engine.block_pool import ROOT, BlockPool
 from llmchat.engine.gpu import on_device
-from llmchat.engine.paged_kv import FLEX, KERNEL, PagedBatch, PagedKV, Segment, in_place_kernel
+from llmchat.engine.kv_cache import default_pool_bytes, kv_bytes_per_token, kv_shape
+from llmchat.engine.paged_kv import FLEX, KERNEL, PagedBatch, PagedKV, Segment, in_place_kernel, pool_dtype
 from llmchat.engine.scheduler import Sequence
+
+BLOCK_SIZE = 16  # tokens of one KV block (the prefix cache's unit)
 
 
 def in_kv(seq: Sequence) -> int:
@@ -22,6 +25,17 @@ def in_kv(seq: Sequence) -> int:
     if seq.is_prefilling:
         return seq.num_computed
     return seq.num_prompt_tokens + len(seq.completion_ids) - len(seq.pending)
+
+
+def paged_runner(forward, model, max_context: int, pool_bytes: int | None, caching: bool) -> "PagedRunner":
+    """The runner for llmchat's fused pass over a pool of `pool_bytes` (default: default_pool_bytes) allocated now."""
+    dtype = pool_dtype(model.dtype, model.device)
+    if pool_bytes is None:
+        pool_bytes = default_pool_bytes(model, max_context, dtype)
+    num_blocks = max(pool_bytes // (kv_bytes_per_token(model, dtype) * BLOCK_SIZE), 2)
+    kv = PagedKV(*kv_shape(model), num_blocks, BLOCK_SIZE, dtype, model.device, query_dtype=model.dtype)
+    pool = BlockPool(num_blocks, BLOCK_SIZE, caching=caching)
+    return PagedRunner(forward, kv, pool, model.device, model.config.num_attention_heads)
 
 
 class PagedRunner:
@@ -161,6 +175,21 @@ class PagedRunner:
         if count // self.pool.block_size > seq.num_committed:
             tokens = (seq.prompt_ids + seq.completion_ids)[:count]  # a resumed prompt spells the same tokens
             seq.num_committed, seq.chain = self.pool.commit(seq.blocks, tokens, seq.num_committed, seq.chain)
+
+    def describe(self) -> dict:
+        """What /health shows of the pool: its blocks, memory and how sequences attend over it."""
+        gathered = "SDPA per sequence over its gathered blocks, grouped heads kept"
+        if self.in_place is not None:
+            attention = f"decoding rows: {self.in_place}, blocks read in place; prompt chunks: {gathered}"
+        else:
+            attention = f"{gathered} (reading blocks in place: {self.why_gathered})"
+        return self.pool.describe() | {
+            "dtype": str(self.kv.keys[0].dtype).removeprefix("torch."),
+            "bytes_per_token": self.kv.bytes_per_token,
+            "bytes_total": self.kv.nbytes,
+            "bytes_used": self.kv_cache_bytes(),
+            "attention": attention,
+        }
 
     def kv_cache_bytes(self) -> int:
         """Bytes of the pool's blocks in use by running sequences (read by metrics)."""
