@@ -165,10 +165,12 @@ class FusedForward:
         int4_rows: int | None = None,
         choices: Choices | None = None,
         gguf: Path | None = None,
+        max_rows: int | None = None,
     ) -> None:
         """`checkpoint`: the float32 safetensors converted from `gguf`, checked for 4-bit grids (int4.py), used
         on the CPU for steps of up to `int4_rows` rows (None: the crossover measured here; 0: never). `choices`:
-        where the measured kernels and crossovers are kept (default: in this process)."""
+        where the measured kernels and crossovers are kept (default: in this process). `max_rows`: the most
+        sequences a step runs (the logits' rows), where known."""
         config = model.config
         projections: list[list[torch.nn.Linear]] = [
             *(p for layer in model.model.layers for p in _projections(layer)),
@@ -209,9 +211,10 @@ class FusedForward:
             for p, role in zip(linears, roles, strict=True):
                 p.int4_rows = rows.get(role, 0) if p.int4 is not None else 0
                 p.int4 = p.int4 if p.int4_rows else None  # never faster: not kept
-                if isinstance(p, Linear) and p.int4_rows == ALL_ROWS and p.weight is not None:
-                    p.packed_weight = None  # the dense matmul no longer runs: its prepacked copy is not kept
             self.kind += four_bit_kind(linears, roles)
+        for p in linears:
+            if isinstance(p, Linear):
+                p.settle(max_rows if p is linears[-1] else None)
         if any(isinstance(p, Linear) and p.packed for p in linears):
             prepacked = f", prepacked {str(model.dtype).removeprefix('torch.')}"
             self.kind = prepacked + (f" up to {packed_up_to} rows" if packed_up_to < ALL_ROWS else "") + self.kind

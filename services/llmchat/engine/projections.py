@@ -50,14 +50,41 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.packed_rows = packed_rows
         self.dequantized = dequantize_to is not None  # a copy beside the model's own 4-bit weights
-        # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed_rows else None
-        self.weight = weight if packed_rows < ALL_ROWS else None
-        if self.weight is None:
+        self.packed_weight: torch.Tensor | None = None  # made by pack, for the steps that take it
+        self.weight: torch.Tensor | None = weight  # settle drops it where no step takes it
+        self._fused = linears if len(linears) > 1 and not dequantize_to else []  # see settle
+
+    def pack(self) -> None:
+        """The copy prepacked for oneDNN, where steps take it: made once the 4-bit crossover is known (settle), or
+        for a projection whose crossover is timed, so that a kind whose 4-bit weights serve every step never
+        holds one (1.4 GB for Qwen2.5-0.5B's layers in float32)."""
+        if self.packed_rows and self.packed_weight is None and self.weight is not None:
+            # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
+
+    def settle(self, max_rows: int | None = None) -> None:
+        """Once `int4_rows` is set: where every step takes the 4-bit weights, the dense copies go (the model's own
+        projections keep their weights, which a checkpoint mapped from disk holds in the page cache rather than
+        in the process's own memory: 0.94 GB less of it for Qwen2.5-0.5B in float32); else the model's own
+        projections become views of the fused weight, so it is not held twice. `max_rows`: the most rows a step
+        gives this matmul, for the logits' (which never take a prompt's rows); where the 4-bit weights take that
+        many, the prepacked copy goes too (0.54 GB for Qwen2.5-0.5B), and a rare larger step (a lone request of
+        more choices) takes the plain weight."""
+        fused, self._fused = self._fused, []
+        if self.int4_rows == ALL_ROWS:
+            self.weight = self.packed_weight = None
             return
-        # The model's own projections become views of the fused weight, so it is not held twice.
+        if max_rows is not None and self.int4_rows >= max_rows:
+            self.packed_weight = None
+            return
+        self.pack()
+        if self.packed_rows == ALL_ROWS:  # every step takes the packed weight: the plain one is not kept here
+            self.weight = None
+        weight = self.weight
+        if weight is None:
+            return
         offset = 0
-        for m in linears if len(linears) > 1 and not dequantize_to else []:
+        for m in fused:
             rows = m.weight.shape[0]
             m.weight.data = weight[offset : offset + rows]
             offset += rows
@@ -237,7 +264,7 @@ def measure_int4_rows(
             continue
         first = grids[0]
         group = grids[: max(1, CROSSOVER_BYTES // (first.in_features * first.out_features * dtype.itemsize))]
-        layout = "prepacked" if first.packed else "plain"
+        layout = "prepacked" if first.packed_rows else "plain"
         # The kernel first meant to multiply them is part of the key: where llmchat's can no longer be built (no
         # compiler), torch's must not inherit its crossover.
         key = (
@@ -254,6 +281,8 @@ def measure_int4_rows(
 def _measure_role(group: list[Linear], role: str, dtype: torch.dtype) -> dict:
     """The kernel for one kind of projection (timed on `group`, a few of them) and its crossover."""
     first = group[0]
+    for p in group:
+        p.pack()
     # The kernels compared on at most CROSSOVER_BYTES of the weights: torch's takes a copy in its own layout, and of a
     # whole logits matmul (151,936 x 896) making it took 2.8 GB more memory at its peak (the load's largest).
     outputs = max(dot8.TILE, CROSSOVER_BYTES // (first.in_features * dtype.itemsize) // dot8.TILE * dot8.TILE)

@@ -81,12 +81,15 @@ def pick_forward(
     gguf: Path | None = None,
 ) -> FusedForward | GraphedDecode | CompiledDecode | TransformersForward:
     """`checkpoint`, `gguf`, `int4_rows` and `choices`: where the fused pass looks for 4-bit weights, up to how many
-    rows it uses them (None: measured) and where it keeps what it measured, see FusedForward. `compile_decode`:
-    one-row decode steps on the CPU compiled (compiled.py)."""
+    rows it uses them (None: measured) and where it keeps what it measured, see FusedForward. `max_rows`: the most
+    sequences a step runs (the CUDA graphs' largest batch, the logits' rows). `compile_decode`: one-row decode steps
+    on the CPU compiled (compiled.py)."""
     reason = unsupported_reason(model) if fused else "chosen in the settings"
     forward: FusedForward | GraphedDecode | CompiledDecode | TransformersForward
     if reason is None:
-        forward = FusedForward(model, checkpoint=checkpoint, int4_rows=int4_rows, choices=choices, gguf=gguf)
+        forward = FusedForward(
+            model, checkpoint=checkpoint, int4_rows=int4_rows, choices=choices, gguf=gguf, max_rows=max_rows
+        )
     else:
         forward = TransformersForward(model, reason)
     if cuda_graphs:

@@ -261,7 +261,7 @@ def test_a_kind_of_projection_that_wins_at_a_prompts_rows_takes_four_bits_in_eve
     monkeypatch.setattr(int4, "torch_kernel_is_faster", lambda grids, width, dtype: False)
     monkeypatch.setattr(projections, "_measured", Choices())
     monkeypatch.setattr(fused_forward, "pick_packing", lambda *args: (128, "prepacked up to 128 rows"))
-    measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint)
+    measured = FusedForward(loaded.model, checkpoint=loaded.checkpoint, max_rows=64)
     layer, every = measured.layers[0], projections.ALL_ROWS
     assert (layer.qkv.int4_rows, layer.o.int4_rows, layer.gate_up.int4_rows, layer.down.int4_rows) == (
         every,
@@ -270,7 +270,15 @@ def test_a_kind_of_projection_that_wins_at_a_prompts_rows_takes_four_bits_in_eve
         every,
     )
     assert measured.lm_head.int4_rows == 64  # the logits are never a prompt's rows: not timed at 512
-    assert layer.gate_up.packed_weight is None and layer.o.packed  # a dense matmul that no longer runs: no copy
+    # No step has more than max_rows sequences: the logits' prepacked copy goes, a larger step takes the plain weight.
+    head = measured.lm_head
+    assert head.packed_weight is None and head.weight is not None
+    rows = torch.randn(65, config.hidden_size)
+    assert torch.equal(head(rows), torch.nn.functional.linear(rows, head.weight, head.bias))
+    # A dense matmul that no longer runs keeps no copy, prepacked or fused: the model's own projections keep theirs.
+    assert layer.gate_up.packed_weight is None and layer.gate_up.weight is None and layer.o.packed
+    mlp = loaded.model.model.layers[0].mlp
+    assert mlp.gate_proj.weight.shape == (config.intermediate_size, config.hidden_size)
     assert ", 4-bit weights in every step for q/k/v, gate/up, down, up to 64 rows for o, logits (" in measured.kind
     # A prompt's rows take one kernel whatever their number: the 4-bit one in every step, else the dense one.
     calls = []
