@@ -38,29 +38,45 @@ class Linear:
         self.int4 = grid
         self.int4_rows = 0
         weights = [dequantized(m, dequantize_to) if dequantize_to else m.weight.detach() for m in linears]
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [m.bias for m in linears]
         self.bias: torch.Tensor | None
         if any(b is not None for b in biases):
-            zeros = [weight.new_zeros(w.shape[0]) for w in weights]
+            zeros = [w.new_zeros(w.shape[0]) for w in weights]
             self.bias = torch.cat([z if b is None else b.detach() for b, z in zip(biases, zeros, strict=True)])
-            self.bias = self.bias.to(weight.dtype)
+            self.bias = self.bias.to(weights[0].dtype)
         else:
             self.bias = None
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = sum(w.shape[0] for w in weights), weights[0].shape[1]
         self.packed_rows = packed_rows
         self.dequantized = dequantize_to is not None  # a copy beside the model's own 4-bit weights
         self.packed_weight: torch.Tensor | None = None  # made by pack, for the steps that take it
-        self.weight: torch.Tensor | None = weight  # settle drops it where no step takes it
+        # The fused weight is made at its first use (`weight`): a kind whose 4-bit weights serve every step, known
+        # from kept choices, never makes one (0.94 GB of Qwen2.5-0.5B's q/k/v and gate/up in float32).
+        self._parts: list[torch.Tensor] | None = weights
+        self._weight: torch.Tensor | None = None
+        if self.dequantized:  # copies already: fused at once, not held twice
+            self._weight = self.weight
         self._fused = linears if len(linears) > 1 and not dequantize_to else []  # see settle
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The dense weight, the projections fused into one; None where settle dropped it."""
+        if self._weight is None and self._parts is not None:
+            self._weight = torch.cat(self._parts) if len(self._parts) > 1 else self._parts[0]
+            self._parts = None
+        return self._weight
+
+    def _drop_weight(self) -> None:
+        self._weight, self._parts = None, None
 
     def pack(self) -> None:
         """The copy prepacked for oneDNN, where steps take it: made once the 4-bit crossover is known (settle), or
         for a projection whose crossover is timed, so that a kind whose 4-bit weights serve every step never
         holds one (1.4 GB for Qwen2.5-0.5B's layers in float32)."""
-        if self.packed_rows and self.packed_weight is None and self.weight is not None:
+        weight = self.weight if self.packed_rows and self.packed_weight is None else None
+        if weight is not None:
             # The batch-size hint only tunes the layout; any number of rows can use the packed weight.
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
 
     def settle(self, max_rows: int | None = None) -> None:
         """Once `int4_rows` is set: where every step takes the 4-bit weights, the dense copies go (the model's own
@@ -72,17 +88,18 @@ class Linear:
         more choices) takes the plain weight."""
         fused, self._fused = self._fused, []
         if self.int4_rows == ALL_ROWS:
-            self.weight = self.packed_weight = None
+            self.packed_weight = None
+            self._drop_weight()
             return
         if max_rows is not None and self.int4_rows >= max_rows:
             self.packed_weight = None
             return
         self.pack()
         if self.packed_rows == ALL_ROWS:  # every step takes the packed weight: the plain one is not kept here
-            self.weight = None
-        weight = self.weight
-        if weight is None:
+            self._drop_weight()
             return
+        weight = self.weight
+        assert weight is not None  # dropped only above
         offset = 0
         for m in fused:
             rows = m.weight.shape[0]
@@ -103,7 +120,7 @@ class Linear:
     def extra_bytes(self) -> int:
         """Memory this projection holds beyond the model's own weights (prepacked and 4-bit copies)."""
         extra = self.packed_weight.nbytes if self.packed_weight is not None else 0
-        extra += self.weight.nbytes if self.dequantized and self.weight is not None else 0
+        extra += self._weight.nbytes if self.dequantized and self._weight is not None else 0
         return extra + (self.int4.nbytes if self.int4 is not None else 0)
 
     def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:

@@ -114,6 +114,22 @@ def test_fused_pass_matches_transformers_for_each_family(model_type, packed):
     assert shared != packed
 
 
+def test_fused_weights_are_made_at_first_use_and_go_where_every_step_takes_four_bits():
+    attn = tiny_model("llama").model.layers[0].self_attn
+    modules = (attn.q_proj, attn.k_proj, attn.v_proj)
+    own = [m.weight.detach().clone() for m in modules]
+    storages = [m.weight.untyped_storage().data_ptr() for m in modules]
+    qkv = projections.Linear([attn.q_proj, attn.k_proj, attn.v_proj], packed_rows=0)
+    assert qkv._weight is None  # nothing concatenated yet
+    assert torch.equal(qkv.weight, torch.cat(own))
+    unused = projections.Linear([attn.q_proj, attn.k_proj, attn.v_proj], packed_rows=64)
+    unused.int4_rows = projections.ALL_ROWS
+    unused.settle()
+    assert unused.weight is None and not unused.packed and unused._weight is None
+    # The model's own projections keep their own weights (not views of a fused copy).
+    assert [m.weight.untyped_storage().data_ptr() for m in modules] == storages
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_ragged_chunks_match_one_sequence_at_a_time(model_type):
     """Chunks of several sequences in one pass, each over its own cache (some empty, some with tokens)."""
