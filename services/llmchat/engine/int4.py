@@ -210,6 +210,8 @@ class Grid:
     ) -> None:
         self.tensors: tuple[torch.Tensor | None, ...]
         self._matmul: Callable[..., torch.Tensor]  # x and then `tensors`
+        # llmchat's kernel: a copy of 4- and 5-bit levels in 5 bits for one row (dot8.fives), else None.
+        self.fives: tuple[torch.Tensor, torch.Tensor] | None = None
         # Where unsigned levels were made signed for llmchat's kernel: each group's shift, to pack them again.
         self._shift: torch.Tensor | None = None
         self.out_features = levels.shape[0]
@@ -217,6 +219,7 @@ class Grid:
             self.kernel = DOT8_KERNEL
             wide, self._shift = widened((levels, scales, offsets, fifth))
             self.tensors, self._matmul = dot8.tiled(*wide), dot8.levels_mm
+            self._pack_fives()
         else:
             if not torch_takes((levels, scales, offsets, fifth)):
                 raise ValueError("torch's int4 kernel takes 4- and 8-bit levels with a scale per 32 only")
@@ -245,6 +248,9 @@ class Grid:
             return self
         part = copy.copy(self)
         part.tensors = tuple(None if t is None else t[: out_features // dot8.TILE] for t in self.tensors)
+        if self.fives is not None:
+            nibbles, fifths = self.fives
+            part.fives = nibbles[: out_features // dot8.TILE], fifths[: out_features // dot8.TILE]
         part.out_features = out_features
         part._shift = None if self._shift is None else self._shift[:out_features]
         return part
@@ -259,14 +265,28 @@ class Grid:
         tiles, tile_scales, tile_offsets = self.tensors
         assert self.kernel == DOT8_KERNEL and tiles is not None and tile_scales is not None
         self.tensors = dot8.tiled(*dot8.untiled(tiles, tile_scales, tile_offsets, self.out_features), quads=on)
+        self._pack_fives()
+
+    def _pack_fives(self) -> None:
+        """One row's copy of the levels in 5 bits, where they are quads that fit (dot8.fives): a decode step of one
+        sequence reads 0.6 byte a level instead of 1."""
+        tiles, tile_scales, _ = self.tensors
+        assert tiles is not None and tile_scales is not None
+        self.fives = dot8.fives(tiles, tile_scales)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors if t is not None)
+        fives = sum(t.nbytes for t in self.fives) if self.fives is not None else 0
+        return sum(t.nbytes for t in self.tensors if t is not None) + fives
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] times the weight, in x's dtype."""
-        out = self._matmul(x, *self.tensors)
+        if self.fives is not None and x.shape[0] == 1:
+            _, tile_scales, tile_offsets = self.tensors
+            assert tile_scales is not None
+            out = dot8.fives_mv(x, *self.fives, tile_scales, tile_offsets)
+        else:
+            out = self._matmul(x, *self.tensors)
         # llmchat's kernel also returns the outputs its tiles were padded with (none where out is a multiple of 8).
         return out if out.shape[1] == self.out_features else out[:, : self.out_features].contiguous()
 

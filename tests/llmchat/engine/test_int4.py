@@ -370,6 +370,31 @@ def test_llmchats_kernel_takes_a_byte_a_level_signed_where_the_offset_is_whole_s
 
 
 @pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
+def test_one_row_reads_four_and_five_bit_levels_in_five_bits_with_the_same_result():
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.rand(24, 4, generator=gen) + 0.1
+    q5_0 = int4.pack(torch.randint(0, 32, (24, 128), generator=gen), scales, -16 * scales)  # signed -16..15
+    q4_k = int4.pack(torch.randint(0, 16, (24, 128), generator=gen), scales, 0.3 * scales)  # unsigned, offsets kept
+    q6_k = (torch.randint(-32, 32, (24, 128), generator=gen, dtype=torch.int8), torch.rand(24, 8) + 0.1, None, None)
+    x = torch.randn(6, 128, generator=gen)
+    for levels in (q5_0, q4_k):
+        grid = int4.Grid(*levels)
+        assert grid.fives is not None
+        tiles, tile_scales, tile_offsets = grid.tensors
+        assert grid.nbytes == sum(t.nbytes for t in (tiles, tile_scales, tile_offsets, *grid.fives) if t is not None)
+        for row in x:  # the bytes' kernel's own result to the bit, and the row's beside others
+            alone = grid.matmul(row[None])
+            assert torch.equal(alone, dot8.levels_mm(row[None], *grid.tensors)[:, :24])
+            assert torch.equal(alone, grid.matmul(x)[x.tolist().index(row.tolist())][None])
+        assert torch.equal(grid.head(16).matmul(x[:1]), grid.matmul(x[:1])[:, :16])
+        grid.round_inputs_to_bytes(False)  # 16-bit inputs: no quads, no copy
+        assert grid.fives is None
+    # Levels that need six bits, and Q8_0's, keep their bytes alone.
+    assert int4.Grid(*q6_k).fives is None
+    assert int4.Grid(*int4.grid_levels(q8_0_like(16, 128))).fives is None
+
+
+@pytest.mark.skipif(dot8.unavailable() is not None, reason=f"llmchat's kernel cannot run here: {dot8.unavailable()}")
 def test_the_models_own_logits_decide_whether_inputs_are_rounded_to_8_bits(monkeypatch):
     loaded = load("float32")
     divergence = input_rounding.divergence_of_byte_inputs
