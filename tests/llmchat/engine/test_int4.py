@@ -80,7 +80,7 @@ def test_the_dot8_kernel_is_exact_but_for_rounding_its_inputs(byte_inputs):
         assert grid.byte_inputs == (byte_inputs and weight is not q8_0)
         offsets = grid.dot8_levels[2]
         offsets = torch.zeros_like(weight) if offsets is None else offsets.repeat_interleave(int4.GROUP, 1)
-        for rows in (1, 3, 4, 9):  # the kernel takes rows four at a time, then the rest
+        for rows in (1, 2, 3, 4, 6, 7, 9):  # the kernel takes rows four at a time, then the last 3 or 2, or 1
             x = torch.randn(rows, 128)
             x[0, 64:96] = 0.0  # an all-zero input group
             # The offsets multiply the exact inputs: a group's sum is taken before rounding.
