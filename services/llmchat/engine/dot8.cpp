@@ -283,7 +283,8 @@ struct QuadRows {
 // Every row through a weight's tiles (Tiles or Quads), split among threads by tiles. A pass over a few tiles takes
 // every row in turn, so their levels are read from memory once however many rows there are. A row's result does not
 // depend on the rows beside it: each row's sums run in the same order, in blocks of kRows, a last block of 3 or 2, or
-// alone. (The last 2 or 3 rows as one block rather than one at a time took 0.8-0.9x the time, Q5_0 shapes.)
+// alone. (The last 2 or 3 rows as one block rather than one at a time took 0.7-0.8x the time, Q5_0 and Q8_0 shapes,
+// 2-core AVX2 host.)
 template <typename Weight, template <bool, int> class Rows, bool per_16>
 void all_rows(const Weight& t, int64_t rows) {
   at::parallel_for(0, t.out / kTile, 2, [&](int64_t begin, int64_t end) {
@@ -326,15 +327,15 @@ void quads_mm(const at::Tensor& x, const at::Tensor& levels, const float* scales
   }
 }
 
-// One row through a weight of 4- or 5-bit levels (Quads whose bytes lie in 16..47, scales per 32) packed in 5 bits
-// (dot8.py's `fives`): per tile and group, the four pairs of quads as nibbles (the first quad of a pair low, uint8
+// One row through a weight of 4- or 5-bit levels (Quads whose bytes lie in base..base + 31, scales per 32) packed in 5
+// bits (dot8.py's `fives`): per tile and group, the four pairs of quads as nibbles (the first quad of a pair low, uint8
 // [out / 8, groups, 4, 32]) and their fifth bits (bit k of byte i: quad k's byte i, uint8 [out / 8, groups, 32]), each
-// byte a level + 16. One row's matmul reads every level once and does little with it, so it waits on memory: 0.6
+// a byte less `base` (16 for signed levels in -16..15, 32 for unsigned ones in 0..31). One row's matmul reads every level once and does little with it, so it waits on memory: 0.6
 // byte a level instead of 1 took 0.59x (k/v), 0.65x (gate/up) and 0.75x (o) the time of quad_rows at one row for
 // Qwen2.5-0.5B's Q5_0 shapes, every layer's levels cold (2-core AVX2 host). Blocks of rows keep quad_rows: there
 // the unpacking would be done for every block, by a kernel that is bound by the instructions it issues. The sums
-// are quad_rows' to the bit: the same integers (the shift halved for levels 16 lower), scaled in the same order.
-void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int64_t tile) {
+// are quad_rows' to the bit: the same integers (less the shift that `base` already took), scaled in the same order.
+void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int64_t base, int64_t tile) {
   __m256 acc = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
   for (int64_t g = 0; g < t.groups; ++g) {
@@ -356,7 +357,7 @@ void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int
                            _mm256_maddubs_epi16(second_quad, _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(in + 4 * q + 4))));
       total = _mm256_add_epi32(total, _mm256_madd_epi16(sums, ones));
     }
-    const int32_t shift = (t.shifts[2 * g] + t.shifts[2 * g + 1]) / 2;  // kShift - 16: the levels' own shift
+    const int32_t shift = (t.shifts[2 * g] + t.shifts[2 * g + 1]) / kShift * static_cast<int32_t>(kShift - base);
     const __m256i exact = _mm256_sub_epi32(total, _mm256_set1_epi32(shift));
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(_mm256_loadu_ps(t.scales + at * kTile), _mm256_set1_ps(t.value_scales[g])),
                           acc);
@@ -366,8 +367,8 @@ void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int
 }
 
 // x [1, in] times a weight in 5-bit quads (see five_row), in x's dtype.
-at::Tensor fives_mv(const at::Tensor& x_in, const at::Tensor& nibbles, const at::Tensor& fifths, const at::Tensor& scales,
-                    const std::optional<at::Tensor>& offsets) {
+at::Tensor fives_mv(const at::Tensor& x_in, const at::Tensor& nibbles, const at::Tensor& fifths, int64_t base,
+                    const at::Tensor& scales, const std::optional<at::Tensor>& offsets) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.size(1) % kGroup == 0, "dot8: fives_mv takes one row of a multiple of 32");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t groups = x.size(1) / kGroup, tiles = nibbles.size(0);
@@ -375,6 +376,7 @@ at::Tensor fives_mv(const at::Tensor& x_in, const at::Tensor& nibbles, const at:
                   fifths.dim() == 3 && fifths.size(0) == tiles && fifths.size(1) == groups && fifths.size(2) == 32 &&
                   nibbles.scalar_type() == at::kByte && fifths.scalar_type() == at::kByte,
               "dot8: fives must be nibbles [out / 8, in / 32, 4, 32] and fifth bits [out / 8, in / 32, 32] (uint8)");
+  TORCH_CHECK(base == 16 || base == 32, "dot8: fives' base must be 16 or 32");
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == tiles && scales.size(1) == groups && scales.size(2) == kTile &&
                   scales.scalar_type() == at::kFloat && (!offsets || offsets->sizes() == scales.sizes()),
               "dot8: fives' scales and offsets must be [out / 8, in / 32, 8] (float32)");
@@ -388,7 +390,7 @@ at::Tensor fives_mv(const at::Tensor& x_in, const at::Tensor& nibbles, const at:
   const uint8_t* nibble_data = nibbles.data_ptr<uint8_t>();
   const uint8_t* fifth_data = fifths.data_ptr<uint8_t>();
   at::parallel_for(0, tiles, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) five_row(t, nibble_data, fifth_data, tile);
+    for (int64_t tile = begin; tile < end; ++tile) five_row(t, nibble_data, fifth_data, base, tile);
   });
   return y.to(x_in.scalar_type());
 }
@@ -426,7 +428,7 @@ at::Tensor levels_mm(const at::Tensor& x_in, const at::Tensor& levels, const at:
 
 TORCH_LIBRARY(llmchat_dot8, m) {
   m.def("levels_mm(Tensor x, Tensor levels, Tensor scales, Tensor? offsets) -> Tensor");
-  m.def("fives_mv(Tensor x, Tensor nibbles, Tensor fifths, Tensor scales, Tensor? offsets) -> Tensor");
+  m.def("fives_mv(Tensor x, Tensor nibbles, Tensor fifths, int base, Tensor scales, Tensor? offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmchat_dot8, CPU, m) {

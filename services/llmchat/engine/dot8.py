@@ -163,32 +163,45 @@ def _fake(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, offsets: 
     return x.new_empty((x.shape[0], levels.shape[0] * TILE))
 
 
-FIVE_BITS = (SHIFT - 16, SHIFT + 15)  # quads' bytes that 5 bits hold (as a level + 16)
+FIVE_BASES = (SHIFT - 16, SHIFT)  # quads' bytes less one of these fit 5 bits: signed levels in -16..15, unsigned 0..31
 
 
-def fives(levels: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fives(levels: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """A weight in quads (`tiled`) packed in 5 bits for one row's matmul (dot8.cpp's five_row): nibbles uint8
-    [out / 8, in / 32, 4, 32], each pair of quads' first in the low half, and fifth bits uint8 [out / 8, in / 32, 32].
-    None where it is not quads with a scale per 32 or a byte lies outside FIVE_BITS (Q6_K's and Q8_0's)."""
+    [out / 8, in / 32, 4, 32], each pair of quads' first in the low half, fifth bits uint8 [out / 8, in / 32, 32], and
+    the base subtracted from each byte. None where it is not quads with a scale per 32 or its bytes span more than
+    5 bits from either base (Q6_K's, Q8_0's)."""
     if levels.dtype != torch.uint8 or scales.dim() != 3 or levels.numel() == 0:
         return None
-    if int(levels.min()) < FIVE_BITS[0] or int(levels.max()) > FIVE_BITS[1]:
+    low, high = int(levels.min()), int(levels.max())
+    base = next((b for b in FIVE_BASES if low >= b and high <= b + 31), None)
+    if base is None:
         return None
     tiles, groups = levels.shape[:2]
-    five = (levels - FIVE_BITS[0]).view(tiles, groups, 8, 32)
+    five = (levels - base).view(tiles, groups, 8, 32)
     nibbles = (five[:, :, 0::2] & 15) | ((five[:, :, 1::2] & 15) << 4)
     bits = (five >> 4) << torch.arange(8, dtype=torch.uint8).view(8, 1)
-    return nibbles.contiguous(), bits.sum(2, dtype=torch.uint8).contiguous()
+    return nibbles.contiguous(), bits.sum(2, dtype=torch.uint8).contiguous(), base
 
 
 def fives_mv(
-    x: torch.Tensor, nibbles: torch.Tensor, fifths: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
+    x: torch.Tensor,
+    nibbles: torch.Tensor,
+    fifths: torch.Tensor,
+    base: int,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
 ) -> torch.Tensor:
     """One row x [1, in] times a weight in 5 bits (`fives`) with its tiles' scales and offsets, as levels_mm gives."""
-    return torch.ops.llmchat_dot8.fives_mv(x, nibbles, fifths, scales, offsets)
+    return torch.ops.llmchat_dot8.fives_mv(x, nibbles, fifths, base, scales, offsets)
 
 
 def _fake_fives(
-    x: torch.Tensor, nibbles: torch.Tensor, fifths: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
+    x: torch.Tensor,
+    nibbles: torch.Tensor,
+    fifths: torch.Tensor,
+    base: int,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty((1, nibbles.shape[0] * TILE))

@@ -197,8 +197,9 @@ def pack(levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | Non
 
 class Grid:
     """A weight's `Levels` as a kernel takes them. llmchat's (dot8.py) takes one signed byte a level in tiles of 8
-    outputs: 4- and 5-bit levels are unpacked for it (`widened`), then tiled. torch's int4 kernel, used where
-    llmchat's cannot run or `dot8_kernel` is False, takes a copy in its layout. Either copy alone is kept."""
+    outputs: 4- and 5-bit levels are unpacked for it (`widened`), then tiled, and one row takes a copy of them in 5
+    bits where they fit (`fives`). torch's int4 kernel, used where llmchat's cannot run or `dot8_kernel` is False,
+    takes a copy in its layout. Either kernel's copies alone are kept."""
 
     def __init__(
         self,
@@ -211,7 +212,7 @@ class Grid:
         self.tensors: tuple[torch.Tensor | None, ...]
         self._matmul: Callable[..., torch.Tensor]  # x and then `tensors`
         # llmchat's kernel: a copy of 4- and 5-bit levels in 5 bits for one row (dot8.fives), else None.
-        self.fives: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fives: tuple[torch.Tensor, torch.Tensor, int] | None = None
         # Where unsigned levels were made signed for llmchat's kernel: each group's shift, to pack them again.
         self._shift: torch.Tensor | None = None
         self.out_features = levels.shape[0]
@@ -249,8 +250,8 @@ class Grid:
         part = copy.copy(self)
         part.tensors = tuple(None if t is None else t[: out_features // dot8.TILE] for t in self.tensors)
         if self.fives is not None:
-            nibbles, fifths = self.fives
-            part.fives = nibbles[: out_features // dot8.TILE], fifths[: out_features // dot8.TILE]
+            nibbles, fifths, base = self.fives
+            part.fives = nibbles[: out_features // dot8.TILE], fifths[: out_features // dot8.TILE], base
         part.out_features = out_features
         part._shift = None if self._shift is None else self._shift[:out_features]
         return part
@@ -276,7 +277,7 @@ class Grid:
 
     @property
     def nbytes(self) -> int:
-        fives = sum(t.nbytes for t in self.fives) if self.fives is not None else 0
+        fives = sum(t.nbytes for t in self.fives[:2]) if self.fives is not None else 0
         return sum(t.nbytes for t in self.tensors if t is not None) + fives
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -373,20 +373,28 @@ def test_llmchats_kernel_takes_a_byte_a_level_signed_where_the_offset_is_whole_s
 def test_one_row_reads_four_and_five_bit_levels_in_five_bits_with_the_same_result():
     gen = torch.Generator().manual_seed(3)
     scales = torch.rand(24, 4, generator=gen) + 0.1
-    q5_0 = int4.pack(torch.randint(0, 32, (24, 128), generator=gen), scales, -16 * scales)  # signed -16..15
-    q4_k = int4.pack(torch.randint(0, 16, (24, 128), generator=gen), scales, 0.3 * scales)  # unsigned, offsets kept
+    five_bits, four_bits = (
+        torch.randint(0, 32, (24, 128), generator=gen),
+        torch.randint(0, 16, (24, 128), generator=gen),
+    )
+    q5_0 = int4.pack(five_bits, scales, -16 * scales)  # signed -16..15
+    q5_k = int4.pack(five_bits, scales, 0.3 * scales)  # unsigned 0..31, offsets kept
+    q4_k = int4.pack(four_bits, scales, 0.3 * scales)
     q6_k = (torch.randint(-32, 32, (24, 128), generator=gen, dtype=torch.int8), torch.rand(24, 8) + 0.1, None, None)
     x = torch.randn(6, 128, generator=gen)
-    for levels in (q5_0, q4_k):
+    for levels, base in ((q5_0, 16), (q5_k, 32), (q4_k, 16)):
         grid = int4.Grid(*levels)
-        assert grid.fives is not None
+        assert grid.fives is not None and grid.fives[2] == base
         tiles, tile_scales, tile_offsets = grid.tensors
-        assert grid.nbytes == sum(t.nbytes for t in (tiles, tile_scales, tile_offsets, *grid.fives) if t is not None)
-        for row in x:  # the bytes' kernel's own result to the bit, and the row's beside others
-            alone = grid.matmul(row[None])
-            assert torch.equal(alone, dot8.levels_mm(row[None], *grid.tensors)[:, :24])
-            assert torch.equal(alone, grid.matmul(x)[x.tolist().index(row.tolist())][None])
-        assert torch.equal(grid.head(16).matmul(x[:1]), grid.matmul(x[:1])[:, :16])
+        assert grid.nbytes == sum(
+            t.nbytes for t in (tiles, tile_scales, tile_offsets, *grid.fives[:2]) if t is not None
+        )
+        rows = grid.matmul(x)  # a block of 4 rows and one of 2, through the byte levels
+        for i in range(len(x)):  # one row: the byte levels' result to the bit
+            alone = grid.matmul(x[i : i + 1])
+            assert torch.equal(alone, dot8.levels_mm(x[i : i + 1], *grid.tensors)[:, :24])
+            assert torch.equal(alone, rows[i : i + 1])
+        assert torch.equal(grid.head(16).matmul(x[:1]), rows[:1, :16])
         grid.round_inputs_to_bytes(False)  # 16-bit inputs: no quads, no copy
         assert grid.fives is None
     # Levels that need six bits, and Q8_0's, keep their bytes alone.
