@@ -330,11 +330,12 @@ void quads_mm(const at::Tensor& x, const at::Tensor& levels, const float* scales
 // One row through a weight of 4- or 5-bit levels (Quads whose bytes lie in base..base + 31, scales per 32) packed in 5
 // bits (dot8.py's `fives`): per tile and group, the four pairs of quads as nibbles (the first quad of a pair low, uint8
 // [out / 8, groups, 4, 32]) and their fifth bits (bit k of byte i: quad k's byte i, uint8 [out / 8, groups, 32]), each
-// a byte less `base` (16 for signed levels in -16..15, 32 for unsigned ones in 0..31). One row's matmul reads every level once and does little with it, so it waits on memory: 0.6
-// byte a level instead of 1 took 0.59x (k/v), 0.65x (gate/up) and 0.75x (o) the time of quad_rows at one row for
-// Qwen2.5-0.5B's Q5_0 shapes, every layer's levels cold (2-core AVX2 host). Blocks of rows keep quad_rows: there
-// the unpacking would be done for every block, by a kernel that is bound by the instructions it issues. The sums
-// are quad_rows' to the bit: the same integers (less the shift that `base` already took), scaled in the same order.
+// a byte less `base` (16 for signed levels in -16..15, 32 for unsigned ones in 0..31). One row's matmul reads every
+// level once and does little with it, so it waits on memory: 0.6 byte a level instead of 1 took 0.59x (q/k/v), 0.65x
+// (gate/up) and 0.75x (o) the time of quad_rows at one row for Qwen2.5-0.5B's Q5_0 shapes, every layer's levels cold
+// (2-core AVX2 host). Blocks of rows keep quad_rows: there the unpacking would be done for every block, by a kernel
+// that is bound by the instructions it issues. The sums are quad_rows' to the bit: the same integers (less the shift
+// that `base` already took), scaled in the same order.
 void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int64_t base, int64_t tile) {
   __m256 acc = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
@@ -352,15 +353,16 @@ void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int
       const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + q * 16));
       const __m256i first_quad = _mm256_or_si256(_mm256_and_si256(both, low), fifth_of(q));
       const __m256i second_quad = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(both, 4), low), fifth_of(q + 1));
+      const __m256i in_first = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(in + 4 * q));
+      const __m256i in_second = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(in + 4 * q + 4));
       const __m256i sums =
-          _mm256_add_epi16(_mm256_maddubs_epi16(first_quad, _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(in + 4 * q))),
-                           _mm256_maddubs_epi16(second_quad, _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(in + 4 * q + 4))));
+          _mm256_add_epi16(_mm256_maddubs_epi16(first_quad, in_first), _mm256_maddubs_epi16(second_quad, in_second));
       total = _mm256_add_epi32(total, _mm256_madd_epi16(sums, ones));
     }
     const int32_t shift = (t.shifts[2 * g] + t.shifts[2 * g + 1]) / kShift * static_cast<int32_t>(kShift - base);
     const __m256i exact = _mm256_sub_epi32(total, _mm256_set1_epi32(shift));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(_mm256_loadu_ps(t.scales + at * kTile), _mm256_set1_ps(t.value_scales[g])),
-                          acc);
+    const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(t.scales + at * kTile), _mm256_set1_ps(t.value_scales[g]));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), scale, acc);
     if (t.offsets) acc = _mm256_fmadd_ps(_mm256_loadu_ps(t.offsets + at * kTile), _mm256_set1_ps(t.sums[g]), acc);
   }
   _mm256_storeu_ps(t.result + tile * kTile, acc);
@@ -369,7 +371,8 @@ void five_row(const Quads& t, const uint8_t* nibbles, const uint8_t* fifths, int
 // x [1, in] times a weight in 5-bit quads (see five_row), in x's dtype.
 at::Tensor fives_mv(const at::Tensor& x_in, const at::Tensor& nibbles, const at::Tensor& fifths, int64_t base,
                     const at::Tensor& scales, const std::optional<at::Tensor>& offsets) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.size(1) % kGroup == 0, "dot8: fives_mv takes one row of a multiple of 32");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) == 1 && x_in.size(1) % kGroup == 0,
+              "dot8: fives_mv takes one row of a multiple of 32");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t groups = x.size(1) / kGroup, tiles = nibbles.size(0);
   TORCH_CHECK(nibbles.dim() == 4 && nibbles.size(1) == groups && nibbles.size(2) == 4 && nibbles.size(3) == 32 &&
@@ -380,7 +383,8 @@ at::Tensor fives_mv(const at::Tensor& x_in, const at::Tensor& nibbles, const at:
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == tiles && scales.size(1) == groups && scales.size(2) == kTile &&
                   scales.scalar_type() == at::kFloat && (!offsets || offsets->sizes() == scales.sizes()),
               "dot8: fives' scales and offsets must be [out / 8, in / 32, 8] (float32)");
-  TORCH_CHECK(nibbles.is_contiguous() && fifths.is_contiguous() && scales.is_contiguous() && (!offsets || offsets->is_contiguous()),
+  TORCH_CHECK(nibbles.is_contiguous() && fifths.is_contiguous() && scales.is_contiguous() &&
+                  (!offsets || offsets->is_contiguous()),
               "dot8: the weight's tensors must be contiguous");
   const Bytes in = to_bytes(x);
   at::Tensor y = at::empty({1, tiles * kTile}, at::kFloat);
